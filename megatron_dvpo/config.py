@@ -1,0 +1,351 @@
+"""Typed run configuration: one YAML file plus ``a.b.c=value`` overrides.
+
+Every job (GVM pretraining, DVPO, PPO, conversion) reads the same tree of dataclasses, so a model
+or parallel layout written once works for all of them. Unknown keys and impossible layouts fail
+before any process group or model is built, naming the key or the numbers involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what would fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama/Mistral/Qwen2-style decoder (or the GVM trunk)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (groups = heads)
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
+    vocab_size: int = 256
+    # The embedding is padded to a multiple of this, independent of TP, so that checkpoints
+    # reshard freely; padded logits are masked out of every probability we compute.
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 512
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False  # Qwen2
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    # Llama-3 style frequency scaling; None disables it.
+    rope_scaling_factor: Optional[float] = None
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position: int = 8192
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # HF architecture this model round-trips to (used by the converters).
+    hf_architecture: str = "LlamaForCausalLM"
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    # fp32 on CPU; bf16 is the usual choice on GPU.
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
+    # Attention implementation: "auto" picks Transformer Engine on a GPU with TE, else local.
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    seq_length: int = 128
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    tensorboard_dir: Optional[str] = None  # None: <run_dir>/tensorboard
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    load_dir: Optional[str] = None
+    save_interval: int = 0  # 0: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 1234
+    train_steps: int = 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key.
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    matches = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
+    return f"{hint}valid keys: {', '.join(sorted(valid))}"
+
+
+def _check_value(path: str, value: Any, hint: Any) -> Any:
+    """Validate (and lightly coerce) one value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(path, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {hint.__name__} keys, got {value!r}")
+        return _build(hint, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_check_value(f"{path}[{i}]", v, item_hint) for i, v in enumerate(value)]
+    return value
+
+
+def _build(cls, data: dict, path: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; {_closest(str(key), names)}")
+        kwargs[key] = _check_value(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _apply_override(tree: dict, keys: list[str], value: Any, cls) -> None:
+    """Set tree[k0][k1]... = value, checking each key against the dataclass it lands in."""
+    node, node_cls = tree, cls
+    for depth, key in enumerate(keys):
+        names = [f.name for f in dataclasses.fields(node_cls)]
+        dotted = ".".join(keys[: depth + 1])
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r} in override; {_closest(key, names)}")
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
+        node_cls = typing.get_type_hints(node_cls)[key]
+        if not dataclasses.is_dataclass(node_cls):
+            raise ConfigError(f"{dotted!r} is a value, not a section; cannot set {'.'.join(keys)}")
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted!r} must be a mapping")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                cls=RunConfig):
+    """Read ``path`` (YAML) into ``cls`` and apply ``key=value`` overrides on top."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _apply_override(tree, keys, value, cls)
+    try:
+        return _build(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of layouts: run before building process groups.
+
+
+def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size or 1
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        if getattr(model, name) < 1:
+            raise ConfigError(f"model.{name} must be >= 1, got {getattr(model, name)}")
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    if heads % groups:
+        raise ConfigError(f"model.num_attention_heads={heads} is not divisible by "
+                          f"model.num_query_groups={groups}")
+    if heads % tp:
+        raise ConfigError(f"model.num_attention_heads={heads} is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
+    if groups % tp:
+        raise ConfigError(f"model.num_query_groups={groups} is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
+    if model.kv_channels is None and model.hidden_size % heads:
+        raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={heads}; set model.kv_channels")
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    if ffn % tp:
+        raise ConfigError(f"model.ffn_hidden_size={ffn} is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
+    if model.padded_vocab_size % tp:
+        raise ConfigError(f"padded vocab size {model.padded_vocab_size} (vocab_size="
+                          f"{model.vocab_size}, make_vocab_size_divisible_by="
+                          f"{model.make_vocab_size_divisible_by}) is not divisible by "
+                          f"parallel.tensor_model_parallel_size={tp}")
+    if model.num_layers % (pp * vpp):
+        what = f"pipeline_model_parallel_size={pp}"
+        if vpp > 1:
+            what += f" x virtual_pipeline_model_parallel_size={vpp}"
+        raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by "
+                          f"parallel.{what}")
+
+
+def validate_parallel(parallel: ParallelConfig, world_size: int) -> None:
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    cp = parallel.context_parallel_size
+    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                        ("context_parallel_size", cp)):
+        if value < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if vpp is not None and (vpp < 2 or pp < 2):
+        raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
+                          f"pipeline_model_parallel_size >= 2 (got {pp}) and a value >= 2")
+    if parallel.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs "
+                          "parallel.tensor_model_parallel_size > 1")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size"
+                          f"={tp} x pipeline_model_parallel_size={pp} x context_parallel_size={cp}"
+                          f" = {tp * pp * cp}")
+
+
+def validate(cfg: RunConfig, world_size: int) -> None:
+    validate_parallel(cfg.parallel, world_size)
+    validate_model(cfg.model, cfg.parallel)
+    data = cfg.data
+    dp = world_size // (cfg.parallel.tensor_model_parallel_size
+                        * cfg.parallel.pipeline_model_parallel_size
+                        * cfg.parallel.context_parallel_size)
+    if data.global_batch_size % (data.micro_batch_size * dp):
+        raise ConfigError(f"data.global_batch_size={data.global_batch_size} is not divisible by "
+                          f"data.micro_batch_size={data.micro_batch_size} x data-parallel size "
+                          f"{dp}")
+    if data.seq_length > cfg.model.max_position_embeddings:
+        raise ConfigError(f"data.seq_length={data.seq_length} exceeds "
+                          f"model.max_position_embeddings={cfg.model.max_position_embeddings}")

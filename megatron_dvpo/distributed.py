@@ -1,0 +1,122 @@
+"""Process-group setup from torchrun or Slurm, megatron-core ``parallel_state``, and seeding."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_dvpo.config import ParallelConfig, validate_parallel
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> LaunchEnv:
+    """Read rank and rendezvous from torchrun, else from an ``srun`` task, else one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun (also torchrun inside Slurm)
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # one srun task per rank
+        if "MASTER_ADDR" not in env:
+            raise RuntimeError("running under srun without torchrun: export MASTER_ADDR "
+                               "(e.g. the first host of `scontrol show hostnames`) and "
+                               "MASTER_PORT before srun")
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                         int(env.get("SLURM_LOCALID", 0)), env["MASTER_ADDR"],
+                         int(env.get("MASTER_PORT", 29500)))
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> LaunchEnv:
+    """Create the default process group and megatron's TP/PP/CP/DP groups, then seed.
+
+    nccl when CUDA is available, gloo otherwise; on CPU the megatron-core CUDA accommodations of
+    ``megatron_dvpo.cpu_compat`` are installed here and nowhere else.
+    """
+    from megatron.core import parallel_state
+
+    env = launch_env()
+    validate_parallel(parallel, env.world_size)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    else:
+        from megatron_dvpo import cpu_compat
+
+        cpu_compat.install()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes))
+    set_parallel_layout(parallel, timeout_minutes)
+    seed_everything(seed)
+    return env
+
+
+def set_parallel_layout(parallel: ParallelConfig, timeout_minutes: int = 30) -> None:
+    """(Re)build megatron's model-parallel groups over the existing default group."""
+    from megatron.core import parallel_state
+
+    validate_parallel(parallel, torch.distributed.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron's scheme: the base seed differs per pipeline stage; TP regions get 2718 + tp_rank.
+
+    Data-parallel replicas share seeds so that they start from identical weights.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def print_rank0(*args, **kwargs) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

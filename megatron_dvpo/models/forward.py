@@ -1,0 +1,133 @@
+"""Forward passes every trainer shares: per-token log-probs of a policy and values of a GVM.
+
+Both run through megatron-core's pipeline schedule, so the same call works at any TP/PP/VPP
+layout, forward-only or forward-backward, with microbatches. Per-token outputs exist on the last
+pipeline stage only; other stages get empty lists.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+# head(model_output, batch) -> per-token tensors; loss_fn(outputs, batch) -> (loss, metrics)
+Head = Callable[[torch.Tensor, dict], dict]
+LossFn = Callable[[dict, dict], tuple]
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                            vocab_size: int) -> torch.Tensor:
+    """log p(labels) from TP-sharded logits [b, s, v/tp], without gathering the vocabulary.
+
+    Embedding padding columns (ids >= vocab_size) are masked out, so probabilities match an
+    unpadded model exactly.
+    """
+    logits = logits.float().contiguous()
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    if start + shard > vocab_size:
+        ids = torch.arange(start, start + shard, device=logits.device)
+        logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels.contiguous())
+
+
+def policy_logprobs_head(vocab_size: int) -> Head:
+    """Log-prob of each next token: ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``."""
+
+    def head(logits: torch.Tensor, batch: dict) -> dict:
+        labels = batch["tokens"][:, 1:]
+        return {"logprobs": vocab_parallel_logprobs(logits[:, :-1], labels, vocab_size)}
+
+    return head
+
+
+def gvm_values_head(values: torch.Tensor, batch: dict) -> dict:
+    """One value per position: ``values[:, t]`` has read ``tokens[:, :t+1]``."""
+    return {"values": values}
+
+
+def make_microbatches(micro_batch_size: int, **tensors: torch.Tensor) -> list[dict]:
+    """Split [B, ...] tensors (``tokens`` required) into microbatches of ``micro_batch_size``."""
+    total = tensors["tokens"].shape[0]
+    if total % micro_batch_size:
+        raise ValueError(f"batch of {total} rows is not divisible by micro_batch_size "
+                         f"{micro_batch_size}")
+    return [{k: v[i:i + micro_batch_size] for k, v in tensors.items()}
+            for i in range(0, total, micro_batch_size)]
+
+
+def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int,
+                  data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    output = model(tokens, position_ids, batch.get("attention_mask"))
+
+    def loss_func(output_tensor):
+        outputs = head(output_tensor, batch)
+        if loss_fn is None:
+            return output_tensor.new_zeros(()), {k: v.detach() for k, v in outputs.items()}
+        loss, metrics = loss_fn(outputs, batch)
+        # The schedule divides by the number of microbatches; undo it so the gradient is that of
+        # the sum of loss_fn over microbatches, and callers choose their own normalisation.
+        return loss * num_microbatches, {"loss": loss.detach(), **metrics}
+
+    return output, loss_func
+
+
+def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dict], head: Head,
+                     loss_fn: Optional[LossFn] = None, forward_only: bool = False) -> list[dict]:
+    """Run the pipeline schedule; returns one dict per microbatch on the last stage.
+
+    With ``loss_fn`` and ``forward_only=False`` gradients accumulate into the parameters (or the
+    DDP buffers) as for ``sum(loss_fn(...) for each microbatch)``.
+    """
+    if not forward_only and loss_fn is None:
+        raise ValueError("forward-backward needs a loss_fn")
+    tokens = microbatches[0]["tokens"]
+    if any(mb["tokens"].shape != tokens.shape for mb in microbatches):
+        raise ValueError("all microbatches of one call must share [micro_batch_size, seq_length]")
+    num_microbatches = len(microbatches)
+    chunks = len(model_chunks)
+    # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
+    iterators = [iter(microbatches) for _ in range(chunks)]
+    forward_backward = get_forward_backward_func()
+    return forward_backward(
+        forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches),
+        data_iterator=iterators if chunks > 1 else iterators[0],
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def concat_outputs(outputs: list[dict], key: str) -> Optional[torch.Tensor]:
+    """Stack one per-token output across microbatches (None off the last stage)."""
+    return torch.cat([o[key] for o in outputs]) if outputs else None
+
+
+@torch.no_grad()
+def token_logprobs(model_chunks, microbatches: list[dict], vocab_size: int):
+    """[B, S-1] log-probs of each sequence's own next tokens (last stage; None elsewhere)."""
+    for chunk in model_chunks:
+        chunk.eval()
+    outputs = run_microbatches(model_chunks, microbatches, policy_logprobs_head(vocab_size),
+                               forward_only=True)
+    return concat_outputs(outputs, "logprobs")
+
+
+@torch.no_grad()
+def token_values(model_chunks, microbatches: list[dict]):
+    """[B, S] GVM values per position (last stage; None elsewhere)."""
+    for chunk in model_chunks:
+        chunk.eval()
+    outputs = run_microbatches(model_chunks, microbatches, gvm_values_head, forward_only=True)
+    return concat_outputs(outputs, "values")

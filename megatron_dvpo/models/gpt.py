@@ -1,0 +1,112 @@
+"""Build megatron-core ``GPTModel``s (Llama, Mistral, Qwen2 shapes) from our config."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dvpo.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_dvpo.models.spec import layer_spec, use_transformer_engine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                       precision: PrecisionConfig) -> TransformerConfig:
+    dtype = DTYPES[precision.params_dtype]
+    on_gpu = torch.cuda.is_available()
+    swiglu = model.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # On CPU, master weights are drawn whole and then split (the only initialisation that
+        # works there), so every TP layout starts from the same function. GPU runs initialise on
+        # the device; real runs load a checkpoint anyway.
+        use_cpu_initialization=not on_gpu,
+        # gloo mismatches batched sends and receives to the same peer under interleaved PP and
+        # gives silently wrong results (NOTES.md); plain isend/irecv is correct.
+        batch_p2p_comm=on_gpu,
+    )
+
+
+def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
+                    post_process: bool | None = None, vp_stage: int | None = None,
+                    model_class=GPTModel, **model_kwargs) -> GPTModel:
+    """A GPTModel for this rank's pipeline stage (the layers of ``vp_stage`` under VPP)."""
+    model = cfg.model
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
+    config = transformer_config(model, cfg.parallel, cfg.precision)
+    gpt = model_class(
+        config=config,
+        transformer_layer_spec=layer_spec(model, use_transformer_engine(cfg.precision)),
+        vocab_size=model.padded_vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
+        **model_kwargs,
+    )
+    if model.rope_scaling_factor is not None and model.position_embedding_type == "rope":
+        _apply_llama3_rope_scaling(gpt, model)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def build_model_chunks(cfg: RunConfig, model_class=GPTModel, **model_kwargs) -> list[GPTModel]:
+    """One model per virtual pipeline stage (a single one without VPP), as the schedules expect."""
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_gpt_model(cfg, model_class=model_class, **model_kwargs)]
+    return [build_gpt_model(cfg, vp_stage=i, model_class=model_class, **model_kwargs)
+            for i in range(vpp)]
+
+
+def _apply_llama3_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
+    # megatron hard-codes Llama-3.1's low/high factors and original context; HF configs carry
+    # their own, so recompute the scaled frequencies with the configured ones.
+    rope = gpt.rotary_pos_emb
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq, factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_scaling_low_freq_factor,
+        high_freq_factor=model.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model.rope_scaling_original_max_position)
+
+
+def count_parameters(chunks: list[torch.nn.Module]) -> int:
+    """Parameters held by this rank (its TP shard of its PP stages)."""
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())

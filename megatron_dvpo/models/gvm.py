@@ -1,0 +1,65 @@
+"""The Global Value Model: a GPTModel whose LM head is replaced by a scalar value head.
+
+The head is a replicated fp32 ``Linear(hidden, 1)`` (SPEC.md section 2). It reads the full
+final-layernorm output on every TP rank, so each TP rank computes the same value and the same
+head gradient: no TP reduction is needed. Under sequence parallelism the hidden states are
+gathered first, with a backward that only splits (the head is replicated, not TP-partitioned).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+from megatron_dvpo.config import RunConfig
+from megatron_dvpo.models.gpt import build_model_chunks
+
+
+class ValueHead(torch.nn.Module):
+    """Replicated fp32 scalar head, called like megatron's output layer."""
+
+    def __init__(self, hidden_size: int, sequence_parallel: bool, init_std: float = 0.0):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        if init_std > 0:
+            torch.nn.init.normal_(self.weight, std=init_std)
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False)
+        values = torch.nn.functional.linear(hidden_states.float(), self.weight, self.bias)
+        return values, None
+
+
+class GlobalValueModel(GPTModel):
+    """GPTModel -> [batch, seq] fp32 values on the last pipeline stage (hidden states elsewhere)."""
+
+    def __init__(self, *args, value_head_init_std: float = 0.0, **kwargs):
+        if kwargs.get("share_embeddings_and_output_weights"):
+            raise ValueError("a GVM has no LM head to tie: set model.tie_embeddings=false")
+        super().__init__(*args, **kwargs)
+        if self.post_process:
+            self.output_layer = ValueHead(self.config.hidden_size, self.config.sequence_parallel,
+                                          value_head_init_std)
+            if torch.cuda.is_available():
+                self.output_layer.cuda(torch.cuda.current_device())
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get("labels") is not None:
+            raise ValueError("a GVM predicts values, it has no language-model loss")
+        output = super().forward(*args, **kwargs)
+        return output.squeeze(-1) if self.post_process else output
+
+
+def build_gvm_chunks(cfg: RunConfig, value_head_init_std: float = 0.0) -> list[GlobalValueModel]:
+    gvm_cfg = cfg
+    if cfg.model.tie_embeddings:  # a policy config reused for its GVM: the head is never tied
+        import dataclasses
+        gvm_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                     tie_embeddings=False))
+    return build_model_chunks(gvm_cfg, model_class=GlobalValueModel,
+                              value_head_init_std=value_head_init_std)
