@@ -107,6 +107,21 @@ def _apply_llama3_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:
         original_max_position_embeddings=model.rope_scaling_original_max_position)
 
 
-def count_parameters(chunks: list[torch.nn.Module]) -> int:
-    """Parameters held by this rank (its TP shard of its PP stages)."""
-    return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+def count_parameters(chunks: list[torch.nn.Module]) -> tuple[int, int]:
+    """(parameters on this rank, parameters of the whole model) across TP and PP.
+
+    TP-replicated tensors count once; the tied copy of the embedding on the last stage is skipped.
+    """
+    local = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    unique = 0
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if name == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
+                continue
+            if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                unique += p.numel()
+    total = torch.tensor([unique], dtype=torch.int64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return local, int(total.item())

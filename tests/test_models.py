@@ -1,0 +1,112 @@
+"""Model construction: spec routing, the GVM head, Llama-3 RoPE scaling and vocab padding."""
+
+import pytest
+import torch
+
+from megatron_dvpo.config import ConfigError, PrecisionConfig, load_config
+from megatron_dvpo.models.spec import layer_spec, use_transformer_engine
+
+
+@pytest.mark.parametrize("impl, te, expected", [
+    ("auto", False, False), ("auto", True, True), ("local", True, False),
+    ("transformer_engine", True, True),
+])
+def test_spec_routing(impl, te, expected):
+    assert use_transformer_engine(PrecisionConfig(transformer_impl=impl), te_available=te) \
+        is expected
+
+
+def test_transformer_engine_unavailable_is_an_error():
+    with pytest.raises(ConfigError, match="needs a CUDA GPU and the transformer_engine"):
+        use_transformer_engine(PrecisionConfig(transformer_impl="transformer_engine"),
+                               te_available=False)
+
+
+@pytest.mark.parametrize("impl, te", [("auto", False), ("local", True)])
+def test_fp8_never_falls_back(impl, te):
+    precision = PrecisionConfig(fp8="hybrid", transformer_impl=impl)
+    with pytest.raises(ConfigError, match="FP8 support .* never falls back"):
+        use_transformer_engine(precision, te_available=te)
+
+
+def test_fp8_routes_to_te_when_available():
+    assert use_transformer_engine(PrecisionConfig(fp8="e4m3"), te_available=True)
+
+
+def test_local_spec_uses_sdpa_attention():
+    from megatron_dvpo.models.attention import SDPACoreAttention
+
+    spec = layer_spec(load_config().model, use_te=False)
+    assert spec.submodules.self_attention.submodules.core_attention is SDPACoreAttention
+
+
+def tiny(*overrides):
+    return load_config(None, ["model.num_layers=2", "model.vocab_size=100", *overrides])
+
+
+def test_gvm_head_is_zero_initialised_fp32(single_rank):
+    from megatron_dvpo.models import forward
+    from megatron_dvpo.models.gvm import GlobalValueModel, ValueHead, build_gvm_chunks
+
+    (gvm,) = build_gvm_chunks(tiny("model.tie_embeddings=true"))  # a tied policy config
+    assert isinstance(gvm, GlobalValueModel) and isinstance(gvm.output_layer, ValueHead)
+    assert gvm.output_layer.weight.shape == (1, 64) and gvm.output_layer.weight.dtype == torch.float32
+    assert not gvm.share_embeddings_and_output_weights
+    tokens = torch.randint(0, 100, (2, 7))
+    values = forward.token_values([gvm], forward.make_microbatches(2, tokens=tokens))
+    assert values.shape == (2, 7) and values.dtype == torch.float32
+    assert torch.count_nonzero(values) == 0
+    with pytest.raises(ValueError, match="no language-model loss"):
+        gvm(tokens, torch.arange(7).expand(2, 7), None, labels=tokens)
+
+
+def test_logprobs_ignore_padded_vocab(single_rank):
+    """The embedding is padded to 128 rows; padded logits get no probability mass."""
+    from megatron_dvpo.models import forward
+    from megatron_dvpo.models.gpt import build_gpt_model
+
+    model = build_gpt_model(tiny()).eval()
+    assert model.embedding.word_embeddings.weight.shape[0] == 128
+    tokens = torch.randint(0, 100, (2, 9))
+    positions = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        logits = model(tokens, positions, None)
+        got = forward.token_logprobs([model], forward.make_microbatches(2, tokens=tokens), 100)
+    expected = torch.log_softmax(logits[..., :100], -1)[:, :-1].gather(
+        -1, tokens[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    # and differs from a softmax over all 128 rows, so the masking is what makes it match
+    unmasked = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    assert (got - unmasked).abs().max() > 1e-4
+
+
+def test_llama3_rope_scaling_matches_hf(single_rank):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import _compute_llama3_parameters
+
+    from megatron_dvpo.models.gpt import build_gpt_model
+
+    cfg = tiny("model.rotary_base=500000", "model.rope_scaling_factor=32",
+               "model.rope_scaling_high_freq_factor=4", "model.rope_scaling_low_freq_factor=1",
+               "model.rope_scaling_original_max_position=64", "model.hidden_size=256",
+               "model.num_attention_heads=2")
+    model = build_gpt_model(cfg)
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512,
+                     rope_theta=500000.0,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 64})
+    expected, _ = _compute_llama3_parameters(hf, "cpu")
+    torch.testing.assert_close(model.rotary_pos_emb.inv_freq, expected, atol=0, rtol=1e-6)
+    unscaled = build_gpt_model(tiny("model.rotary_base=500000", "model.hidden_size=256",
+                                    "model.num_attention_heads=2"))
+    assert not torch.allclose(unscaled.rotary_pos_emb.inv_freq, expected)
+
+
+def test_qwen2_qkv_bias(single_rank):
+    from megatron_dvpo.models.gpt import build_gpt_model
+
+    model = build_gpt_model(tiny("model.add_qkv_bias=true"))
+    names = {n for n, _ in model.named_parameters()}
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in names
+    assert "decoder.layers.0.self_attention.linear_proj.bias" not in names
