@@ -52,8 +52,6 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
     nccl when CUDA is available, gloo otherwise; on CPU the megatron-core CUDA accommodations of
     ``megatron_dvpo.cpu_compat`` are installed here and nowhere else.
     """
-    from megatron.core import parallel_state
-
     env = launch_env()
     validate_parallel(parallel, env.world_size)
     use_cuda = torch.cuda.is_available()

@@ -14,7 +14,7 @@ from conftest import REPO, torchrun
 
 TOL = 1e-5  # fp32
 SCRIPT = str(REPO / "tests" / "distributed" / "equivalence.py")
-TWO_RANK_LAYOUTS = ["tp2pp1", "tp1pp2", "tp1pp2vpp2", "tp2pp1dopt"]
+TWO_RANK_LAYOUTS = ["tp2pp1", "tp1pp2", "tp1pp2vpp2", "tp2pp1spdopt"]
 FOUR_RANK_LAYOUTS = ["tp2pp2dopt", "tp1pp4"]
 OUTPUTS_PER_RUN = 4 * 11  # 4 sequences x 11 next-token log-probs: proves the comparison ran
 
@@ -65,8 +65,8 @@ def test_interleaved_pp2_matches_pp1(two_rank):
 
 
 @pytest.mark.multirank
-def test_distributed_optimizer_tp2_matches_tp1(two_rank):
-    _assert_matches(two_rank, "tp2pp1dopt")
+def test_sequence_parallel_and_distributed_optimizer_match_tp1(two_rank):
+    _assert_matches(two_rank, "tp2pp1spdopt")
 
 
 @pytest.mark.multirank

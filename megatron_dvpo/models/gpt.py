@@ -9,7 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dvpo.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
-from megatron_dvpo.models.spec import layer_spec, use_transformer_engine
+from megatron_dvpo.models.spec import decoder_spec, use_transformer_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,7 +68,8 @@ def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
     config = transformer_config(model, cfg.parallel, cfg.precision)
     gpt = model_class(
         config=config,
-        transformer_layer_spec=layer_spec(model, use_transformer_engine(cfg.precision)),
+        transformer_layer_spec=decoder_spec(model, config, use_transformer_engine(cfg.precision),
+                                            vp_stage),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

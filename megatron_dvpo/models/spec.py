@@ -6,9 +6,15 @@ import importlib.util
 
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dvpo.config import ConfigError, ModelConfig, PrecisionConfig
 from megatron_dvpo.models.attention import SDPACoreAttention
+from megatron_dvpo.models.norm import TorchNorm
 
 
 def transformer_engine_available() -> bool:
@@ -31,10 +37,23 @@ def use_transformer_engine(precision: PrecisionConfig, te_available: bool | None
 
 
 def layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
+    """One transformer layer: TE's fused modules, or megatron's local ones with our substitutes."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
     return spec
+
+
+def decoder_spec(model: ModelConfig, config: TransformerConfig, use_te: bool,
+                 vp_stage: int | None) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder of this pipeline stage; local blocks also get our final norm."""
+    if use_te:
+        return layer_spec(model, use_te)
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(model, use_te)] * layers,
+                                      layer_norm=TorchNorm)

@@ -9,8 +9,8 @@ The policy ties its embeddings (as Llama-3.2-1B does), so PP also checks the tie
 all-reduce. Rank 0 writes the largest differences as JSON.
 
 Usage: torchrun --nproc-per-node N equivalence.py OUT_JSON WORKDIR LAYOUT [LAYOUT ...]
-where LAYOUT is tp<T>pp<P>[vpp<V>][dopt], e.g. tp2pp1, tp1pp2vpp2, tp2pp2, tp2pp1dopt
-(dopt: the distributed optimizer).
+where LAYOUT is tp<T>pp<P>[vpp<V>][sp][dopt], e.g. tp2pp1, tp1pp2vpp2, tp2pp2, tp2pp1spdopt
+(sp: sequence parallelism, dopt: the distributed optimizer).
 """
 
 import json
@@ -36,13 +36,14 @@ SEQ, ROWS, MICRO = 12, 4, 2  # two microbatches of two rows
 
 
 def parse_layout(text: str) -> ParallelConfig:
-    m = re.fullmatch(r"tp(\d+)pp(\d+)(?:vpp(\d+))?(dopt)?", text)
+    m = re.fullmatch(r"tp(\d+)pp(\d+)(?:vpp(\d+))?(sp)?(dopt)?", text)
     if not m:
         raise SystemExit(f"bad layout {text!r}")
     return ParallelConfig(tensor_model_parallel_size=int(m[1]),
                           pipeline_model_parallel_size=int(m[2]),
                           virtual_pipeline_model_parallel_size=int(m[3]) if m[3] else None,
-                          use_distributed_optimizer=bool(m[4]))
+                          sequence_parallel=bool(m[4]),
+                          use_distributed_optimizer=bool(m[5]))
 
 
 def inputs():
