@@ -26,7 +26,7 @@ def torchrun(args: list[str], nproc: int, timeout: int = 600, cwd: Path = REPO):
 
 @pytest.fixture
 def single_rank():
-    """A real one-rank gloo world with megatron's parallel state, torn down afterwards."""
+    """A real one-rank world (gloo on CPU, nccl on GPU) with megatron's parallel state."""
     from megatron_dvpo import cpu_compat, distributed
     from megatron_dvpo.config import ParallelConfig
 

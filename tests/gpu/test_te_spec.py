@@ -5,7 +5,6 @@ Run on a GPU node with `make test-gpu`.
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -22,19 +21,7 @@ MODEL = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_hea
          "precision.params_dtype=bf16"]
 
 
-@pytest.fixture
-def gpu_rank():
-    from megatron_dvpo import distributed
-    from megatron_dvpo.config import ParallelConfig
-
-    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(key, None)
-    distributed.init_distributed(ParallelConfig(), seed=1234)
-    yield
-    distributed.shutdown()
-
-
-def test_te_spec_matches_local_spec(gpu_rank, tmp_path):
+def test_te_spec_matches_local_spec(single_rank, tmp_path):
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     from megatron_dvpo.checkpointing import load_model, save_model
@@ -57,7 +44,7 @@ def test_te_spec_matches_local_spec(gpu_rank, tmp_path):
     assert diff < 0.05  # bf16 tolerance on log-probs of magnitude ~7
 
 
-def test_tp1_training_step_on_one_gpu(gpu_rank):
+def test_tp1_training_step_on_one_gpu(single_rank):
     from megatron_dvpo.config import load_config
     from megatron_dvpo.models import forward
     from megatron_dvpo.models.gpt import build_model_chunks
