@@ -60,12 +60,15 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path, overwrite: boo
     return directory
 
 
-def load_sharded(sharded_state_dict: dict, directory: str | Path) -> dict:
+def load_sharded(sharded_state_dict: dict, directory: str | Path, partial: bool = False) -> dict:
+    """Load ``sharded_state_dict`` from ``directory``; ``partial`` allows a subset of a key's
+    shards (one layer of a layer-stacked tensor, say), which megatron otherwise rejects."""
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron dist checkpoint "
                                 "(no metadata.json)")
-    return dist_checkpointing.load(sharded_state_dict, str(directory))
+    return dist_checkpointing.load(sharded_state_dict, str(directory),
+                                   validate_access_integrity=not partial)
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path,

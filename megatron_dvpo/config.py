@@ -57,6 +57,8 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # HF architecture this model round-trips to (used by the converters).
     hf_architecture: str = "LlamaForCausalLM"
+    # A Global Value Model: the LM head is replaced by a scalar value head (SPEC.md section 2).
+    value_head: bool = False
 
     @property
     def padded_vocab_size(self) -> int:

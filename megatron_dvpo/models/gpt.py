@@ -15,7 +15,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig,
-                       precision: PrecisionConfig) -> TransformerConfig:
+                       precision: PrecisionConfig, initialize: bool = True) -> TransformerConfig:
     dtype = DTYPES[precision.params_dtype]
     on_gpu = torch.cuda.is_available()
     swiglu = model.activation == "swiglu"
@@ -48,6 +48,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         # works there), so every TP layout starts from the same function. GPU runs initialise on
         # the device; real runs load a checkpoint anyway.
         use_cpu_initialization=not on_gpu,
+        # initialize=False leaves parameters allocated but unwritten: a skeleton for conversion
+        # or loading, whose untouched pages cost no memory.
+        perform_initialization=initialize,
         # gloo mismatches batched sends and receives to the same peer under interleaved PP and
         # gives silently wrong results (NOTES.md); plain isend/irecv is correct.
         batch_p2p_comm=on_gpu,
@@ -56,7 +59,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
 
 def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
                     post_process: bool | None = None, vp_stage: int | None = None,
-                    model_class=GPTModel, **model_kwargs) -> GPTModel:
+                    model_class=GPTModel, initialize: bool = True,
+                    **model_kwargs) -> GPTModel:
     """A GPTModel for this rank's pipeline stage (the layers of ``vp_stage`` under VPP)."""
     model = cfg.model
     if pre_process is None:
@@ -65,7 +69,7 @@ def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
-    config = transformer_config(model, cfg.parallel, cfg.precision)
+    config = transformer_config(model, cfg.parallel, cfg.precision, initialize)
     gpt = model_class(
         config=config,
         transformer_layer_spec=decoder_spec(model, config, use_transformer_engine(cfg.precision),
@@ -88,13 +92,13 @@ def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
     return gpt
 
 
-def build_model_chunks(cfg: RunConfig, model_class=GPTModel, **model_kwargs) -> list[GPTModel]:
+def build_model_chunks(cfg: RunConfig, model_class=GPTModel, initialize: bool = True,
+                       **model_kwargs) -> list[GPTModel]:
     """One model per virtual pipeline stage (a single one without VPP), as the schedules expect."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-    if vpp is None:
-        return [build_gpt_model(cfg, model_class=model_class, **model_kwargs)]
-    return [build_gpt_model(cfg, vp_stage=i, model_class=model_class, **model_kwargs)
-            for i in range(vpp)]
+    stages = [None] if vpp is None else range(vpp)
+    return [build_gpt_model(cfg, vp_stage=stage, model_class=model_class, initialize=initialize,
+                            **model_kwargs) for stage in stages]
 
 
 def _apply_llama3_rope_scaling(gpt: GPTModel, model: ModelConfig) -> None:

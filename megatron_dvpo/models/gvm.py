@@ -8,6 +8,8 @@ gathered first, with a backward that only splits (the head is replicated, not TP
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -55,11 +57,13 @@ class GlobalValueModel(GPTModel):
         return output.squeeze(-1) if self.post_process else output
 
 
-def build_gvm_chunks(cfg: RunConfig, value_head_init_std: float = 0.0) -> list[GlobalValueModel]:
-    gvm_cfg = cfg
-    if cfg.model.tie_embeddings:  # a policy config reused for its GVM: the head is never tied
-        import dataclasses
-        gvm_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                     tie_embeddings=False))
-    return build_model_chunks(gvm_cfg, model_class=GlobalValueModel,
-                              value_head_init_std=value_head_init_std)
+def gvm_config(cfg: RunConfig) -> RunConfig:
+    """The GVM counterpart of a (policy) config: a value head, never tied to the embedding."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, value_head=True,
+                                                              tie_embeddings=False))
+
+
+def build_gvm_chunks(cfg: RunConfig, value_head_init_std: float = 0.0,
+                     initialize: bool = True) -> list[GlobalValueModel]:
+    return build_model_chunks(gvm_config(cfg), model_class=GlobalValueModel,
+                              initialize=initialize, value_head_init_std=value_head_init_std)

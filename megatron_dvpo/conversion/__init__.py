@@ -1,0 +1,1 @@
+"""Hugging Face <-> megatron-core conversion for policies and Global Value Models."""

@@ -1,0 +1,223 @@
+"""HF directory -> megatron dist checkpoint and back, streaming one parameter at a time.
+
+A converted checkpoint directory holds::
+
+    config.yaml       the run config (model section from HF, parallel layout from --tp/--pp)
+    model/            megatron-core dist checkpoint (torch_dist), loadable at any TP/PP
+    hf_config.json    the source config.json, reused verbatim on export
+    tokenizer/        the tokenizer files of the source
+    conversion.json   what was converted, from where, and the value head's origin
+
+Both directions write into ``<out>.partial`` and rename at the end: a failure leaves no
+half-written output under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_dvpo import distributed
+from megatron_dvpo.checkpointing import is_checkpoint, load_sharded, model_sharded_state_dict
+from megatron_dvpo.config import (ParallelConfig, PrecisionConfig, RunConfig, load_config,
+                                  save_config, validate_model)
+from megatron_dvpo.conversion.hf_config import hf_config_from_model, model_config_from_hf
+from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, read_megatron, to_hf,
+                                              weight_rules)
+from megatron_dvpo.conversion.safetensors_io import (CheckpointError, SafetensorsReader,
+                                                     ShardedSafetensorsWriter)
+from megatron_dvpo.conversion.streaming import OnDemandSaveStrategy, SkeletonParams
+from megatron_dvpo.logging import Progress
+from megatron_dvpo.models import build_chunks
+from megatron_dvpo.models.gpt import DTYPES
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                   "added_tokens.json", "generation_config.json")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    if copied:
+        dst.mkdir(exist_ok=True)
+        for name in copied:
+            shutil.copy2(src / name, dst / name)
+    return copied
+
+
+def _single_process_world() -> None:
+    """Conversion runs as one process; megatron still needs its parallel state."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        distributed.init_distributed(ParallelConfig(), seed=0)
+    else:
+        distributed.set_parallel_layout(ParallelConfig())
+
+
+class _Staged:
+    """``with _Staged(out, overwrite, exists) as partial:`` publishes on success, cleans on error."""
+
+    def __init__(self, out: Path, overwrite: bool, exists: bool):
+        if exists and not overwrite:
+            raise CheckpointError(f"{out} already holds a checkpoint; pass --overwrite to "
+                                  "replace it")
+        self.out = out
+        self.partial = out.with_name(out.name + ".partial")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        return self.partial
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return False
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.partial.rename(self.out)
+        return False
+
+
+def _skeleton(model, precision: PrecisionConfig):
+    """A TP=1/PP=1 model whose parameters are allocated but never written."""
+    _single_process_world()
+    (chunk,) = build_chunks(RunConfig(model=model, precision=precision), initialize=False)
+    return chunk
+
+
+def _write_megatron(directory: Path, chunk, rules, reader: SafetensorsReader, model,
+                    label: str, verbose: bool) -> int:
+    """Stream every parameter of ``chunk`` from ``reader`` into a dist checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    params = dict(chunk.named_parameters())
+    by_name = {rule.megatron: rule for rule in rules}
+    unmapped = sorted(set(params) - set(by_name))
+    if unmapped:
+        raise CheckpointError(f"no HF source for megatron parameters {unmapped}")
+    skeleton = SkeletonParams(params)
+    total = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
+    progress = Progress(label, total, unit="MiB", enabled=verbose)
+    current: dict[str, torch.Tensor] = {}
+
+    def materialize(view: torch.Tensor) -> torch.Tensor:
+        name, offset = skeleton.locate(view)
+        if name not in current:
+            current.clear()  # drop the previous parameter before building this one
+            full = torch.empty_like(params[name])
+            read_megatron(by_name[name], full, reader, model)
+            current[name] = full
+            progress.update(full.numel() * full.element_size() / 2**20, note=name)
+        return current[name].view(-1)[offset:offset + view.numel()].view(view.shape)
+
+    directory.mkdir()
+    dist_checkpointing.save(model_sharded_state_dict([chunk]), str(directory),
+                            sharded_strategy=OnDemandSaveStrategy(materialize))
+    return sum(p.numel() for p in params.values())
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: int = 1,
+              pp: int = 1, dtype: str | None = None, overwrite: bool = False,
+              verbose: bool = True) -> Path:
+    """Convert an HF Llama/Mistral/Qwen2 directory into a megatron checkpoint directory.
+
+    Everything that can be wrong with the input is checked before anything is written.
+    """
+    hf_dir, out = Path(hf_dir), Path(out)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{hf_dir} has no config.json")
+    if target not in ("policy", "gvm"):
+        raise CheckpointError(f"--target must be policy or gvm, got {target!r}")
+    hf = json.loads(config_path.read_text())
+    model = model_config_from_hf(hf)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    reader = SafetensorsReader(hf_dir)
+    ignorable = {k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")}
+    value_head = None
+    if target == "gvm":
+        model.value_head, model.tie_embeddings = True, False
+        value_head = find_value_head(reader.keys(), {k: reader.shape(k) for k in reader.keys()})
+        if value_head is None or value_head[0] != "lm_head.weight":
+            ignorable.add("lm_head.weight")  # the LM head has no place in a value model
+    validate_model(model, parallel)
+    rules = weight_rules(model, value_head)
+    check_keys(rules, reader, ignorable)
+    torch_dtype = DTYPES[dtype] if dtype else reader.dtype("model.embed_tokens.weight")
+    cfg = RunConfig(model=model, parallel=parallel,
+                    precision=PrecisionConfig(params_dtype=DTYPE_NAMES[torch_dtype]))
+
+    with _Staged(out, overwrite, is_checkpoint(out / "model")) as partial:
+        chunk = _skeleton(model, cfg.precision)
+        parameters = _write_megatron(partial / "model", chunk, rules, reader, model,
+                                     f"converting {hf_dir.name}", verbose)
+        save_config(cfg, partial / "config.yaml")
+        shutil.copy2(config_path, partial / "hf_config.json")
+        tokenizer = _copy_tokenizer(hf_dir, partial / "tokenizer")
+        (partial / "conversion.json").write_text(json.dumps({
+            "direction": "hf_to_megatron", "source": str(hf_dir.resolve()), "target": target,
+            "architecture": hf["architectures"][0], "value_head_source": list(value_head or []),
+            "tokenizer_files": tokenizer, "parameters": parameters}, indent=2))
+    return out
+
+
+def _write_hf_weights(directory: Path, chunk, ckpt: Path, model, max_shard_bytes: int,
+                      progress: Progress) -> None:
+    """Load one checkpoint key at a time and queue its HF tensors.
+
+    A key is one parameter across all layers: megatron cannot load a subset of a key's shards in
+    a one-process world. Loaded parameters get fresh, untouched storage again afterwards.
+    """
+    writer = ShardedSafetensorsWriter(directory, max_shard_bytes)
+    groups: dict[str, list] = {}
+    for rule in weight_rules(model):
+        groups.setdefault(re.sub(r"layers\.\d+\.", "layers.*.", rule.megatron), []).append(rule)
+    for group in groups.values():
+        sharded = model_sharded_state_dict([chunk])["model"]
+        request = {"model": {rule.megatron: sharded[rule.megatron] for rule in group}}
+        loaded = load_sharded(request, ckpt / "model", partial=True)["model"]
+        for rule in group:
+            for name, part in to_hf(rule, loaded[rule.megatron].detach(), model).items():
+                writer.add(name, part.contiguous().clone())
+            param = chunk.get_parameter(rule.megatron)
+            param.data = torch.empty_like(param)
+            progress.update(1, note=rule.megatron)
+        del sharded, request, loaded
+    writer.close()
+
+
+def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
+              max_shard_bytes: int = 2 * 1024 ** 3, verbose: bool = True) -> Path:
+    """Write a converted or trained checkpoint directory as an HF directory.
+
+    A GVM's value head is written under TRL's names (``v_head.summary.{weight,bias}``).
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / "config.yaml").is_file() or not is_checkpoint(ckpt / "model"):
+        raise CheckpointError(f"{ckpt} is not a megatron_dvpo checkpoint directory "
+                              "(needs config.yaml and model/)")
+    cfg = load_config(ckpt / "config.yaml")
+    model = cfg.model
+    source = ckpt / "hf_config.json"
+    hf = json.loads(source.read_text()) if source.is_file() else hf_config_from_model(model)
+    hf["architectures"] = [model.hf_architecture]
+    dtype_name = str(DTYPES[cfg.precision.params_dtype]).split(".")[-1]
+    for key in [k for k in ("torch_dtype", "dtype") if k in hf] or ["torch_dtype"]:
+        hf[key] = dtype_name
+
+    with _Staged(out, overwrite, (out / "config.json").exists()) as partial:
+        chunk = _skeleton(model, cfg.precision)
+        progress = Progress(f"exporting {ckpt.name}", len(weight_rules(model)),
+                            unit="tensors", enabled=verbose)
+        _write_hf_weights(partial, chunk, ckpt, model, max_shard_bytes, progress)
+        (partial / "config.json").write_text(json.dumps(hf, indent=2))
+        if (ckpt / "tokenizer").is_dir():
+            _copy_tokenizer(ckpt / "tokenizer", partial)
+    return out

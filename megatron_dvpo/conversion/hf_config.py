@@ -1,0 +1,108 @@
+"""HF ``config.json`` <-> our ``ModelConfig`` for Llama, Mistral and Qwen2 decoders."""
+
+from __future__ import annotations
+
+from megatron_dvpo.config import ModelConfig
+from megatron_dvpo.conversion.safetensors_io import CheckpointError
+
+# architecture -> (family, task head in the checkpoint)
+SUPPORTED = {
+    "LlamaForCausalLM": ("llama", "lm"),
+    "MistralForCausalLM": ("mistral", "lm"),
+    "Qwen2ForCausalLM": ("qwen2", "lm"),
+    "LlamaForSequenceClassification": ("llama", "score"),
+    "MistralForSequenceClassification": ("mistral", "score"),
+    "Qwen2ForSequenceClassification": ("qwen2", "score"),
+}
+
+
+def architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in SUPPORTED:
+        raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
+                              f"supported: {', '.join(SUPPORTED)}")
+    return archs[0]
+
+
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling or None) from either the transformers 5 or the older layout."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind in (None, "default"):
+        return float(theta), None
+    if kind != "llama3":
+        raise CheckpointError(f"rope scaling type {kind!r} is not supported (only llama3)")
+    return float(theta), scaling
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    arch = architecture(hf)
+    family = SUPPORTED[arch][0]
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+    if hf.get("mlp_bias") or (family != "qwen2" and hf.get("attention_bias")):
+        raise CheckpointError("attention_bias/mlp_bias on Llama or Mistral layers is not supported")
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    theta, scaling = _rope(hf)
+    max_positions = hf.get("max_position_embeddings", 4096)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window:
+        # Our attention is full causal; it equals sliding-window attention up to the window.
+        max_positions = min(max_positions, window)
+    model = ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        kv_channels=head_dim if head_dim * heads != hf["hidden_size"] else None,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=max_positions,
+        normalization="RMSNorm",
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        activation="swiglu",
+        add_qkv_bias=family == "qwen2",
+        rotary_base=theta,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        hf_architecture=arch.replace("ForSequenceClassification", "ForCausalLM"),
+    )
+    if scaling is not None:
+        model.rope_scaling_factor = float(scaling["factor"])
+        model.rope_scaling_low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+        model.rope_scaling_high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+        model.rope_scaling_original_max_position = int(
+            scaling.get("original_max_position_embeddings", 8192))
+    return model
+
+
+def hf_config_from_model(model: ModelConfig) -> dict:
+    """A config.json for a model that did not come from HF (or lost its original config)."""
+    family = SUPPORTED.get(model.hf_architecture, ("llama",))[0]
+    hf = {
+        "architectures": [model.hf_architecture],
+        "model_type": family,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size or 4 * model.hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
+        "head_dim": model.kv_channels or model.hidden_size // model.num_attention_heads,
+        "vocab_size": model.vocab_size,
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.norm_epsilon,
+        "hidden_act": "silu",
+        "tie_word_embeddings": model.tie_embeddings,
+        "rope_theta": model.rotary_base,
+    }
+    if model.rope_scaling_factor is not None:
+        hf["rope_scaling"] = {
+            "rope_type": "llama3", "factor": model.rope_scaling_factor,
+            "low_freq_factor": model.rope_scaling_low_freq_factor,
+            "high_freq_factor": model.rope_scaling_high_freq_factor,
+            "original_max_position_embeddings": model.rope_scaling_original_max_position}
+    if family != "qwen2":
+        hf["attention_bias"] = False
+    return hf

@@ -1,0 +1,157 @@
+"""Read and write safetensors one tensor at a time, without memory-mapping whole shards.
+
+Mapped shard pages count toward a process's RSS as they are touched, so reading a large model
+through ``safe_open`` grows RSS to the model size. Reading each tensor with plain file I/O into a
+tensor we own keeps the footprint at the tensors currently in use.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """An HF or megatron checkpoint that cannot be converted; the message names what is wrong."""
+
+
+class SafetensorsReader:
+    """Index of every tensor in an HF directory (single file or sharded with an index)."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (directory / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shards that are missing: {missing}")
+        elif (directory / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(f"{directory} has no model.safetensors or "
+                                  "model.safetensors.index.json")
+        self.entries: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
+        for name in files:
+            path = directory / name
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                self.entries[key] = (path, _DTYPES[info["dtype"]], info["shape"],
+                                     8 + header_len + start, end - start)
+
+    def keys(self) -> set[str]:
+        return set(self.entries)
+
+    def shape(self, key: str) -> list[int]:
+        return self.entries[key][2]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key][1]
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape = self.shape(key)
+        out = torch.empty(shape, dtype=dtype or self.dtype(key))
+        self.read_rows_into(key, out.view(-1) if not shape else out)
+        return out
+
+    def read_rows_into(self, key: str, out: torch.Tensor, first_row: int = 0,
+                       chunk_bytes: int = 64 * 1024 ** 2) -> None:
+        """Copy rows ``first_row : first_row + len(out)`` of ``key`` into ``out`` (any dtype).
+
+        Rows go through a bounded staging buffer, so reading a tensor costs its destination
+        plus at most ``chunk_bytes``.
+        """
+        if key not in self.entries:
+            raise CheckpointError(f"tensor {key!r} is missing from the HF checkpoint")
+        path, stored, shape, offset, nbytes = self.entries[key]
+        rows = shape[0] if shape else 1
+        row_numel = out[0].numel() if out.dim() else 1
+        row_bytes = nbytes // rows if rows else 0
+        if first_row + out.shape[0] > rows or (shape and row_numel * rows != _numel(shape)):
+            raise CheckpointError(f"{key!r} has shape {shape}; cannot read rows "
+                                  f"{first_row}..{first_row + out.shape[0]} of {out.shape}")
+        step = max(1, chunk_bytes // max(row_bytes, 1))
+        flat = out.view(out.shape[0], -1)
+        with open(path, "rb") as f:
+            for start in range(0, out.shape[0], step):
+                count = min(step, out.shape[0] - start)
+                f.seek(offset + (first_row + start) * row_bytes)
+                staging = torch.empty(count * row_numel, dtype=stored)
+                if f.readinto(staging.view(torch.uint8).numpy()) != count * row_bytes:
+                    raise CheckpointError(f"{path} is truncated: cannot read tensor {key!r}")
+                flat[start:start + count].copy_(staging.view(count, row_numel))
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into ~``max_shard_bytes`` shards plus an HF index, as they arrive."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024 ** 3):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[key] = tensor
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        index = len(self.shards)
+        _write_file(self.directory / f"model-{index:05d}.safetensors", self.pending)
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        weight_map = {}
+        for i, keys in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.directory / f"model-{i:05d}.safetensors").rename(self.directory / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

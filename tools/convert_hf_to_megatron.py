@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face Llama / Mistral / Qwen2 checkpoint into a megatron_dvpo checkpoint.
+
+    python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp M]
+        [--target policy|gvm] [--dtype fp32|bf16|fp16] [--overwrite]
+
+The output is a megatron-core dist checkpoint that loads at any TP/PP; --tp/--pp set the layout
+recorded in its config.yaml and are checked against the model's shape. --target gvm builds a
+Global Value Model: a zero-initialised value head, or the checkpoint's own value/reward head
+(TRL v_head.summary.*, score.weight, or a [1, hidden] lm_head/reward_head) when it has one.
+"""
+
+import argparse
+import sys
+
+from megatron_dvpo.config import ConfigError
+from megatron_dvpo.conversion.convert import import_hf
+from megatron_dvpo.conversion.safetensors_io import CheckpointError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf", required=True, help="HF directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="output checkpoint directory")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to record")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to record")
+    parser.add_argument("--target", choices=["policy", "gvm"], default="policy")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="parameter dtype (default: the checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        out = import_hf(args.hf, args.out, target=args.target, tp=args.tp, pp=args.pp,
+                        dtype=args.dtype, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
