@@ -1,0 +1,149 @@
+"""A synthetic preference task with a hidden scorer, for demos and tests.
+
+The true score depends on which words a response uses *and where*, so a value model must do
+token-level credit assignment to rank responses, and a policy's improvement can be measured
+exactly (``eval/true_reward_mean``). Everything is deterministic given a seed.
+
+Run ``python -m megatron_dvpo.data.synthetic OUT_DIR`` to write a tokenizer and JSONL files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+WORDS = ("apple", "banana", "cherry", "dog", "egg", "fig", "grape", "house", "ice", "jam", "kite",
+         "lemon", "mango", "nut", "orange", "pear", "queen", "rose", "sun", "tree", "umbrella",
+         "violet", "water", "xray", "yak", "zebra", "blue", "red", "green", "gold")
+PROMPT_WORDS = (3, 6)
+RESPONSE_WORDS = (1, 12)
+
+
+@dataclass(frozen=True)
+class SyntheticRule:
+    """The hidden scoring rule; ``seed`` picks which words are good and which are bad.
+
+    Raw score: +1 per good word among the first ``good_window`` response words, -1 per bad word
+    anywhere, +1 when the response's first word repeats the prompt's last word. The score is the
+    raw score divided by ``good_window + 1``: at most 1, and about -0.2 for random responses.
+    """
+
+    seed: int = 0
+    num_good: int = 5
+    num_bad: int = 5
+    good_window: int = 3
+    good: frozenset = field(init=False)
+    bad: frozenset = field(init=False)
+
+    def __post_init__(self):
+        if self.num_good + self.num_bad > len(WORDS):
+            raise ValueError(f"num_good + num_bad = {self.num_good + self.num_bad} exceeds the "
+                             f"{len(WORDS)} task words")
+        picked = random.Random(self.seed).sample(WORDS, self.num_good + self.num_bad)
+        object.__setattr__(self, "good", frozenset(picked[:self.num_good]))
+        object.__setattr__(self, "bad", frozenset(picked[self.num_good:]))
+
+    def score(self, prompt: str, response: str) -> float:
+        """True score of any text (e.g. a decoded policy sample); unknown words count 0."""
+        words, prompt_words = response.split(), prompt.split()
+        raw = sum(1 for w in words[:self.good_window] if w in self.good)
+        raw -= sum(1 for w in words if w in self.bad)
+        if words and prompt_words and words[0] == prompt_words[-1] and words[0] in WORDS:
+            raw += 1
+        return raw / (self.good_window + 1)
+
+
+def _words(rng: random.Random, bounds: tuple[int, int]) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(*bounds)))
+
+
+def generate_prompts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(f"prompts-{seed}")
+    return [_words(rng, PROMPT_WORDS) for _ in range(n)]
+
+
+def generate_preference_rows(rule: SyntheticRule, n: int, seed: int = 0) -> list[dict]:
+    """``n`` rows ``{prompt, chosen, rejected}``: two random responses per prompt, the higher true
+    score chosen; prompts whose two responses tie are skipped."""
+    rng = random.Random(f"preference-{seed}")
+    rows = []
+    while len(rows) < n:
+        prompt = _words(rng, PROMPT_WORDS)
+        a, b = _words(rng, RESPONSE_WORDS), _words(rng, RESPONSE_WORDS)
+        score_a, score_b = rule.score(prompt, a), rule.score(prompt, b)
+        if score_a != score_b:
+            chosen, rejected = (a, b) if score_a > score_b else (b, a)
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def generate_scored_rows(rule: SyntheticRule, n: int, seed: int = 0) -> list[dict]:
+    """``n`` rows ``{prompt, response, score}`` with random responses and their true scores."""
+    rng = random.Random(f"scored-{seed}")
+    rows = []
+    for _ in range(n):
+        prompt, response = _words(rng, PROMPT_WORDS), _words(rng, RESPONSE_WORDS)
+        rows.append({"prompt": prompt, "response": response, "score": rule.score(prompt, response)})
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def train_tokenizer(out_dir: str | Path, vocab_size: int = 256, seed: int = 0) -> Path:
+    """Train a SentencePiece BPE model on task text; return the path of ``tokenizer.model``.
+
+    Ids: pad 0, unk 1, bos 2, eos 3. BPE (not unigram) because transformers converts
+    SentencePiece models to BPE when exporting an HF directory; the alphabet line makes any
+    lowercase text encodable. Raises if some task word would need more than one piece.
+    """
+    import sentencepiece
+
+    rng = random.Random(f"tokenizer-{seed}")
+    lines = [_words(rng, RESPONSE_WORDS) for _ in range(3000)]
+    lines.append(" ".join("abcdefghijklmnopqrstuvwxyz"))
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2)
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+    split = [w for w in WORDS if len(processor.encode(w)) > 1]
+    if split:
+        raise ValueError(f"vocab_size={vocab_size} is too small: {split} encode to several "
+                         "pieces; use 256")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return out / "tokenizer.model"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--rule-seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rule = SyntheticRule(seed=args.rule_seed)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(args.out_dir, seed=args.seed)
+    rows = generate_preference_rows(rule, args.train_rows + args.eval_rows, seed=args.seed)
+    write_jsonl(rows[:args.train_rows], args.out_dir / "train.jsonl")
+    write_jsonl(rows[args.train_rows:], args.out_dir / "eval.jsonl")
+    print(f"wrote tokenizer.model, train.jsonl ({args.train_rows} rows), eval.jsonl "
+          f"({args.eval_rows} rows) to {args.out_dir}; good={sorted(rule.good)} "
+          f"bad={sorted(rule.bad)}")
+
+
+if __name__ == "__main__":
+    main()
