@@ -46,6 +46,11 @@ class SafetensorsReader:
             with open(path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(header_len))
+            end = 8 + header_len + max((info["data_offsets"][1] for key, info in header.items()
+                                        if key != "__metadata__"), default=0)
+            if path.stat().st_size < end:
+                raise CheckpointError(f"{path} is truncated: {path.stat().st_size} bytes, its "
+                                      f"header describes {end}")
             for key, info in header.items():
                 if key == "__metadata__":
                     continue

@@ -1,0 +1,232 @@
+"""HF <-> megatron conversion: exact logits, exact round trips, value heads, and every error."""
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hf_models
+from conftest import REPO, torchrun
+from megatron_dvpo.conversion.convert import export_hf, import_hf
+from megatron_dvpo.conversion.safetensors_io import CheckpointError
+
+CONVERT = [sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py")]
+LOGIT_TOL = 1e-4  # fp32
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: hf_models.build(kind, root / kind, seed=i)
+            for i, kind in enumerate(("llama", "mistral", "qwen2"))}
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dirs, tmp_path_factory):
+    """Each model converted by the command-line tool, as a user would."""
+    root = tmp_path_factory.mktemp("megatron")
+    out = {}
+    for kind, hf_dir in hf_dirs.items():
+        out[kind] = root / kind
+        proc = subprocess.run([*CONVERT, "--hf", str(hf_dir), "--out", str(out[kind]),
+                               "--tp", "2"], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "converting" in proc.stdout and "MiB/s" in proc.stdout  # progress is shown
+    return out
+
+
+def read_hf_state(directory: Path) -> dict:
+    state = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+@pytest.mark.multirank
+def test_logits_match_hf_at_tp1_tp2_pp2(hf_dirs, converted, tmp_path):
+    specs = [f"{hf_dirs['llama']}:{converted['llama']}:tp1pp1,tp2pp1,tp1pp2",
+             f"{hf_dirs['mistral']}:{converted['mistral']}:tp1pp1,tp2pp1",
+             f"{hf_dirs['qwen2']}:{converted['qwen2']}:tp1pp1,tp2pp1,tp1pp2"]
+    out = tmp_path / "logits.json"
+    torchrun([str(REPO / "tests" / "distributed" / "hf_logits.py"), str(out), *specs], nproc=2)
+    diffs = json.loads(out.read_text())
+    for kind in ("llama", "mistral", "qwen2"):
+        for layout, diff in diffs[kind].items():
+            assert 0.0 <= diff <= LOGIT_TOL, f"{kind} {layout}: max |logit diff| = {diff}"
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_round_trip_is_identical(kind, hf_dirs, converted, tmp_path, single_rank):
+    back = export_hf(converted[kind], tmp_path / "hf", verbose=False)
+    original, exported = read_hf_state(hf_dirs[kind]), read_hf_state(back)
+    assert sorted(original) == sorted(exported)
+    for key, tensor in original.items():
+        assert torch.equal(tensor, exported[key]), key
+    config = json.loads((back / "config.json").read_text())
+    assert config["tie_word_embeddings"] == (kind == "qwen2")
+    assert ("lm_head.weight" in exported) == (kind != "qwen2")  # tied stays tied
+    hf_models.load(back)  # transformers loads it
+
+
+def test_converted_config_records_layout_and_shape(converted):
+    from megatron_dvpo.config import load_config
+
+    cfg = load_config(converted["llama"] / "config.yaml")
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.model.rope_scaling_factor == 8.0 and cfg.model.rope_scaling_original_max_position == 32
+    assert cfg.model.num_query_groups == 2 and not cfg.model.tie_embeddings
+    mistral = load_config(converted["mistral"] / "config.yaml").model
+    assert mistral.vocab_size == 1001 and mistral.padded_vocab_size == 1024
+    qwen = load_config(converted["qwen2"] / "config.yaml").model
+    assert qwen.add_qkv_bias and qwen.tie_embeddings
+
+
+def gvm_values(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from megatron_dvpo.checkpointing import load_model
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.models import build_chunks, forward
+
+    cfg = load_config(ckpt / "config.yaml")
+    cfg.parallel.tensor_model_parallel_size = 1
+    assert cfg.model.value_head
+    chunks = build_chunks(cfg, initialize=False)
+    load_model(chunks, ckpt / "model")
+    return forward.token_values(chunks, forward.make_microbatches(2, tokens=tokens))
+
+
+def trunk_hidden(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    import transformers as tf
+
+    with torch.no_grad():
+        return tf.AutoModel.from_pretrained(hf_dir).eval()(tokens).last_hidden_state
+
+
+def test_gvm_from_trl_value_head(hf_dirs, tmp_path, single_rank):
+    """A TRL AutoModelForCausalLMWithValueHead checkpoint: trunk + lm_head + v_head.summary.*"""
+    trl = tmp_path / "trl"
+    hf_models.build("llama", trl, seed=5)
+    state = load_file(trl / "model.safetensors")
+    g = torch.Generator().manual_seed(9)
+    head_w, head_b = torch.randn(1, 64, generator=g) * 0.1, torch.tensor([0.7])
+    state.update({"v_head.summary.weight": head_w, "v_head.summary.bias": head_b})
+    save_file(state, trl / "model.safetensors", metadata={"format": "pt"})
+
+    ckpt = import_hf(trl, tmp_path / "gvm", target="gvm", verbose=False)
+    assert json.loads((ckpt / "conversion.json").read_text())["value_head_source"] == [
+        "v_head.summary.weight", "v_head.summary.bias"]
+    tokens = torch.randint(0, 1000, (4, 12), generator=g)
+    expected = trunk_hidden(trl, tokens) @ head_w.T + head_b  # TRL's ValueHead on the last state
+    values = gvm_values(ckpt, tokens)
+    assert (values - expected.squeeze(-1)).abs().max() < 1e-5
+
+    back = export_hf(ckpt, tmp_path / "gvm_hf", verbose=False)
+    exported = read_hf_state(back)
+    assert torch.equal(exported["v_head.summary.weight"], head_w)
+    assert torch.equal(exported["v_head.summary.bias"], head_b)
+    assert "lm_head.weight" not in exported
+    again = import_hf(back, tmp_path / "gvm_again", target="gvm", verbose=False)
+    assert torch.equal(gvm_values(again, tokens), values)
+
+
+def test_gvm_from_sequence_classification_score(tmp_path, single_rank):
+    cls = hf_models.build("llama_cls", tmp_path / "rm", seed=3)
+    score = load_file(cls / "model.safetensors")["score.weight"]
+    ckpt = import_hf(cls, tmp_path / "gvm", target="gvm", verbose=False)
+    tokens = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+    expected = (trunk_hidden(cls, tokens) @ score.T).squeeze(-1)
+    assert (gvm_values(ckpt, tokens) - expected).abs().max() < 1e-5
+
+
+def test_gvm_from_policy_has_zero_head(hf_dirs, tmp_path, single_rank):
+    ckpt = import_hf(hf_dirs["qwen2"], tmp_path / "gvm", target="gvm", verbose=False)
+    values = gvm_values(ckpt, torch.randint(0, 1000, (2, 8)))
+    assert torch.count_nonzero(values) == 0
+
+
+# --- errors: clear, and nothing written under the output name --------------------------------
+
+
+def expect_error(hf_dir: Path, out: Path, match: str, **kwargs):
+    with pytest.raises(CheckpointError, match=match):
+        import_hf(hf_dir, out, verbose=False, **kwargs)
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(
+        {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    expect_error(tmp_path / "gpt2", tmp_path / "out",
+                 r"unsupported architecture \['GPT2LMHeadModel'\]; supported: LlamaForCausalLM, "
+                 r"MistralForCausalLM, Qwen2ForCausalLM")
+
+
+def test_missing_shard(tmp_path):
+    import transformers as tf
+
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**hf_models.COMMON, vocab_size=1000))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    expect_error(tmp_path / "sharded", tmp_path / "out",
+                 rf"lists shards that are missing: \['{shards[1].name}'\]")
+
+
+def rewrite(hf_dir: Path, drop=(), add=None):
+    state = load_file(hf_dir / "model.safetensors")
+    for key in drop:
+        del state[key]
+    state.update(add or {})
+    save_file(state, hf_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_and_leftover_keys(tmp_path):
+    broken = hf_models.build("llama", tmp_path / "missing")
+    rewrite(broken, drop=["model.layers.1.mlp.up_proj.weight"])
+    expect_error(broken, tmp_path / "out", r"lacks 1 tensors: \['model.layers.1.mlp.up_proj.weight'\]")
+    extra = hf_models.build("llama", tmp_path / "extra")
+    rewrite(extra, add={"model.extra_adapter.weight": torch.zeros(2, 2)})
+    expect_error(extra, tmp_path / "out", r"would drop: \['model.extra_adapter.weight'\]")
+    rewrite(extra, drop=["model.extra_adapter.weight"],
+            add={"v_head.summary.weight": torch.zeros(1, 64)})
+    expect_error(extra, tmp_path / "out", r"would drop: \['v_head.summary.weight'\].*--target gvm")
+
+
+def test_layout_must_divide_the_model(hf_dirs, tmp_path):
+    from megatron_dvpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"num_attention_heads=4 is not divisible by "
+                                          r"parallel.tensor_model_parallel_size=3"):
+        import_hf(hf_dirs["llama"], tmp_path / "out", tp=3, verbose=False)
+    with pytest.raises(ConfigError, match=r"num_layers=2 is not divisible by "
+                                          r"parallel.pipeline_model_parallel_size=4"):
+        import_hf(hf_dirs["llama"], tmp_path / "out", pp=4, verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_overwrite(hf_dirs, converted, tmp_path):
+    target = tmp_path / "existing"
+    target.mkdir()
+    for item in ("model", "config.yaml"):
+        src = converted["llama"] / item
+        (target / item).symlink_to(src, target_is_directory=src.is_dir())
+    with pytest.raises(CheckpointError, match="already holds a checkpoint; pass --overwrite"):
+        import_hf(hf_dirs["llama"], target, verbose=False)
+    proc = subprocess.run([*CONVERT, "--hf", str(hf_dirs["llama"]), "--out", str(target)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_truncated_weights_leave_nothing_behind(tmp_path, single_rank):
+    broken = hf_models.build("llama", tmp_path / "truncated")
+    path = broken / "model.safetensors"
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(data[:8 + header_len + (len(data) - 8 - header_len) // 2])
+    expect_error(broken, tmp_path / "out", "is truncated")
