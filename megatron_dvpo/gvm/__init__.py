@@ -1,0 +1,1 @@
+"""Global Value Model maths: TD(lambda) targets, the GVM loss and pairwise-accuracy metrics."""
