@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dvpo.gvm.td import gather_response_values, gvm_loss, loss_token_count, td_lambda_targets
+from megatron_dvpo.gvm.td import (gather_response_values, gvm_loss, loss_token_count,
+                                  td_lambda_targets)
 
 Q3 = [0.2, 0.5, -0.1]
 

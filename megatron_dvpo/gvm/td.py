@@ -91,7 +91,8 @@ def td_lambda_targets(q: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor
     """
     _check_unit_interval(gamma=gamma, lam=lam)
     if q.shape != mask.shape:
-        raise ValueError(f"q {tuple(q.shape)} and mask {tuple(mask.shape)} must have the same shape")
+        raise ValueError(f"q {tuple(q.shape)} and mask {tuple(mask.shape)} must have the "
+                         "same shape")
     lengths = _prefix_lengths(mask)
     if rewards.shape != (q.shape[0],):
         raise ValueError(f"rewards must have shape ({q.shape[0]},), got {tuple(rewards.shape)}")
