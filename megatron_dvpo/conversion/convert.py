@@ -185,7 +185,7 @@ def _write_hf_weights(directory: Path, chunk, ckpt: Path, model, max_shard_bytes
         loaded = load_sharded(request, ckpt / "model", partial=True)["model"]
         for rule in group:
             for name, part in to_hf(rule, loaded[rule.megatron].detach(), model).items():
-                writer.add(name, part.contiguous().clone())
+                writer.add(name, part.contiguous())
             param = chunk.get_parameter(rule.megatron)
             param.data = torch.empty_like(param)
             progress.update(1, note=rule.megatron)
