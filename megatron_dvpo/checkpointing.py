@@ -3,15 +3,31 @@
 A checkpoint is first written to ``<dir>.partial`` by all ranks, then renamed into place by rank 0
 after a barrier. A crash mid-save leaves at most a ``.partial`` folder, never a half-written
 checkpoint under the final name. Checkpoints reshard on load: any TP/PP layout reads any other.
+
+Training checkpoints live in ``<save_dir>/iter_0000100/`` with the layout of a converted
+checkpoint (``config.yaml`` and ``model/``, whose dist checkpoint also holds the optimizer), plus
+``train_state.json`` (step, data position, LR scheduler, trainer extras) and one RNG file per
+rank. ``<save_dir>/latest_checkpointed_iteration.txt`` names the newest; it is replaced
+atomically after the directory is complete, and resume falls back to the newest complete
+directory if the tracker is missing or stale.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER = re.compile(r"iter_(\d{7})")
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -36,17 +52,24 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / "metadata.json").is_file()
 
 
-def save_sharded(sharded_state_dict: dict, directory: str | Path, overwrite: bool = False) -> Path:
-    """Write a dist checkpoint to ``directory`` atomically (all ranks call this)."""
+def save_sharded(sharded_state_dict: dict, directory: str | Path, overwrite: bool = False,
+                 subdir: str = "", write_extras: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a dist checkpoint atomically (all ranks call this).
+
+    The dist checkpoint goes to ``directory/subdir``; ``write_extras(partial_dir)`` runs on every
+    rank before the rename, for files that must appear together with it.
+    """
     directory = Path(directory)
     partial = directory.with_name(directory.name + PARTIAL_SUFFIX)
     if _is_rank0():
         if directory.exists() and not overwrite:
             raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        (partial / subdir).mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(partial))
+    dist_checkpointing.save(sharded_state_dict, str(partial / subdir))
+    if write_extras is not None:
+        write_extras(partial)
     _barrier()
     if _is_rank0():
         if directory.exists():
@@ -84,3 +107,170 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     else:
         for i, chunk in enumerate(chunks):
             chunk.load_state_dict(state[f"model{i}"], strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: model, optimizer, scheduler, RNG, data position.
+
+
+def iteration_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _torch_adams(optimizer) -> list:
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
+
+
+def _adam_step(optimizer) -> Optional[float]:
+    for adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            return float(state["step"])
+    return None
+
+
+def _restore_adam_step(optimizer, step: Optional[float]) -> None:
+    """Undo megatron-core 0.16's no-apex ``DistributedOptimizer.load_state_dict``, which gives
+    every parameter one shared ``step`` tensor (torch's Adam then advances it once per
+    parameter per update) holding the wrong value; each parameter gets its own, correct one."""
+    if step is None:
+        return
+    for adam in _torch_adams(optimizer):
+        for state in adam.state.values():
+            state["step"] = torch.tensor(step)
+
+
+def _init_adam_state(optimizer) -> None:
+    """Give every parameter Adam state (zeros, replaced in place by the load).
+
+    Without apex/TE, megatron wraps torch's Adam, which keeps a per-parameter ``step`` that
+    megatron's ``init_state_fn`` does not create, and ``DistributedOptimizer.state_dict``
+    asserts on it: a freshly built optimizer cannot describe the state it is about to load.
+    """
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+def _training_sharded_state_dict(chunks, optimizer, is_loading: bool,
+                                 optimizer_sharding: str) -> dict:
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        if is_loading:
+            _init_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_sharding})
+    return state
+
+
+def save_training_checkpoint(save_dir: str | Path, step: int, chunks, optimizer, scheduler,
+                             train_state: dict, config_yaml: str, keep_last: int = 2,
+                             optimizer_sharding: str = "dp_reshardable") -> Path:
+    """Save everything needed to continue exactly; then move the tracker and prune old ones."""
+    save_dir = Path(save_dir)
+    target = iteration_dir(save_dir, step)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    def extras(partial: Path) -> None:
+        (partial / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
+        if _is_rank0():
+            (partial / "config.yaml").write_text(config_yaml)
+            state = {"step": step, "world_size": world,
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "adam_step": _adam_step(optimizer) if optimizer is not None else None,
+                     **train_state}
+            (partial / "train_state.json").write_text(json.dumps(state, indent=2))
+
+    sharded = _training_sharded_state_dict(chunks, optimizer, False, optimizer_sharding)
+    save_sharded(sharded, target, overwrite=True, subdir="model", write_extras=extras)
+    if _is_rank0():
+        tmp = save_dir / (TRACKER + ".tmp")
+        tmp.write_text(f"{step}\n")
+        os.replace(tmp, save_dir / TRACKER)
+        for old in complete_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def _is_complete(path: Path) -> bool:
+    return is_checkpoint(path / "model") and (path / "train_state.json").is_file()
+
+
+def complete_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Complete iteration directories, oldest first (``.partial`` ones never count)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = [p for p in save_dir.iterdir() if _ITER.fullmatch(p.name) and _is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
+    """The tracker's checkpoint if it is complete, else the newest complete one, else None."""
+    save_dir = Path(save_dir)
+    tracker = save_dir / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text.isdigit() and _is_complete(iteration_dir(save_dir, int(text))):
+            return iteration_dir(save_dir, int(text))
+    found = complete_checkpoints(save_dir)
+    return found[-1] if found else None
+
+
+def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler,
+                             optimizer_sharding: str = "dp_reshardable") -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the train state."""
+    path = Path(path)
+    train_state = json.loads((path / "train_state.json").read_text())
+    loaded = load_sharded(_training_sharded_state_dict(chunks, optimizer, True,
+                                                       optimizer_sharding), path / "model")
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    if optimizer is not None:
+        with torch.no_grad():  # copies into the (leaf) fp32 main parameters in place
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step(optimizer, train_state.get("adam_step"))
+    if scheduler is not None and train_state.get("scheduler") is not None:
+        scheduler.load_state_dict(train_state["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if train_state.get("world_size") == world and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return train_state

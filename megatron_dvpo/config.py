@@ -102,13 +102,18 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
+    # A preprocessed prefix (tools/preprocess_data.py) or a .jsonl file, tokenized on first use.
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = None  # SentencePiece .model file or HF tokenizer directory
     seq_length: int = 128
     micro_batch_size: int = 1
     global_batch_size: int = 8
     skip_bad_rows: bool = False
+    max_length: Optional[int] = None  # prompt + response tokens; None: seq_length
+    length_mode: Literal["filter", "truncate"] = "filter"
+    chosen_reward: float = 1.0
+    rejected_reward: float = -1.0
 
 
 @dataclass
@@ -120,10 +125,26 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_dir: Optional[str] = None
-    load_dir: Optional[str] = None
+    save_dir: Optional[str] = None  # also where a restarted run resumes from
+    load_dir: Optional[str] = None  # resume from here instead (default: save_dir)
+    init_from: Optional[str] = None  # initial weights: a converted or trained checkpoint dir
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2
+    # Distributed-optimizer state layout: dp_reshardable (fast; resume at the same TP/PP) or
+    # fully_reshardable (gathered; resume at any layout).
+    optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+
+
+@dataclass
+class GVMConfig:
+    """Global Value Model pretraining (SPEC.md section 2)."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    train_prompt_value: bool = False  # also fit q_{-1} toward q_0's target
+    value_head_init_std: float = 0.0  # 0: the zero-initialised head of the spec
+    eval_interval: int = 0  # steps between held-out evaluations; 0: only at the end
+    eval_max_pairs: int = 0  # 0: every held-out pair
 
 
 @dataclass
@@ -135,8 +156,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    gvm: GVMConfig = field(default_factory=GVMConfig)
     seed: int = 1234
     train_steps: int = 10
+    # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:
+    # for jobs shorter than the run, which then resume from the checkpoint.
+    exit_interval: int = 0
 
 
 # ---------------------------------------------------------------------------------------------

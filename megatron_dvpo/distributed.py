@@ -118,3 +118,28 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def sum_over_replicas(keys: list[str], values: dict[str, float] | None) -> dict[str, float]:
+    """Sum named scalars over one rank per data-parallel replica, and give every rank the sums.
+
+    Per-token quantities live on the last pipeline stage, identical on its TP ranks; ``values``
+    is None elsewhere. Every rank must call this with the same ``keys``.
+    """
+    from megatron.core import parallel_state
+
+    contributes = (values is not None and parallel_state.is_pipeline_last_stage()
+                   and parallel_state.get_tensor_model_parallel_rank() == 0)
+    local = torch.tensor([float(values[k]) if contributes else 0.0 for k in keys],
+                         dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(local)
+    return dict(zip(keys, local.tolist()))
+
+
+def all_reduce_data_parallel(value: float) -> float:
+    from megatron.core import parallel_state
+
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.item()

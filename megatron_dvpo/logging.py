@@ -1,9 +1,13 @@
-"""Progress lines on rank 0 (step, rate, ETA) for long work."""
+"""What a run reports: TensorBoard scalars and progress lines (step, rate, ETA), on rank 0."""
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
+from pathlib import Path
+
+import torch
 
 
 def format_seconds(seconds: float) -> str:
@@ -33,3 +37,48 @@ class Progress:
             print(f"{self.label} {self.done:,.0f}/{self.total:,.0f} {self.unit}  "
                   f"{rate:,.1f} {self.unit}/s  ETA {format_seconds(eta)}  {note}".rstrip(),
                   file=self.stream, flush=True)
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """TensorBoard event files under ``directory`` plus a one-line summary per logged step.
+
+    Tag names follow SPEC.md section 5 so that runs compare across versions.
+    """
+
+    def __init__(self, directory: str | Path, total_steps: int, enabled: bool = True,
+                 stream=sys.stdout):
+        self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(directory))
+        self.start = time.perf_counter()
+        self.first_step: int | None = None
+
+    def log(self, step: int, metrics: dict[str, float], summary: tuple[str, ...] = ()) -> None:
+        if not self.enabled:
+            return
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        if self.first_step is None:
+            self.first_step, self.start = step - 1, time.perf_counter()
+        done = step - self.first_step
+        eta = (time.perf_counter() - self.start) / max(done, 1) * (self.total_steps - step)
+        parts = [f"step {step}/{self.total_steps}"]
+        parts += [f"{tag.split('/')[-1]} {metrics[tag]:.4g}" for tag in summary if tag in metrics]
+        parts.append(f"ETA {format_seconds(eta)}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,8 +1,12 @@
-"""Pieces every trainer shares: megatron DDP wrapping and the megatron-core optimizer."""
+"""What every trainer shares: DDP, optimizer, LR schedule, and the resume/step/save loop."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
+import yaml
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -11,7 +15,13 @@ from megatron.core.distributed import (
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
-from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+from megatron_dvpo.checkpointing import (find_latest_checkpoint, load_model,
+                                         load_training_checkpoint, save_training_checkpoint)
+from megatron_dvpo.config import (OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig,
+                                  to_dict)
+from megatron_dvpo.distributed import is_rank0, print_rank0
+from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
+from megatron_dvpo.models.forward import run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
 
 
@@ -54,3 +64,113 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimizerConfi
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, chunks)
+
+
+def build_scheduler(optimizer, optim: OptimizerConfig, train_steps: int):
+    """megatron's LR/weight-decay schedule: linear warmup from 0, then the configured decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(train_steps, optim.lr_warmup_steps + 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=decay_steps,
+        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+
+
+class Trainer:
+    """The loop every job shares: resume, step, log, checkpoint.
+
+    Subclasses implement ``train_step() -> metrics`` (using ``train_batch`` for the optimizer
+    step) and may keep extra resumable state through ``extra_state``/``load_extra_state``.
+    """
+
+    summary_tags: tuple[str, ...] = ()
+
+    def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module]):
+        self.cfg = cfg
+        self.chunks = chunks
+        self.ddp = wrap_ddp(chunks, cfg.parallel)
+        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, cfg.precision)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train_steps)
+        self.step = 0
+        tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
+        self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=is_rank0())
+
+    # -- state ------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint, else start from ``init_from`` weights."""
+        ckpt = self.cfg.checkpoint
+        resume_dir = ckpt.load_dir or ckpt.save_dir
+        latest = find_latest_checkpoint(resume_dir) if resume_dir else None
+        if latest is not None:
+            state = load_training_checkpoint(latest, self.chunks, self.optimizer, self.scheduler,
+                                             ckpt.optimizer_sharding)
+            self.step = state["step"]
+            self.load_extra_state(state)
+            print_rank0(f"resumed from {latest} at step {self.step}")
+            return True
+        if ckpt.init_from:
+            load_model(self.chunks, Path(ckpt.init_from) / "model")
+            print_rank0(f"initialised weights from {ckpt.init_from}")
+        return False
+
+    def save(self) -> None:
+        if not self.cfg.checkpoint.save_dir:
+            return
+        config_yaml = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        path = save_training_checkpoint(self.cfg.checkpoint.save_dir, self.step, self.chunks,
+                                        self.optimizer, self.scheduler, self.extra_state(),
+                                        config_yaml, self.cfg.checkpoint.keep_last,
+                                        self.cfg.checkpoint.optimizer_sharding)
+        print_rank0(f"saved {path}")
+
+    # -- steps ------------------------------------------------------------------------------
+    def train_batch(self, microbatches: list[dict], head, loss_fn):
+        """Forward-backward over ``microbatches`` and one optimizer step."""
+        for chunk in self.ddp:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_microbatches(self.ddp, microbatches, head, loss_fn)
+        success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(increment=1)
+        return outputs, (grad_norm or 0.0), success
+
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Work after the last step (a final evaluation, say)."""
+
+    def run(self) -> None:
+        self.resume()
+        interval = self.cfg.checkpoint.save_interval
+        while self.step < self.cfg.train_steps:
+            start = time.perf_counter()
+            metrics = self.train_step()
+            self.step += 1
+            metrics["perf/step_time_s"] = time.perf_counter() - start
+            metrics["perf/peak_mem_gib"] = peak_memory_gib()
+            if self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
+                self.logger.log(self.step, metrics, self.summary_tags + ("perf/step_time_s",))
+            if self.step >= self.cfg.train_steps:
+                break
+            if self.cfg.exit_interval and self.step % self.cfg.exit_interval == 0:
+                self.save()
+                print_rank0(f"exit_interval={self.cfg.exit_interval}: stopping at step "
+                            f"{self.step}; a restart resumes from here")
+                self.logger.close()
+                return
+            if interval and self.step % interval == 0:
+                self.save()
+        self.save()
+        self.finish()
+        self.logger.close()

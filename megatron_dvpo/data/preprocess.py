@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_dvpo.data.dataset import write_dataset
-from megatron_dvpo.data.preference import DataStats, ReadOptions, iter_samples
+from megatron_dvpo.data.dataset import ValueDataset, write_dataset
+from megatron_dvpo.data.preference import DataError, DataStats, ReadOptions, iter_samples
 from megatron_dvpo.data.tokenizer import load_tokenizer
 
 
@@ -48,3 +48,28 @@ def main(argv: Optional[list[str]] = None) -> DataStats:
     stats = preprocess(args.input, args.tokenizer, args.output, options)
     print(json.dumps({"output": args.output, **stats.as_dict()}))
     return stats
+
+
+def open_dataset(path: str | Path, tokenizer_path: str | Path | None, cache_dir: str | Path,
+                 options: ReadOptions) -> ValueDataset:
+    """A ``ValueDataset`` from a preprocessed prefix, or from a .jsonl file tokenized once.
+
+    A .jsonl is preprocessed by rank 0 into ``cache_dir`` (reused while newer than the file);
+    the other ranks wait, then everyone memory-maps the same files.
+    """
+    import torch.distributed as dist
+
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return ValueDataset(path)
+    if tokenizer_path is None:
+        raise DataError(f"{path}: a .jsonl dataset needs data.tokenizer to tokenize it")
+    prefix = Path(cache_dir) / path.stem
+    meta = prefix.with_suffix(".json")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and (not meta.is_file() or meta.stat().st_mtime < path.stat().st_mtime):
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        preprocess([path], tokenizer_path, prefix, options)
+    if dist.is_initialized():
+        dist.barrier()
+    return ValueDataset(prefix)

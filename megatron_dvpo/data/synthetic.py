@@ -129,8 +129,8 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 256, seed: int = 0) -
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--train-rows", type=int, default=2000)
-    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--train-rows", type=int, default=8000)
+    parser.add_argument("--eval-rows", type=int, default=400)
     parser.add_argument("--rule-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,0 +1,103 @@
+"""Pairwise accuracy of a Global Value Model on held-out preference pairs (SPEC.md section 2).
+
+    torchrun --nproc-per-node N -m megatron_dvpo.gvm.evaluate --ckpt DIR --data PATH
+        [--tokenizer PATH] [--out results.json] [key=value ...]
+
+``--ckpt`` is a converted or trained checkpoint directory (config.yaml + model/). Prints a table
+of accuracies for the last value, the mean and the 1/5/10/90/95/99th percentiles of each
+response's per-token values, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megatron_dvpo import distributed
+from megatron_dvpo.data.dataset import ValueDataset, collate
+from megatron_dvpo.gvm.metrics import format_accuracy_table, response_statistics
+from megatron_dvpo.gvm.td import gather_response_values
+from megatron_dvpo.models import forward
+
+STATISTICS = ("last", "mean", "p1", "p5", "p10", "p90", "p95", "p99")
+
+
+def evaluate_pairs(chunks, dataset: ValueDataset, pairs: np.ndarray, seq_length: int,
+                   micro_batch_size: int) -> dict[str, float]:
+    """Accuracy per statistic over ``pairs`` ([P, 2] chosen/rejected indices), on every rank.
+
+    Pairs are split over data-parallel replicas; ties count half (see ``pairwise_accuracy``).
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = pairs[dp_rank::dp_size]
+    rows_per_call = 64 * micro_batch_size
+    correct = {name: 0.0 for name in STATISTICS}
+    on_last_stage = parallel_state.is_pipeline_last_stage()
+    for start in range(0, len(mine), rows_per_call // 2):
+        chunk = mine[start:start + rows_per_call // 2]
+        samples = [dataset[int(i)] for pair in chunk for i in pair]  # chosen, rejected, ...
+        padding = -len(samples) % micro_batch_size
+        samples += samples[:padding]  # whole microbatches; the extra rows are ignored
+        batch = collate(samples, seq_length, dataset.pad_id)
+        values = forward.token_values(
+            chunks, forward.make_microbatches(micro_batch_size, tokens=batch["tokens"]))
+        if on_last_stage:
+            q, mask, _ = gather_response_values(values, batch["prompt_lengths"],
+                                                batch["response_lengths"])
+            stats = response_statistics(q, mask)
+            n = 2 * len(chunk)
+            for name in STATISTICS:
+                chosen, rejected = stats[name][0:n:2], stats[name][1:n:2]
+                correct[name] += ((chosen > rejected).float().sum()
+                                  + 0.5 * (chosen == rejected).float().sum()).item()
+    totals = distributed.sum_over_replicas(list(STATISTICS), correct if on_last_stage else None)
+    return {name: totals[name] / max(len(pairs), 1) for name in STATISTICS}
+
+
+def main(argv=None) -> None:
+    from megatron_dvpo.checkpointing import load_model
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.data.preference import ReadOptions
+    from megatron_dvpo.data.preprocess import open_dataset
+    from megatron_dvpo.models import build_chunks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--data", required=True, help="preprocessed prefix or .jsonl")
+    parser.add_argument("--tokenizer", default=None, help="default: <ckpt>/tokenizer or config")
+    parser.add_argument("--out", default=None, help="JSON output (default: <ckpt>/eval.json)")
+    parser.add_argument("--max-pairs", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tensor_model_parallel_size=2")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.ckpt)
+    cfg = load_config(ckpt / "config.yaml", args.overrides)
+    if not cfg.model.value_head:
+        raise SystemExit(f"{ckpt} holds a policy, not a GVM (model.value_head is false)")
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    tokenizer = args.tokenizer or cfg.data.tokenizer or (ckpt / "tokenizer")
+    dataset = open_dataset(args.data, tokenizer, Path(cfg.logging.run_dir) / "data",
+                           ReadOptions(max_length=cfg.data.max_length or cfg.data.seq_length,
+                                       length_mode=cfg.data.length_mode))
+    chunks = build_chunks(cfg, initialize=False)
+    load_model(chunks, ckpt / "model")
+    pairs = dataset.pairs()
+    if args.max_pairs:
+        pairs = pairs[:args.max_pairs]
+    accuracy = evaluate_pairs(chunks, dataset, pairs, cfg.data.seq_length,
+                              cfg.data.micro_batch_size)
+    if distributed.is_rank0():
+        print(format_accuracy_table(accuracy, len(pairs)))
+        out = Path(args.out) if args.out else ckpt / "eval.json"
+        out.write_text(json.dumps({"pairs": int(len(pairs)), "accuracy": accuracy}, indent=2))
+        print(f"wrote {out}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Global Value Model pretraining: preference data -> token-level values by TD(lambda).
+
+    torchrun --nproc-per-node N -m megatron_dvpo.gvm.train --config examples/gvm_tiny.yaml [k=v ...]
+
+Each preference row becomes two scored samples (chosen +1, rejected -1); the GVM fits the
+semi-gradient TD(lambda) targets of SPEC.md section 2 on the Q-view of its outputs. Any TP/PP/DP
+layout; checkpoints hold everything needed to continue exactly, and a restarted run resumes from
+the latest one by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_dvpo import distributed
+from megatron_dvpo.config import RunConfig, load_config, validate
+from megatron_dvpo.data.dataset import ValueDataset, collate
+from megatron_dvpo.data.preference import ReadOptions
+from megatron_dvpo.data.preprocess import open_dataset
+from megatron_dvpo.data.sampler import DistributedBatchSampler
+from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.gvm.evaluate import evaluate_pairs
+from megatron_dvpo.gvm.td import gvm_loss, loss_token_count
+from megatron_dvpo.models import forward
+from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
+from megatron_dvpo.training import Trainer
+
+STEP_SUMS = ["sq_err_sum", "tokens", "value_sum", "response_tokens", "final_value_sum", "rows"]
+
+
+def open_data(cfg: RunConfig, path: str) -> ValueDataset:
+    data = cfg.data
+    options = ReadOptions(max_length=data.max_length or data.seq_length,
+                          length_mode=data.length_mode, chosen_reward=data.chosen_reward,
+                          rejected_reward=data.rejected_reward, skip_bad_rows=data.skip_bad_rows)
+    dataset = open_dataset(path, data.tokenizer, Path(cfg.logging.run_dir) / "data", options)
+    if data.tokenizer:
+        dataset.check_tokenizer(load_tokenizer(data.tokenizer))
+    vocab = dataset.metadata["vocab_size"]
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {vocab} tokens but model.vocab_size is "
+                         f"{cfg.model.vocab_size}")
+    return dataset
+
+
+class GVMTrainer(Trainer):
+    summary_tags = ("gvm/loss", "gvm/value_mean", "gvm/pair_acc_last", "perf/train_tokens_per_s")
+
+    def __init__(self, cfg: RunConfig):
+        cfg = gvm_config(cfg)
+        if not cfg.data.train_path:
+            raise ValueError("data.train_path is required")
+        super().__init__(cfg, build_gvm_chunks(cfg, cfg.gvm.value_head_init_std))
+        self.train_data = open_data(cfg, cfg.data.train_path)
+        self.eval_data = open_data(cfg, cfg.data.eval_path) if cfg.data.eval_path else None
+        self.consumed_samples = 0
+        self.batches = None
+
+    def extra_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.consumed_samples = state["consumed_samples"]
+
+    def _next_batch(self) -> dict:
+        if self.batches is None:  # built after resume, from the restored data position
+            self.sampler = DistributedBatchSampler(
+                len(self.train_data), self.cfg.data.global_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
+                consumed_samples=self.consumed_samples)
+            self.batches = iter(self.sampler)
+        indices = next(self.batches)
+        self.consumed_samples = self.sampler.consumed_samples
+        return collate([self.train_data[i] for i in indices], self.cfg.data.seq_length,
+                       self.train_data.pad_id)
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        gvm = self.cfg.gvm
+        batch = self._next_batch()
+        # Normalise by the loss tokens of the whole global batch, so the gradient is that of the
+        # token mean however the batch is split over microbatches and replicas.
+        tokens = distributed.all_reduce_data_parallel(
+            loss_token_count(batch["response_lengths"], gvm.train_prompt_value))
+        dp = parallel_state.get_data_parallel_world_size()
+
+        def loss_fn(outputs, mb):
+            loss, stats = gvm_loss(outputs["values"], mb["prompt_lengths"],
+                                   mb["response_lengths"], mb["rewards"], gvm.gamma, gvm.lam,
+                                   gvm.train_prompt_value, normalizer=tokens)
+            # megatron DDP averages gradients over replicas; scale back to the global sum.
+            return loss * dp, {k: stats[k] for k in STEP_SUMS}
+
+        microbatches = forward.make_microbatches(self.cfg.data.micro_batch_size, **batch)
+        outputs, grad_norm, _ = self.train_batch(microbatches, forward.gvm_values_head, loss_fn)
+        local = ({k: sum(o[k].item() for o in outputs) for k in STEP_SUMS}
+                 if outputs else None)
+        sums = distributed.sum_over_replicas(STEP_SUMS, local)
+        seq_tokens = distributed.all_reduce_data_parallel(
+            float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
+        metrics = {
+            "gvm/loss": 0.5 * sums["sq_err_sum"] / sums["tokens"],
+            "gvm/value_mean": sums["value_sum"] / sums["response_tokens"],
+            "gvm/final_value_mean": sums["final_value_sum"] / sums["rows"],
+            "gvm/grad_norm": float(grad_norm),
+            "gvm/lr": self.optimizer.param_groups[0]["lr"],
+            "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start),
+        }
+        interval = gvm.eval_interval
+        if self.eval_data is not None and interval and (self.step + 1) % interval == 0:
+            metrics.update(self.evaluate())
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        pairs = self.eval_data.pairs()
+        if self.cfg.gvm.eval_max_pairs:
+            pairs = pairs[:self.cfg.gvm.eval_max_pairs]
+        accuracy = evaluate_pairs(self.ddp, self.eval_data, pairs, self.cfg.data.seq_length,
+                                  self.cfg.data.micro_batch_size)
+        return {f"gvm/pair_acc_{name}": value for name, value in accuracy.items()}
+
+    def finish(self) -> None:
+        if self.eval_data is None:
+            return
+        accuracy = self.evaluate()
+        self.logger.log(self.step, accuracy, ("gvm/pair_acc_last", "gvm/pair_acc_mean"))
+        self.final_accuracy = accuracy
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    validate(cfg, distributed.launch_env().world_size)
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    GVMTrainer(cfg).run()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
