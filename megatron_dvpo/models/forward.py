@@ -131,3 +131,33 @@ def token_values(model_chunks, microbatches: list[dict]):
         chunk.eval()
     outputs = run_microbatches(model_chunks, microbatches, gvm_values_head, forward_only=True)
     return concat_outputs(outputs, "values")
+
+
+def rollout_microbatches(rollout, micro_batch_size: int) -> list[dict]:
+    """A rollout's sequences as microbatches, its left padding masked out of attention."""
+    mask = rollout.attention_mask()
+    return make_microbatches(micro_batch_size, tokens=rollout.tokens,
+                             attention_mask=mask.expand(-1, -1, rollout.tokens.shape[1], -1))
+
+
+def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int):
+    """[B, T] log-probs of each response token from a full forward pass (last stage)."""
+    logprobs = token_logprobs(chunks, rollout_microbatches(rollout, micro_batch_size),
+                              vocab_size)
+    if logprobs is None:
+        return None
+    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
+    # logprobs[:, p] scores tokens[:, p + 1]; response token t sits at column width + t
+    return logprobs[:, width - 1:width - 1 + steps] * rollout.response_mask
+
+
+def response_values(chunks, rollout, micro_batch_size: int):
+    """(q [B, T], q_prompt [B]) of a GVM over a rollout (last stage; (None, None) elsewhere).
+
+    q_t is the value at response token t; q_prompt = q_{-1} at the last prompt token.
+    """
+    values = token_values(chunks, rollout_microbatches(rollout, micro_batch_size))
+    if values is None:
+        return None, None
+    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
+    return values[:, width:width + steps] * rollout.response_mask, values[:, width - 1]

@@ -1,0 +1,168 @@
+"""Batched sampling from a megatron GPTModel with a KV cache, at any TP/PP layout.
+
+Prompts are left-padded to a common length ``P`` and the padding is masked out of attention.
+RoPE scores depend only on relative positions, so a left-padded row computes exactly what the
+unpadded prompt would, and every response starts at column ``P``: rollout tensors line up
+without per-row gathers. Each step runs one token per row through megatron's forward-only
+pipeline schedule with megatron's static KV cache (``StaticInferenceContext``), so generation
+cost grows linearly with the number of new tokens.
+
+The last stage gathers the vocabulary (as megatron-core's own inference does), samples with a
+generator seeded identically on every rank, and broadcasts the tokens to all ranks of its
+pipeline. Recorded log-probs are the policy's own (temperature 1, padded vocabulary masked), the
+quantity the training forward pass recomputes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+
+
+@dataclass
+class Rollout:
+    """Left-padded prompts followed by responses, all ``[B, P + T]`` / ``[B, T]``."""
+
+    tokens: torch.Tensor  # [B, P+T]: pad.. prompt | response, pad after EOS
+    prompt_pad: torch.Tensor  # [B] left padding of each prompt
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # [B, T] True for generated tokens (EOS included)
+    logprobs: torch.Tensor  # [B, T] policy log-prob of each generated token, 0 at padding
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.tokens[:, self.prompt_width:]
+
+    def attention_mask(self) -> torch.Tensor:
+        """[B, 1, 1, P+T] True where a key is left padding (megatron: True = masked)."""
+        columns = torch.arange(self.tokens.shape[1])
+        return (columns[None, :] < self.prompt_pad[:, None])[:, None, None, :]
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    pads = torch.tensor([width - len(p) for p in prompts])
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.tensor(prompt)
+    return tokens, pads
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    if logits.shape[-1] > vocab_size:
+        logits = logits.clone()
+        logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One token per row from [B, V] logits: greedy, or temperature + top-k + top-p."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token crossing p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.float().softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _step_forward(context, attention_mask, data_iterator, model):
+    tokens, positions = next(data_iterator)
+    output = model(tokens, positions, attention_mask, inference_context=context,
+                   runtime_gather_output=True)
+    return output, lambda out: (out.new_zeros(()), {"logits": out.detach()})
+
+
+def _pipeline_forward(chunks, context, tokens, positions, attention_mask):
+    """Logits [B, s, V] for ``tokens`` [B, s] on the last stage (None elsewhere)."""
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_step_forward, context, attention_mask),
+        data_iterator=iter([(tokens, positions)]), model=chunks, num_microbatches=1,
+        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True)
+    return outputs[0]["logits"] if outputs else None
+
+
+def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(tensor, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+@torch.no_grad()
+def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: SamplingConfig,
+             eos_id: int, pad_id: int, vocab_size: int, seed: int) -> Rollout:
+    """Sample up to ``cfg.max_new_tokens`` per prompt; every rank returns the same Rollout.
+
+    ``seed`` must be equal on all ranks of a model-parallel group (it drives the sampling).
+    """
+    if len(chunks) != 1:
+        raise ValueError("generation does not support virtual pipeline stages")
+    for chunk in chunks:
+        chunk.eval()
+    prompt_tokens, pads = left_pad(prompts, pad_id)
+    batch, width = prompt_tokens.shape
+    total = width + cfg.max_new_tokens
+    device = next(chunks[0].parameters()).device
+    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
+    tokens[:, :width] = prompt_tokens
+    key_pad = (torch.arange(total, device=device)[None, :] < pads.to(device)[:, None])
+    context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
+    logprobs = torch.zeros(batch, cfg.max_new_tokens, device=device)
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = 0
+    for step in range(cfg.max_new_tokens):
+        end = width + step
+        # prefill the whole prompt once, then one token per step
+        mask = key_pad[:, None, None, :end].expand(batch, 1, end - start, end)
+        positions = torch.arange(start, end, device=device).expand(batch, -1)
+        logits = _pipeline_forward(chunks, context, tokens[:, start:end], positions, mask)
+        context.sequence_len_offset += end - start
+        start = end
+        chosen = torch.zeros(batch, dtype=torch.long, device=device)
+        chosen_logprob = torch.zeros(batch, device=device)
+        if logits is not None:
+            last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
+            chosen = sample_tokens(last, cfg, generator)
+            chosen_logprob = F.log_softmax(last, -1).gather(-1, chosen[:, None]).squeeze(-1)
+        _broadcast_from_last_stage(chosen)
+        _broadcast_from_last_stage(chosen_logprob)
+        tokens[:, end] = torch.where(alive, chosen, torch.full_like(chosen, pad_id))
+        logprobs[:, step] = torch.where(alive, chosen_logprob, torch.zeros_like(chosen_logprob))
+        lengths += alive.long()
+        alive &= chosen != eos_id
+        if not alive.any():
+            break
+    steps = int(lengths.max())
+    response_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]
+    return Rollout(tokens=tokens[:, :width + steps], prompt_pad=pads.to(device),
+                   prompt_width=width, response_mask=response_mask,
+                   logprobs=logprobs[:, :steps])
