@@ -1,0 +1,154 @@
+"""PPO policy loss, entropy bonus, clipped value loss, Bradley-Terry loss and the skip rule,
+against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_dvpo.dvpo.losses import (bradley_terry_loss, entropy_bonus, ppo_policy_loss,
+                                       should_skip_minibatch, value_loss_clipped)
+
+F64 = torch.float64
+MASK = torch.tensor([[True, True, False], [True, True, False]])
+
+
+def policy_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two 2-token rows and a padded slot, eps = 0.2:
+
+    row 0: A = +1, rho = 1.5 -> min(1.5, 1.2)  = 1.2,  clipped  (loss -1.2)
+           A = -2, rho = 0.9 -> min(-1.8, -1.8) = -1.8, inside   (loss  1.8)
+    row 1: A = -1, rho = 0.5 -> min(-0.5, -0.8) = -0.8, clipped  (loss  0.8)
+           A = +1, rho = 0.5 -> min(0.5, 0.8)   = 0.5,  not clipped: the clip never raises
+                                                        the objective            (loss -0.5)
+    Padding holds junk log-probs whose ratio would overflow exp.
+    """
+    logp_old = torch.tensor([[-1.0, -2.0, -900.0], [-0.5, -1.0, -900.0]], dtype=F64)
+    log_rho = torch.tensor([[math.log(1.5), math.log(0.9), 0.0],
+                            [math.log(0.5), math.log(0.5), 0.0]], dtype=F64)
+    logp = (logp_old + log_rho).masked_fill(~MASK, 900.0).requires_grad_()
+    advantages = torch.tensor([[1.0, -2.0, 5.0], [-1.0, 1.0, 5.0]], dtype=F64)
+    return logp, logp_old, advantages
+
+
+def test_ppo_policy_loss_by_hand():
+    logp, logp_old, advantages = policy_batch()
+    loss, stats = ppo_policy_loss(logp, logp_old, advantages, MASK)
+    # (-1.2 + 1.8 + 0.8 - 0.5) / 4 = 0.9 / 4
+    assert loss.item() == pytest.approx(0.225)
+    assert stats["tokens"].item() == 4
+    assert stats["clipfrac_sum"].item() == 2
+    assert stats["ratio_sum"].item() == pytest.approx(1.5 + 0.9 + 0.5 + 0.5)
+    # (rho - 1) - log(rho): 0.5 - 0.4054651 = 0.0945349; -0.1 + 0.1053605 = 0.0053605;
+    # -0.5 + 0.6931472 = 0.1931472 (twice); sum 0.4861898
+    assert stats["approx_kl_sum"].item() == pytest.approx(0.4861898, abs=1e-7)
+    assert all(not v.requires_grad for v in stats.values())
+
+
+def test_ppo_policy_loss_normalizer_divides_the_sum():
+    logp, logp_old, advantages = policy_batch()
+    loss, _ = ppo_policy_loss(logp, logp_old, advantages, MASK, normalizer=10)
+    assert loss.item() == pytest.approx(0.09)
+    # Splitting the batch and normalising by the global count adds back up to the mean.
+    parts = [ppo_policy_loss(logp[i:i + 1], logp_old[i:i + 1], advantages[i:i + 1],
+                             MASK[i:i + 1], normalizer=4)[0] for i in range(2)]
+    assert (parts[0] + parts[1]).item() == pytest.approx(0.225)
+
+
+def test_ppo_gradient_is_zero_in_the_clipped_region():
+    logp, logp_old, advantages = policy_batch()
+    loss, _ = ppo_policy_loss(logp, logp_old, advantages, MASK, normalizer=1)
+    loss.backward()
+    # d(-rho * A)/d logp = -rho * A where unclipped: token (0, 1): -0.9 * -2 = 1.8,
+    # token (1, 1): -0.5 * 1 = -0.5; clipped tokens and padding: 0 (and no NaN from the junk).
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, 1.8, 0.0, 0.0, -0.5, 0.0])
+
+
+def test_ppo_loss_on_policy_is_minus_mean_advantage():
+    # rho = 1 everywhere: loss = -mean(A) = -(1 - 2 - 1 + 1) / 4, no clipping, zero KL.
+    _, logp_old, advantages = policy_batch()
+    loss, stats = ppo_policy_loss(logp_old.clone(), logp_old, advantages, MASK)
+    assert loss.item() == pytest.approx(0.25)
+    assert stats["clipfrac_sum"].item() == 0 and stats["approx_kl_sum"].item() == 0.0
+    assert stats["ratio_sum"].item() == 4
+
+
+def test_entropy_bonus_by_hand():
+    entropy = torch.tensor([[1.0, 2.0, 50.0], [3.0, 0.5, 50.0]])
+    # -0.01 * (1 + 2 + 3 + 0.5) / 4 = -0.01625; with normalizer 10: -0.0065
+    assert entropy_bonus(entropy, MASK, 0.01).item() == pytest.approx(-0.01625)
+    assert entropy_bonus(entropy, MASK, 0.01, normalizer=10).item() == pytest.approx(-0.0065)
+
+
+def test_value_loss_clipped_by_hand():
+    # eps = 0.2; tokens (v, v_old, R):
+    # a (1.0, 0.5, 1.2): unclipped 0.04; clip(v) = 0.7 -> 0.25; max 0.25, clipped  -> 0.125
+    # b (0.3, 0.5, 0.0): unclipped 0.09; clip(v) = 0.3 -> 0.09; equal, not clipped -> 0.045
+    # c (0.0, 0.5, 1.0): unclipped 1.0;  clip(v) = 0.3 -> 0.49; max 1.0           -> 0.5
+    values = torch.tensor([[1.0, 0.3, 7.0], [0.0, 7.0, 7.0]], dtype=F64, requires_grad=True)
+    old_values = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.0]], dtype=F64)
+    returns = torch.tensor([[1.2, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=F64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    loss, stats = value_loss_clipped(values, old_values, returns, mask)
+    # (0.125 + 0.045 + 0.5) / 3 = 0.67 / 3
+    assert loss.item() == pytest.approx(0.67 / 3)
+    assert stats["tokens"].item() == 3 and stats["clipfrac_sum"].item() == 1
+    summed, _ = value_loss_clipped(values, old_values, returns, mask, normalizer=1)
+    assert summed.item() == pytest.approx(0.67)
+    summed.backward()
+    # d/dv 0.5 (v - R)^2 = v - R where unclipped: b: 0.3, c: -1.0; a is clipped: 0.
+    assert values.grad.flatten().tolist() == pytest.approx([0.0, 0.3, 0.0, -1.0, 0.0, 0.0])
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen = torch.tensor([2.0, 0.0, 1.0], dtype=F64, requires_grad=True)
+    rejected = torch.tensor([1.0, 0.0, 3.0], dtype=F64)
+    loss, stats = bradley_terry_loss(chosen, rejected)
+    # margins [1, 0, -2]: log(1 + e^-1) = 0.3132617, log 2 = 0.6931472, log(1 + e^2) = 2.1269280
+    assert loss.item() == pytest.approx((0.3132617 + 0.6931472 + 2.1269280) / 3, abs=1e-7)
+    # correct, tie (half), wrong
+    assert stats["accuracy"].item() == pytest.approx(0.5)
+    assert stats["margin_mean"].item() == pytest.approx(-1 / 3)
+    loss.backward()
+    # d/dm -log sigmoid(m) = -sigmoid(-m), over 3 pairs: sigmoid(-1) = 0.2689414
+    assert chosen.grad[0].item() == pytest.approx(-0.2689414 / 3, abs=1e-7)
+
+
+def test_bradley_terry_loss_is_finite_for_huge_margins():
+    loss, stats = bradley_terry_loss(torch.tensor([-1000.0]), torch.tensor([1000.0]))
+    assert loss.item() == pytest.approx(2000.0) and stats["accuracy"].item() == 0.0
+
+
+@pytest.mark.parametrize("ratio_mean, threshold, skip", [
+    (1.02, 10.0, False),
+    (10.0, 10.0, False),  # strictly greater skips
+    (10.5, 10.0, True),
+    (2.5, 2.0, True),
+    (float("inf"), 10.0, True),
+    (float("nan"), 10.0, True),
+    (torch.tensor(12.0, dtype=F64), 10.0, True),
+])
+def test_skip_rule(ratio_mean, threshold, skip):
+    assert should_skip_minibatch(ratio_mean, threshold) is skip
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ppo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                             torch.ones(1, 2, dtype=torch.bool), clip_eps=0.0),
+     "clip_eps must be positive"),
+    (lambda: ppo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 3),
+                             torch.ones(1, 2, dtype=torch.bool)), "must have the same shape"),
+    (lambda: entropy_bonus(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), 0.1,
+                           normalizer=0), "normalizer must be positive"),
+    (lambda: entropy_bonus(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), -0.1),
+     "coef must be >= 0"),
+    (lambda: value_loss_clipped(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                                torch.ones(1, 2)), "mask must be a 2-D bool tensor"),
+    (lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(3)), r"need two non-empty \[N\]"),
+    (lambda: should_skip_minibatch(1.0, threshold=0.0), "threshold must be positive"),
+])
+def test_invalid_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
