@@ -148,6 +148,43 @@ class GVMConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Sampling from the policy (SPEC.md section 3, step 1)."""
+
+    max_new_tokens: int = 640
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompt_length: int = 512
+
+
+@dataclass
+class DVPOConfig:
+    """Policy optimisation guided by a frozen GVM (SPEC.md section 3); released-code defaults."""
+
+    policy: Optional[str] = None  # initial policy: a converted or trained checkpoint directory
+    gvm: Optional[str] = None  # the trained Global Value Model's checkpoint directory
+    reference: Optional[str] = None  # reference policy for the KL term; default: ``policy``
+    estimator: Literal["td", "q", "gae"] = "td"
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.2  # initial beta; 0 loads no reference model at all
+    kl_adaptive: bool = True
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    ppo_epochs: int = 4
+    minibatches: int = 1  # optimizer steps per PPO epoch
+    clip_eps: float = 0.2
+    ratio_threshold: float = 10.0
+    entropy_coef: float = 0.0
+    gvm_offload: bool = False  # keep the GVM on CPU during the policy update
+    # Synthetic-task scorer for eval/true_reward_mean: "synthetic:<rule seed>", or None.
+    true_reward: Optional[str] = None
+    eval_interval: int = 0  # steps between held-out true-reward evaluations; 0: start and end
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -157,6 +194,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     gvm: GVMConfig = field(default_factory=GVMConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dvpo: DVPOConfig = field(default_factory=DVPOConfig)
     seed: int = 1234
     train_steps: int = 10
     # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:

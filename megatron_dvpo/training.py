@@ -87,12 +87,13 @@ class Trainer:
 
     summary_tags: tuple[str, ...] = ()
 
-    def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module]):
+    def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module], updates_per_step: int = 1):
         self.cfg = cfg
         self.chunks = chunks
         self.ddp = wrap_ddp(chunks, cfg.parallel)
         self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, cfg.precision)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.train_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer,
+                                         cfg.train_steps * updates_per_step)
         self.step = 0
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
         self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=is_rank0())
@@ -132,26 +133,37 @@ class Trainer:
         print_rank0(f"saved {path}")
 
     # -- steps ------------------------------------------------------------------------------
-    def train_batch(self, microbatches: list[dict], head, loss_fn):
-        """Forward-backward over ``microbatches`` and one optimizer step."""
+    def forward_backward(self, microbatches: list[dict], head, loss_fn) -> list[dict]:
+        """Fresh gradients for ``sum(loss_fn)`` over ``microbatches`` (no optimizer step)."""
         for chunk in self.ddp:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = run_microbatches(self.ddp, microbatches, head, loss_fn)
+        return run_microbatches(self.ddp, microbatches, head, loss_fn)
+
+    def optimizer_step(self) -> tuple[float, bool]:
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
-        return outputs, (grad_norm or 0.0), success
+        return (grad_norm or 0.0), success
+
+    def train_batch(self, microbatches: list[dict], head, loss_fn):
+        """Forward-backward over ``microbatches`` and one optimizer step."""
+        outputs = self.forward_backward(microbatches, head, loss_fn)
+        grad_norm, success = self.optimizer_step()
+        return outputs, grad_norm, success
 
     def train_step(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def start(self, resumed: bool) -> None:
+        """Work before the first step of a run (a baseline evaluation, say)."""
 
     def finish(self) -> None:
         """Work after the last step (a final evaluation, say)."""
 
     def run(self) -> None:
-        self.resume()
+        self.start(self.resume())
         interval = self.cfg.checkpoint.save_interval
         while self.step < self.cfg.train_steps:
             start = time.perf_counter()

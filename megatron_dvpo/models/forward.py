@@ -35,6 +35,25 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor,
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels.contiguous())
 
 
+def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Entropy of softmax(logits) from TP-sharded logits [b, s, v/tp], differentiable."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    logits = logits.float()
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    valid = torch.arange(start, start + shard, device=logits.device) < vocab_size
+    logits = logits.masked_fill(~valid, float("-inf"))
+    top = logits.max(-1, keepdim=True).values.detach()
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_tensor_model_parallel_group())
+    shifted = (logits - top).masked_fill(~valid, 0.0)
+    exp = shifted.exp() * valid
+    total = reduce_from_tensor_model_parallel_region(exp.sum(-1))
+    weighted = reduce_from_tensor_model_parallel_region((exp * shifted).sum(-1))
+    return total.log() - weighted / total
+
+
 def policy_logprobs_head(vocab_size: int) -> Head:
     """Log-prob of each next token: ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``."""
 

@@ -1,0 +1,71 @@
+"""Prompt datasets for RL rollouts: JSONL rows with ``prompt``, ``question`` or chat ``messages``.
+
+Preference and scored rows work too (their prompt field is used, the rest ignored), so the data
+a GVM was trained on can also drive the policy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_dvpo.data.preference import DataError
+from megatron_dvpo.data.tokenizer import Tokenizer
+
+PROMPT_KEYS = ("prompt", "question", "value_question")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+
+
+def _prompt_text(row, tokenizer: Tokenizer) -> str:
+    if not isinstance(row, dict):
+        raise ValueError("a row must be a JSON object")
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("'messages' must be a non-empty list")
+        if messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # a finished conversation: prompt with what precedes
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    for key in PROMPT_KEYS:
+        if key in row:
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise ValueError(f"'{key}' must be a non-empty string")
+            return row[key]
+    raise ValueError(f"no prompt: expected one of {list(PROMPT_KEYS) + ['messages']}")
+
+
+def load_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
+                 skip_bad_rows: bool = False) -> tuple[list[Prompt], dict]:
+    """Prompts of ``path`` (BOS first when the tokenizer has one), and counts of what was
+    skipped: bad rows (only with ``skip_bad_rows``) and prompts over ``max_prompt_length``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompt file does not exist")
+    prompts, counts = [], {"bad_rows": 0, "too_long": 0}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = _prompt_text(json.loads(line), tokenizer)
+            except (ValueError, TypeError, AttributeError) as e:
+                if not skip_bad_rows:
+                    raise DataError(f"{path}:{number}: {e} (set data.skip_bad_rows=true to skip "
+                                    "and count such rows)") from None
+                counts["bad_rows"] += 1
+                continue
+            ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + \
+                tokenizer.encode(text)
+            if len(ids) > max_prompt_length:
+                counts["too_long"] += 1
+                continue
+            prompts.append(Prompt(text, ids))
+    if not prompts:
+        raise DataError(f"{path}: no usable prompts ({counts})")
+    return prompts, counts

@@ -1,0 +1,389 @@
+"""DVPO policy training: rollout -> frozen colocated GVM -> advantages -> clipped PPO update.
+
+    torchrun --nproc-per-node N -m megatron_dvpo.dvpo.train --config examples/dvpo_tiny.yaml
+
+Each step (SPEC.md section 3): sample one response per prompt from the policy; score it with one
+forward pass of the frozen Global Value Model, which lives on the same ranks, never trains and
+has no optimizer or DDP wrapper; optionally add a KL penalty against a frozen reference (loaded
+only when ``dvpo.kl_coef > 0``); turn values into advantages; and run ``ppo_epochs`` passes of
+the clipped policy loss. No critic is trained and no reward model is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megatron_dvpo import distributed
+from megatron_dvpo.checkpointing import is_checkpoint, load_model
+from megatron_dvpo.config import ConfigError, RunConfig, load_config, validate
+from megatron_dvpo.data.prompts import load_prompts
+from megatron_dvpo.data.sampler import DistributedBatchSampler
+from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLController,
+                                           compute_advantages, masked_moments,
+                                           whiten_with_moments)
+from megatron_dvpo.dvpo.losses import entropy_bonus, ppo_policy_loss, should_skip_minibatch
+from megatron_dvpo.models import build_chunks, forward
+from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
+from megatron_dvpo.training import Trainer
+
+UPDATE_SUMS = ["tokens", "loss_sum", "clipfrac_sum", "approx_kl_sum", "ratio_sum",
+               "entropy_sum"]
+
+
+def checkpoint_tokenizer(directory: Path) -> Path | None:
+    """The tokenizer a checkpoint was made with: its own copy, or the one its config names."""
+    if (directory / "tokenizer").is_dir():
+        return directory / "tokenizer"
+    path = load_config(directory / "config.yaml").data.tokenizer
+    return Path(path) if path else None
+
+
+def tokenizer_fingerprint(path: Path) -> str:
+    """What makes two tokenizers interchangeable: vocabulary size, special ids and the text of
+    every ordinary token. A SentencePiece file and the HF directory made from it compare equal
+    (they differ only in how the unknown token prints, so special and unknown tokens, which
+    decode to nothing or to a placeholder, are left out)."""
+    tok = load_tokenizer(str(path))
+    digest = hashlib.sha256(repr((tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)).encode())
+    for i in range(tok.vocab_size):
+        text = tok.decode([i])
+        if text.strip() not in ("", "\u2047"):  # special tokens; SentencePiece's unknown mark
+            digest.update(f"{i}:{text}".encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+def check_inputs(cfg: RunConfig) -> tuple[RunConfig, RunConfig, Path]:
+    """Every input problem we can see, before any model is built: returns the policy config,
+    the GVM config and the tokenizer."""
+    dvpo = cfg.dvpo
+    named = {"dvpo.policy": dvpo.policy, "dvpo.gvm": dvpo.gvm}
+    if dvpo.kl_coef > 0 and dvpo.reference:
+        named["dvpo.reference"] = dvpo.reference
+    for key, value in named.items():
+        if not value:
+            raise ConfigError(f"{key} is required")
+        if not (Path(value) / "config.yaml").is_file() or not is_checkpoint(Path(value) / "model"):
+            raise ConfigError(f"{key}={value} is not a checkpoint directory (config.yaml and "
+                              "model/ with a dist checkpoint)")
+    policy_cfg = load_config(Path(dvpo.policy) / "config.yaml")
+    gvm_cfg = load_config(Path(dvpo.gvm) / "config.yaml")
+    if policy_cfg.model.value_head:
+        raise ConfigError(f"dvpo.policy={dvpo.policy} holds a value model, not a policy")
+    if not gvm_cfg.model.value_head:
+        raise ConfigError(f"dvpo.gvm={dvpo.gvm} holds a policy, not a value model")
+    if policy_cfg.model.vocab_size != gvm_cfg.model.vocab_size:
+        raise ConfigError(f"the policy's vocabulary ({policy_cfg.model.vocab_size} tokens) "
+                          f"differs from the GVM's ({gvm_cfg.model.vocab_size}): they must "
+                          "share one tokenizer")
+    tokenizers = {"data.tokenizer": Path(cfg.data.tokenizer) if cfg.data.tokenizer else None,
+                  "policy": checkpoint_tokenizer(Path(dvpo.policy)),
+                  "gvm": checkpoint_tokenizer(Path(dvpo.gvm))}
+    known = {k: v for k, v in tokenizers.items() if v is not None}
+    if not known:
+        raise ConfigError("no tokenizer: set data.tokenizer")
+    prints = {k: tokenizer_fingerprint(v) for k, v in known.items()}
+    if len(set(prints.values())) > 1:
+        raise ConfigError(f"the tokenizers differ: {', '.join(f'{k}={v}' for k, v in known.items())}")
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path (the prompts) is required")
+    return policy_cfg, gvm_cfg, next(iter(known.values()))
+
+
+def _frozen(cfg: RunConfig, model_cfg, directory: str) -> list[torch.nn.Module]:
+    """A forward-only model at this run's layout: no gradients, no optimizer, no DDP."""
+    frozen_cfg = RunConfig(model=model_cfg.model, parallel=cfg.parallel,
+                           precision=cfg.precision, seed=cfg.seed)
+    chunks = build_chunks(frozen_cfg, initialize=False)
+    load_model(chunks, Path(directory) / "model")
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
+class DVPOTrainer(Trainer):
+    summary_tags = ("policy/loss", "rollout/gvm_final_value_mean", "eval/true_reward_mean",
+                    "rollout/response_len_mean", "policy/approx_kl")
+
+    def __init__(self, cfg: RunConfig):
+        policy_cfg, gvm_cfg, tokenizer_path = check_inputs(cfg)
+        cfg.model = policy_cfg.model
+        validate(cfg, torch.distributed.get_world_size())
+        self.tokenizer = load_tokenizer(str(tokenizer_path))
+        cfg.data.tokenizer = str(tokenizer_path)
+        dvpo = cfg.dvpo
+        chunks = build_chunks(cfg, initialize=False)
+        load_model(chunks, Path(dvpo.policy) / "model")
+        super().__init__(cfg, chunks, updates_per_step=dvpo.ppo_epochs * dvpo.minibatches)
+        self.gvm = _frozen(cfg, gvm_cfg, dvpo.gvm)
+        self.reference = (_frozen(cfg, policy_cfg, dvpo.reference or dvpo.policy)
+                          if dvpo.kl_coef > 0 else None)
+        self.kl = (AdaptiveKLController(dvpo.kl_coef, dvpo.kl_target, dvpo.kl_horizon)
+                   if dvpo.kl_adaptive and dvpo.kl_coef > 0 else FixedKLController(dvpo.kl_coef))
+        limit = cfg.rollout.max_prompt_length
+        self.prompts, self.prompt_counts = load_prompts(cfg.data.train_path, self.tokenizer,
+                                                        limit, cfg.data.skip_bad_rows)
+        self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit,
+                                          cfg.data.skip_bad_rows)[0]
+                             if cfg.data.eval_path else None)
+        self.scorer = self._true_reward_scorer(dvpo.true_reward)
+        self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
+                                       cfg.rollout.top_p, cfg.rollout.top_k)
+        self.consumed_samples = 0
+        self.batches = None
+        distributed.print_rank0(
+            f"DVPO: {len(self.prompts)} prompts ({self.prompt_counts}), estimator "
+            f"{dvpo.estimator}, reference {'loaded' if self.reference else 'not loaded'}")
+
+    @staticmethod
+    def _true_reward_scorer(spec: str | None):
+        if not spec:
+            return None
+        kind, _, seed = spec.partition(":")
+        if kind != "synthetic" or not seed.isdigit():
+            raise ConfigError(f"dvpo.true_reward={spec!r}: expected 'synthetic:<rule seed>'")
+        from megatron_dvpo.data.synthetic import SyntheticRule
+
+        return SyntheticRule(seed=int(seed)).score
+
+    # -- state ------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "kl": self.kl.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.consumed_samples = state["consumed_samples"]
+        self.kl.load_state_dict(state["kl"])
+
+    # -- pieces of a step ---------------------------------------------------------------------
+    def _next_prompts(self) -> list[list[int]]:
+        if self.batches is None:
+            self.sampler = DistributedBatchSampler(
+                len(self.prompts), self.cfg.data.global_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
+                consumed_samples=self.consumed_samples)
+            self.batches = iter(self.sampler)
+        indices = next(self.batches)
+        self.consumed_samples = self.sampler.consumed_samples
+        return [self.prompts[i].ids for i in indices]
+
+    def _rollout(self, prompts: list[list[int]], step_seed: int) -> Rollout:
+        seed = step_seed * 1009 + parallel_state.get_data_parallel_rank()
+        return generate(self.chunks, prompts, self.sampling, self.tokenizer.eos_id,
+                        self.tokenizer.pad_id, self.cfg.model.vocab_size, seed)
+
+    def _true_rewards(self, prompts: list[list[int]], rollout: Rollout) -> list[float]:
+        rewards = []
+        for prompt, response, length in zip(prompts, rollout.responses,
+                                            rollout.response_lengths.tolist()):
+            text = self.tokenizer.decode([t for t in response[:length].tolist()
+                                          if t != self.tokenizer.eos_id])
+            rewards.append(self.scorer(self.tokenizer.decode(prompt), text))
+        return rewards
+
+    def _score(self, rollout: Rollout):
+        """GVM values and reference log-probs (last stage), the GVM back on CPU after if asked."""
+        mbs = self.cfg.data.micro_batch_size
+        if self.cfg.dvpo.gvm_offload and torch.cuda.is_available():
+            for chunk in self.gvm:
+                chunk.cuda()
+        q, q_prompt = forward.response_values(self.gvm, rollout, mbs)
+        if self.cfg.dvpo.gvm_offload and torch.cuda.is_available():
+            for chunk in self.gvm:
+                chunk.cpu()
+        logp_ref = (forward.response_logprobs(self.reference, rollout, self.cfg.model.vocab_size,
+                                              mbs) if self.reference is not None else None)
+        return q, q_prompt, logp_ref
+
+    def _advantages(self, rollout: Rollout, q, q_prompt, logp_old, logp_ref):
+        dvpo = self.cfg.dvpo
+        mask = rollout.response_mask
+        advantages, stats = compute_advantages(dvpo.estimator, q, q_prompt, mask, logp_old,
+                                               logp_ref, self.kl.beta, dvpo.gamma, dvpo.lam)
+        if dvpo.whiten_advantages:  # over all response tokens of the global batch
+            moments = torch.stack([m.double() for m in masked_moments(advantages, mask)])
+            torch.distributed.all_reduce(moments, group=parallel_state.get_data_parallel_group())
+            advantages = whiten_with_moments(advantages, mask, *moments.unbind())
+        return advantages, stats
+
+    def _update(self, rollout: Rollout, logp_old, advantages, step_seed: int) -> dict:
+        """``ppo_epochs`` passes over shuffled minibatches of the rollout."""
+        dvpo, mbs = self.cfg.dvpo, self.cfg.data.micro_batch_size
+        rows = rollout.tokens.shape[0]
+        if rows % (dvpo.minibatches * mbs):
+            raise ConfigError(f"{rows} rollouts per data-parallel rank do not split into "
+                              f"dvpo.minibatches={dvpo.minibatches} of whole microbatches of "
+                              f"data.micro_batch_size={mbs}")
+        width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
+        vocab = self.cfg.model.vocab_size
+        mask_full = rollout.attention_mask().expand(-1, -1, rollout.tokens.shape[1], -1)
+        mask = rollout.response_mask
+
+        def head(logits, batch):
+            out = forward.policy_logprobs_head(vocab)(logits, batch)
+            if dvpo.entropy_coef > 0:
+                out["entropy"] = forward.vocab_parallel_entropy(logits[:, :-1], vocab)
+            else:
+                with torch.no_grad():
+                    out["entropy"] = forward.vocab_parallel_entropy(logits[:, :-1], vocab)
+            return out
+
+        totals = {k: 0.0 for k in UPDATE_SUMS}
+        grad_norms, skipped, generator = [], 0, np.random.default_rng([self.cfg.seed, step_seed])
+        dp = parallel_state.get_data_parallel_world_size()
+        for _ in range(dvpo.ppo_epochs):
+            for rows_mb in np.array_split(generator.permutation(rows), dvpo.minibatches):
+                index = torch.as_tensor(rows_mb)
+                tokens = distributed.all_reduce_data_parallel(float(mask[index].sum()))
+
+                def loss_fn(outputs, batch):
+                    m = batch["mask"]
+                    logp = outputs["logprobs"][:, width - 1:width - 1 + steps]
+                    entropy = outputs["entropy"][:, width - 1:width - 1 + steps]
+                    loss, stats = ppo_policy_loss(logp, batch["logp_old"], batch["advantages"],
+                                                  m, dvpo.clip_eps, normalizer=tokens)
+                    if dvpo.entropy_coef > 0:
+                        loss = loss + entropy_bonus(entropy, m, dvpo.entropy_coef, tokens)
+                    sums = {"tokens": stats["tokens"], "loss_sum": loss.detach() * tokens,
+                            "clipfrac_sum": stats["clipfrac_sum"],
+                            "approx_kl_sum": stats["approx_kl_sum"],
+                            "ratio_sum": stats["ratio_sum"],
+                            "entropy_sum": (entropy.detach() * m).sum()}
+                    return loss * dp, sums
+
+                microbatches = forward.make_microbatches(
+                    mbs, tokens=rollout.tokens[index], attention_mask=mask_full[index],
+                    logp_old=logp_old[index], advantages=advantages[index], mask=mask[index])
+                outputs = self.forward_backward(microbatches, head, loss_fn)
+                local = ({k: sum(float(o[k]) for o in outputs) for k in UPDATE_SUMS}
+                         if outputs else None)
+                sums = distributed.sum_over_replicas(UPDATE_SUMS, local)
+                if should_skip_minibatch(sums["ratio_sum"] / sums["tokens"],
+                                         dvpo.ratio_threshold):
+                    skipped += 1
+                    continue
+                grad_norm, _ = self.optimizer_step()
+                grad_norms.append(grad_norm)
+                for k in UPDATE_SUMS:
+                    totals[k] += sums[k]
+        n = max(totals["tokens"], 1.0)
+        return {"policy/loss": totals["loss_sum"] / n,
+                "policy/clipfrac": totals["clipfrac_sum"] / n,
+                "policy/approx_kl": totals["approx_kl_sum"] / n,
+                "policy/ratio_mean": totals["ratio_sum"] / n,
+                "policy/entropy": totals["entropy_sum"] / n,
+                "policy/grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+                "policy/lr": self.optimizer.param_groups[0]["lr"],
+                "policy/skipped_minibatches": float(skipped)}
+
+    # -- the step -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        step_seed = self.step + 1
+        prompts = self._next_prompts()
+        start = time.perf_counter()
+        rollout = self._rollout(prompts, step_seed)
+        generated = time.perf_counter()
+        q, q_prompt, logp_ref = self._score(rollout)
+        scored = time.perf_counter()
+        vocab, mbs = self.cfg.model.vocab_size, self.cfg.data.micro_batch_size
+        logp_old = forward.response_logprobs(self.chunks, rollout, vocab, mbs)
+        on_last = logp_old is not None
+        mask = rollout.response_mask
+        shape = mask.shape
+        if on_last:
+            advantages, adv_stats = self._advantages(rollout, q, q_prompt, logp_old, logp_ref)
+            kl = (logp_old - logp_ref) * mask if logp_ref is not None else torch.zeros(shape)
+            final = q.gather(1, (rollout.response_lengths - 1)[:, None]).squeeze(1)
+            local = {"tokens": float(mask.sum()), "rows": float(shape[0]),
+                     "kl_sum": float(kl.sum()), "final_value_sum": float(final.sum()),
+                     "adv_sum": float((advantages * mask).sum()),
+                     "adv_sq_sum": float((advantages ** 2 * mask).sum()),
+                     "logprob_diff": float((logp_old - rollout.logprobs).abs().max())}
+        else:
+            advantages = logp_old = torch.zeros(shape)
+            local = None
+        keys = ["tokens", "rows", "kl_sum", "final_value_sum", "adv_sum", "adv_sq_sum",
+                "logprob_diff"]
+        rollout_sums = distributed.sum_over_replicas(keys, local)
+        metrics = self._update(rollout, logp_old, advantages, step_seed)
+        trained = time.perf_counter()
+
+        tokens, rows = rollout_sums["tokens"], rollout_sums["rows"]
+        kl_mean = rollout_sums["kl_sum"] / tokens
+        self.kl.update(kl_mean, int(rows))
+        adv_mean = rollout_sums["adv_sum"] / tokens
+        gen_tokens = distributed.all_reduce_data_parallel(float(mask.sum()))
+        seq_tokens = distributed.all_reduce_data_parallel(float(
+            (rollout.prompt_width - rollout.prompt_pad + rollout.response_lengths).sum()))
+        metrics.update({
+            "rollout/response_len_mean": tokens / rows,
+            "rollout/gvm_final_value_mean": rollout_sums["final_value_sum"] / rows,
+            "rollout/kl_ref": kl_mean,
+            "rollout/beta": self.kl.beta,
+            "rollout/adv_mean": adv_mean,
+            "rollout/adv_std": max(rollout_sums["adv_sq_sum"] / tokens - adv_mean ** 2, 0) ** 0.5,
+            "rollout/logprob_diff": rollout_sums["logprob_diff"],
+            "perf/gen_tokens_per_s": gen_tokens / (generated - start),
+            "perf/train_tokens_per_s": (seq_tokens * self.cfg.dvpo.ppo_epochs
+                                        / (trained - scored)),
+            "perf/gen_time_s": generated - start,
+            "perf/score_time_s": scored - generated,
+            "perf/train_time_s": trained - scored,
+        })
+        if self.scorer is not None:
+            true = sum(self._true_rewards(prompts, rollout))
+            metrics["rollout/true_reward_mean"] = (
+                distributed.all_reduce_data_parallel(true) / (rows or 1))
+        interval = self.cfg.dvpo.eval_interval
+        if interval and (self.step + 1) % interval == 0:
+            metrics.update(self.evaluate())
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean true (hidden-rule) reward of sampled responses to the held-out prompts."""
+        if self.scorer is None or self.eval_prompts is None:
+            return {}
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
+        rollout = self._rollout(mine, step_seed=10 ** 6)  # the same samples every evaluation
+        total = distributed.all_reduce_data_parallel(sum(self._true_rewards(mine, rollout)))
+        return {"eval/true_reward_mean": total / len(self.eval_prompts)}
+
+    def start(self, resumed: bool) -> None:
+        if not resumed:  # the initial policy's true reward, for comparison
+            before = self.evaluate()
+            if before:
+                self.logger.log(0, before, ("eval/true_reward_mean",))
+
+    def finish(self) -> None:
+        interval = self.cfg.dvpo.eval_interval
+        if interval and self.step % interval == 0:
+            return  # the last step was just evaluated
+        after = self.evaluate()
+        if after:
+            self.logger.log(self.step, after, ("eval/true_reward_mean",))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)  # clear errors before any process group or model exists
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    DVPOTrainer(cfg).run()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
