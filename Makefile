@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 .venv: $(VENV)/.installed
 
 demo: .venv
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node $(NPROC) -m megatron_dvpo.demo
+	$(BIN)/python -m megatron_dvpo.demo --nproc $(NPROC)
 
 test: .venv
 	$(BIN)/python -m pytest -q tests

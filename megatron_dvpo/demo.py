@@ -1,71 +1,127 @@
-"""``make demo``: the main job on the built-in tiny default.
+"""``make demo``: the whole DVPO pipeline on the built-in synthetic task, through the user CLIs.
 
-Builds a tiny Llama-shaped policy and its Global Value Model on megatron-core at the layout of
-``examples/tiny.yaml`` (TP=2 by default), runs both through the pipeline schedule, and prints
-per-token log-probs, per-token values and parameter counts.
+    python -m megatron_dvpo.demo [--workdir runs/demo] [--nproc 2]
 
-    torchrun --nproc-per-node 2 -m megatron_dvpo.demo [--config FILE] [key=value ...]
+1. write the synthetic task: a hidden word-scoring rule, prompts and a tokenizer;
+2. build a tiny random Llama policy and save it as a Hugging Face checkpoint;
+3. import it into megatron, as a policy and as the starting point of a GVM, and briefly SFT the
+   policy on the task's responses so that it writes words;
+4. sample the policy's own responses and rank them by the hidden rule into preference pairs;
+5. pretrain the GVM on those pairs (TD(lambda));
+6. run DVPO with the frozen GVM;
+7. export the trained policy back to Hugging Face;
+and print the true reward before and after, the GVM's accuracy and the TensorBoard directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parent.parent
 
-from megatron_dvpo import distributed
-from megatron_dvpo.config import load_config, validate
-from megatron_dvpo.models import forward
-from megatron_dvpo.models.gpt import build_model_chunks, count_parameters
-from megatron_dvpo.models.gvm import build_gvm_chunks
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "tiny.yaml"
+def _run(title: str, args: list[str], nproc: int = 0) -> str:
+    """Run one stage as a user would; ``nproc`` > 0 launches it under torchrun."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(nproc)] if nproc else [sys.executable])
+    print(f"\n== {title}\n$ {' '.join(['torchrun' if nproc else 'python', *args])}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"stage failed: {title}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    for line in lines[-4:]:
+        print(f"   {line}")
+    print(f"   ({time.perf_counter() - start:.0f}s)", flush=True)
+    return proc.stdout
+
+
+def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
+                 dvpo_steps: int = 40) -> dict:
+    """All stages into ``work``; returns the headline numbers."""
+    work.mkdir(parents=True, exist_ok=True)
+    data, hf, policy = work / "synthetic", work / "hf_policy", work / "policy"
+    _run("1. synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data)])
+    _run("2. tiny random HF policy", ["tools/build_tiny_hf.py", "--tokenizer",
+                                      str(data / "tokenizer.model"), "--out", str(hf)])
+    _run("3a. import the policy", ["tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out",
+                                   str(policy), "--overwrite"])
+    _run("3b. import a GVM starting point", ["tools/convert_hf_to_megatron.py", "--hf", str(hf),
+                                             "--out", str(work / "gvm_init"), "--target", "gvm",
+                                             "--overwrite"])
+    sft = work / "sft"
+    _run("3c. SFT warm start", [
+        "-m", "megatron_dvpo.dvpo.sft", "--config", "examples/sft_tiny.yaml",
+        f"data.train_path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer.model",
+        f"checkpoint.init_from={policy}", f"logging.run_dir={sft}",
+        f"checkpoint.save_dir={sft}/checkpoints", f"train_steps={sft_steps}"], nproc)
+    policy = sft / "checkpoints" / f"iter_{sft_steps:07d}"
+    for split, seed in (("train", 0), ("eval", 1)):
+        _run(f"4. sample the policy into preference pairs ({split})",
+             ["-m", "megatron_dvpo.dvpo.sample", "--policy", str(policy), "--prompts",
+              str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
+              "--pairs", "--true-reward", "synthetic:0", "--max-new-tokens", "12",
+              "--seed", str(seed)], nproc)
+    gvm_dir = work / "gvm"
+    _run("5. pretrain the GVM", [
+        "-m", "megatron_dvpo.gvm.train", "--config", "examples/gvm_tiny.yaml",
+        f"data.train_path={work}/pairs_train.jsonl", f"data.eval_path={work}/pairs_eval.jsonl",
+        f"data.tokenizer={data}/tokenizer.model", f"checkpoint.init_from={work}/gvm_init",
+        f"logging.run_dir={gvm_dir}", f"checkpoint.save_dir={gvm_dir}/checkpoints",
+        f"train_steps={gvm_steps}", "gvm.eval_interval=100", "logging.log_interval=50",
+        "checkpoint.save_interval=0"], nproc=1)
+    gvm_ckpt = gvm_dir / "checkpoints" / f"iter_{gvm_steps:07d}"
+    dvpo_dir = work / "dvpo"
+    _run("6. DVPO", [
+        "-m", "megatron_dvpo.dvpo.train", "--config", "examples/dvpo_tiny.yaml",
+        f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
+        f"dvpo.policy={policy}", f"dvpo.gvm={gvm_ckpt}", f"logging.run_dir={dvpo_dir}",
+        f"checkpoint.save_dir={dvpo_dir}/checkpoints", f"train_steps={dvpo_steps}"], nproc)
+    final = dvpo_dir / "checkpoints" / f"iter_{dvpo_steps:07d}"
+    _run("7. export the trained policy to HF", ["tools/convert_megatron_to_hf.py", "--ckpt",
+                                                str(final), "--out", str(work / "hf_trained"),
+                                                "--overwrite"])
+    gvm_logs, dvpo_logs = scalars(gvm_dir / "tensorboard"), scalars(dvpo_dir / "tensorboard")
+    true_reward = dvpo_logs["eval/true_reward_mean"]
+    return {"true_reward_before": true_reward[0][1], "true_reward_after": true_reward[-1][1],
+            "gvm_pair_acc_last": gvm_logs["gvm/pair_acc_last"][-1][1],
+            "gvm_pair_acc_mean": gvm_logs["gvm/pair_acc_mean"][-1][1],
+            "tensorboard": str(dvpo_dir / "tensorboard"), "exported": str(work / "hf_trained")}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tensor_model_parallel_size=1")
+    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks for sampling and DVPO")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    env = distributed.launch_env()
-    validate(cfg, env.world_size)
     start = time.perf_counter()
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    from megatron.core import parallel_state
-
-    policy = build_model_chunks(cfg)
-    gvm = build_gvm_chunks(cfg)
-    vocab = cfg.model.vocab_size
-    generator = torch.Generator().manual_seed(cfg.seed)
-    tokens = torch.randint(0, vocab, (cfg.data.micro_batch_size * 2, 12), generator=generator)
-    microbatches = forward.make_microbatches(cfg.data.micro_batch_size, tokens=tokens)
-    logprobs = forward.token_logprobs(policy, microbatches, vocab)
-    values = forward.token_values(gvm, microbatches)
-
-    (policy_local, policy_total), (gvm_local, gvm_total) = (count_parameters(policy),
-                                                            count_parameters(gvm))
-    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    is_reporter = (parallel_state.is_pipeline_last_stage()
-                   and parallel_state.get_tensor_model_parallel_rank() == 0
-                   and parallel_state.get_data_parallel_rank() == 0)
-    if is_reporter:
-        print(f"megatron_dvpo demo: world={env.world_size} TP={tp} PP={pp} "
-              f"DP={parallel_state.get_data_parallel_world_size()} "
-              f"backend={torch.distributed.get_backend()}", flush=True)
-        print(f"policy GPTModel: {policy_total:,} parameters ({policy_local:,} on this rank)")
-        print(f"GVM (value head): {gvm_total:,} parameters ({gvm_local:,} on this rank)")
-        print("per-token log p(next token), sequence 0:",
-              " ".join(f"{x:.3f}" for x in logprobs[0].tolist()))
-        print(f"mean log-prob {logprobs.mean().item():.3f} (uniform over the vocabulary: "
-              f"{-torch.log(torch.tensor(float(vocab))).item():.3f})")
-        print("per-token GVM values, sequence 0:",
-              " ".join(f"{x:.3f}" for x in values[0].tolist()),
-              "(the value head is zero-initialised, SPEC.md section 2)")
-        print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
-    distributed.shutdown()
+    result = run_pipeline(Path(args.workdir).resolve(), args.nproc)
+    print("\n== result")
+    print(f"true (hidden-rule) reward of the policy: {result['true_reward_before']:+.3f} before "
+          f"DVPO, {result['true_reward_after']:+.3f} after")
+    print(f"GVM held-out pairwise accuracy: {result['gvm_pair_acc_last']:.1%} (last value), "
+          f"{result['gvm_pair_acc_mean']:.1%} (mean value)")
+    print(f"TensorBoard: tensorboard --logdir {result['tensorboard']}")
+    print(f"trained policy in HF format: {result['exported']}")
+    print(f"total {time.perf_counter() - start:.0f}s")
+    (Path(args.workdir) / "result.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

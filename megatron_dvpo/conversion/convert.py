@@ -50,6 +50,20 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _export_tokenizer(ckpt: Path, cfg: RunConfig, out: Path) -> None:
+    """The checkpoint's own tokenizer copy, else the one its config trained with."""
+    source = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else cfg.data.tokenizer
+    if source is None:
+        return
+    source = Path(source)
+    if source.is_dir():
+        _copy_tokenizer(source, out)
+    elif source.suffix == ".model":
+        from megatron_dvpo.data.tokenizer import export_hf_tokenizer
+
+        export_hf_tokenizer(source, out)
+
+
 def _single_process_world() -> None:
     """Conversion runs as one process; megatron still needs its parallel state."""
     import torch.distributed as dist
@@ -218,6 +232,5 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
                             unit="tensors", enabled=verbose)
         _write_hf_weights(partial, chunk, ckpt, model, max_shard_bytes, progress)
         (partial / "config.json").write_text(json.dumps(hf, indent=2))
-        if (ckpt / "tokenizer").is_dir():
-            _copy_tokenizer(ckpt / "tokenizer", partial)
+        _export_tokenizer(ckpt, cfg, partial)
     return out

@@ -22,6 +22,7 @@ from megatron_dvpo.checkpointing import load_model
 from megatron_dvpo.config import load_config
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.dvpo.train import checkpoint_tokenizer
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.generation import SamplingConfig, generate
 
@@ -31,7 +32,8 @@ def main(argv=None) -> None:
     parser.add_argument("--policy", required=True, help="policy checkpoint directory")
     parser.add_argument("--prompts", required=True, help="JSONL with prompt/question/messages")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tokenizer", default=None, help="default: <policy>/tokenizer")
+    parser.add_argument("--tokenizer", default=None,
+                        help="default: the policy checkpoint's tokenizer")
     parser.add_argument("--pairs", action="store_true")
     parser.add_argument("--true-reward", default=None, help="synthetic:<rule seed>")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
     policy = Path(args.policy)
     cfg = load_config(policy / "config.yaml", args.overrides)
     distributed.init_distributed(cfg.parallel, args.seed)
-    tokenizer = load_tokenizer(args.tokenizer or str(policy / "tokenizer"))
+    tokenizer = load_tokenizer(args.tokenizer or str(checkpoint_tokenizer(policy)))
     chunks = build_chunks(cfg, initialize=False)
     load_model(chunks, policy / "model")
     prompts, _ = load_prompts(args.prompts, tokenizer, cfg.model.max_position_embeddings)

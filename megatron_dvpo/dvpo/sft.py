@@ -1,0 +1,89 @@
+"""Supervised warm start of a policy: next-token loss on the responses of prompt/response data.
+
+    torchrun --nproc-per-node N -m megatron_dvpo.dvpo.sft --config FILE checkpoint.init_from=DIR
+
+Reads the same JSONL forms as GVM pretraining (preference rows contribute both responses); only
+response tokens are scored. Used by the demo to give a random policy the task's word-level
+language before preference data is sampled from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from megatron.core import parallel_state
+
+from megatron_dvpo import distributed
+from megatron_dvpo.config import RunConfig, load_config, validate
+from megatron_dvpo.data.dataset import collate
+from megatron_dvpo.data.sampler import DistributedBatchSampler
+from megatron_dvpo.gvm.train import open_data
+from megatron_dvpo.models import build_chunks, forward
+from megatron_dvpo.training import Trainer
+
+
+class SFTTrainer(Trainer):
+    summary_tags = ("sft/loss", "perf/train_tokens_per_s")
+
+    def __init__(self, cfg: RunConfig):
+        if cfg.model.value_head:
+            raise ValueError("SFT trains a policy; model.value_head must be false")
+        super().__init__(cfg, build_chunks(cfg))
+        self.data = open_data(cfg, cfg.data.train_path)
+        self.consumed_samples = 0
+        self.batches = None
+
+    def extra_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.consumed_samples = state["consumed_samples"]
+
+    def train_step(self) -> dict[str, float]:
+        if self.batches is None:
+            self.sampler = DistributedBatchSampler(
+                len(self.data), self.cfg.data.global_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
+                self.consumed_samples)
+            self.batches = iter(self.sampler)
+        batch = collate([self.data[i] for i in next(self.batches)], self.cfg.data.seq_length,
+                        self.data.pad_id)
+        self.consumed_samples = self.sampler.consumed_samples
+        # logprobs[:, p] scores token p + 1: response tokens are scored where the mask, shifted
+        # left by one, is set
+        scored = batch["response_mask"][:, 1:]
+        tokens = distributed.all_reduce_data_parallel(float(scored.sum()))
+        dp = parallel_state.get_data_parallel_world_size()
+
+        def loss_fn(outputs, mb):
+            nll = -(outputs["logprobs"] * mb["scored"]).sum()
+            return nll / tokens * dp, {"nll_sum": nll.detach()}
+
+        microbatches = forward.make_microbatches(self.cfg.data.micro_batch_size,
+                                                 tokens=batch["tokens"], scored=scored)
+        outputs, grad_norm, _ = self.train_batch(
+            microbatches, forward.policy_logprobs_head(self.cfg.model.vocab_size), loss_fn)
+        local = {"nll_sum": sum(float(o["nll_sum"]) for o in outputs)} if outputs else None
+        nll = distributed.sum_over_replicas(["nll_sum"], local)["nll_sum"]
+        return {"sft/loss": nll / tokens, "sft/grad_norm": float(grad_norm),
+                "sft/lr": self.optimizer.param_groups[0]["lr"]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.checkpoint.init_from:  # the model is the starting checkpoint's
+        cfg.model = load_config(Path(cfg.checkpoint.init_from) / "config.yaml").model
+    validate(cfg, distributed.launch_env().world_size)
+    distributed.init_distributed(cfg.parallel, cfg.seed)
+    SFTTrainer(cfg).run()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
