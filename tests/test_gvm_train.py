@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO, torchrun
 
 SPEC_TAGS = {"gvm/loss", "gvm/value_mean", "gvm/pair_acc_last", "gvm/pair_acc_mean",
-             "perf/step_time_s", "perf/train_tokens_per_s", "perf/peak_mem_gib"}
+             "perf/step_time_s", "perf/train_tokens_per_s", "perf/peak_mem_gib",
+             "data/samples", "data/filtered_rows", "data/truncated_samples", "data/bad_rows"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,18 @@ def test_gvm_learns_the_synthetic_task(synthetic, tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*"))
     assert ckpts == ["iter_0000400", "iter_0000600"]  # keep_last=2
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "600\n"
+
+
+def test_length_filtering_is_counted_in_the_logs(synthetic, tmp_path):
+    logs = train(tmp_path, synthetic, 1, "train_steps=1", "gvm.eval_interval=0",
+                 "data.eval_path=null", "data.max_length=12")
+    filtered = logs["data/filtered_rows"][0][1]
+    assert 0 < filtered < 8000
+    assert logs["data/samples"][0][1] == 2 * (8000 - filtered)
+    truncated = train(tmp_path / "t", synthetic, 1, "train_steps=1", "gvm.eval_interval=0",
+                      "data.eval_path=null", "data.max_length=12", "data.length_mode=truncate")
+    assert truncated["data/truncated_samples"][0][1] > 0
+    assert truncated["data/samples"][0][1] == 16000
 
 
 def test_evaluate_cli(synthetic, tmp_path):

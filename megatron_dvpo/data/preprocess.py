@@ -54,8 +54,8 @@ def open_dataset(path: str | Path, tokenizer_path: str | Path | None, cache_dir:
                  options: ReadOptions) -> ValueDataset:
     """A ``ValueDataset`` from a preprocessed prefix, or from a .jsonl file tokenized once.
 
-    A .jsonl is preprocessed by rank 0 into ``cache_dir`` (reused while newer than the file);
-    the other ranks wait, then everyone memory-maps the same files.
+    A .jsonl is preprocessed by rank 0 into ``cache_dir`` (reused while newer than the file and
+    made with the same options); the other ranks wait, then everyone memory-maps the same files.
     """
     import torch.distributed as dist
 
@@ -67,7 +67,9 @@ def open_dataset(path: str | Path, tokenizer_path: str | Path | None, cache_dir:
     prefix = Path(cache_dir) / path.stem
     meta = prefix.with_suffix(".json")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and (not meta.is_file() or meta.stat().st_mtime < path.stat().st_mtime):
+    fresh = (meta.is_file() and meta.stat().st_mtime >= path.stat().st_mtime
+             and json.loads(meta.read_text()).get("options") == dataclasses.asdict(options))
+    if rank0 and not fresh:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         preprocess([path], tokenizer_path, prefix, options)
     if dist.is_initialized():

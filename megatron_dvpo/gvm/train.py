@@ -48,6 +48,15 @@ def open_data(cfg: RunConfig, path: str) -> ValueDataset:
     return dataset
 
 
+def data_metrics(dataset: ValueDataset) -> dict[str, float]:
+    """What preprocessing kept, filtered, truncated and skipped, for TensorBoard."""
+    stats = dataset.metadata["stats"]
+    return {"data/samples": float(len(dataset)),
+            "data/filtered_rows": float(stats["filtered_rows"]),
+            "data/truncated_samples": float(stats["truncated_samples"]),
+            "data/bad_rows": float(sum(stats["bad_rows"].values()))}
+
+
 class GVMTrainer(Trainer):
     summary_tags = ("gvm/loss", "gvm/value_mean", "gvm/pair_acc_last", "perf/train_tokens_per_s")
 
@@ -60,6 +69,12 @@ class GVMTrainer(Trainer):
         self.eval_data = open_data(cfg, cfg.data.eval_path) if cfg.data.eval_path else None
         self.consumed_samples = 0
         self.batches = None
+        self.data_metrics = data_metrics(self.train_data)
+        distributed.print_rank0(f"train data: {len(self.train_data)} samples from "
+                                f"{cfg.data.train_path}; {self.train_data.metadata['stats']}")
+
+    def start(self, resumed: bool) -> None:
+        self.logger.log(self.step, self.data_metrics)
 
     def extra_state(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
