@@ -137,8 +137,14 @@ class CheckpointConfig:
 
 @dataclass
 class GVMConfig:
-    """Global Value Model pretraining (SPEC.md section 2)."""
+    """Global Value Model pretraining (SPEC.md section 2), or reward-model training.
 
+    ``objective=bradley_terry`` trains the same model as PPO's reward model (SPEC.md section 4):
+    -log sigmoid(r_chosen - r_rejected) on the last-token values of whole pairs; then
+    ``data.global_batch_size`` counts pairs.
+    """
+
+    objective: Literal["td", "bradley_terry"] = "td"
     gamma: float = 1.0
     lam: float = 0.95
     train_prompt_value: bool = False  # also fit q_{-1} toward q_0's target
@@ -185,6 +191,15 @@ class DVPOConfig:
 
 
 @dataclass
+class PPOConfig:
+    """The classic RLHF PPO baseline (SPEC.md section 4); the rest comes from ``dvpo``."""
+
+    reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
+    critic: Optional[str] = None  # the critic's initial weights; default: the reward model
+    value_clip_eps: float = 0.2
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -196,6 +211,7 @@ class RunConfig:
     gvm: GVMConfig = field(default_factory=GVMConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dvpo: DVPOConfig = field(default_factory=DVPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     seed: int = 1234
     train_steps: int = 10
     # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:

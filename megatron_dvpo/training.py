@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from megatron.core import parallel_state
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -19,6 +20,7 @@ from megatron_dvpo.checkpointing import (find_latest_checkpoint, load_model,
                                          load_training_checkpoint, save_training_checkpoint)
 from megatron_dvpo.config import (OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig,
                                   to_dict)
+from megatron_dvpo.data.sampler import DistributedBatchSampler
 from megatron_dvpo.distributed import is_rank0, print_rank0
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
 from megatron_dvpo.models.forward import run_microbatches
@@ -95,15 +97,34 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer,
                                          cfg.train_steps * updates_per_step)
         self.step = 0
+        self.consumed_samples = 0  # the data position: samples of all global batches so far
+        self._batches = None
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
         self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=is_rank0())
 
     # -- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {}
+        return {"consumed_samples": self.consumed_samples}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        self.consumed_samples = state["consumed_samples"]
+
+    def next_indices(self, num_samples: int) -> list[int]:
+        """This data-parallel rank's share of the next global batch of a dataset.
+
+        The sampler is built on first use, after a resume has restored the data position, so a
+        restarted run sees exactly the batches an unbroken one would have.
+        """
+        if self._batches is None:
+            self._sampler = DistributedBatchSampler(
+                num_samples, self.cfg.data.global_batch_size,
+                parallel_state.get_data_parallel_rank(),
+                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
+                consumed_samples=self.consumed_samples)
+            self._batches = iter(self._sampler)
+        indices = next(self._batches)
+        self.consumed_samples = self._sampler.consumed_samples
+        return indices
 
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint, else start from ``init_from`` weights."""

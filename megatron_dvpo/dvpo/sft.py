@@ -17,7 +17,6 @@ from megatron.core import parallel_state
 from megatron_dvpo import distributed
 from megatron_dvpo.config import RunConfig, load_config, validate
 from megatron_dvpo.data.dataset import collate
-from megatron_dvpo.data.sampler import DistributedBatchSampler
 from megatron_dvpo.gvm.train import open_data
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.training import Trainer
@@ -31,26 +30,10 @@ class SFTTrainer(Trainer):
             raise ValueError("SFT trains a policy; model.value_head must be false")
         super().__init__(cfg, build_chunks(cfg))
         self.data = open_data(cfg, cfg.data.train_path)
-        self.consumed_samples = 0
-        self.batches = None
-
-    def extra_state(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.consumed_samples = state["consumed_samples"]
 
     def train_step(self) -> dict[str, float]:
-        if self.batches is None:
-            self.sampler = DistributedBatchSampler(
-                len(self.data), self.cfg.data.global_batch_size,
-                parallel_state.get_data_parallel_rank(),
-                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
-                self.consumed_samples)
-            self.batches = iter(self.sampler)
-        batch = collate([self.data[i] for i in next(self.batches)], self.cfg.data.seq_length,
-                        self.data.pad_id)
-        self.consumed_samples = self.sampler.consumed_samples
+        batch = collate([self.data[i] for i in self.next_indices(len(self.data))],
+                        self.cfg.data.seq_length, self.data.pad_id)
         # logprobs[:, p] scores token p + 1: response tokens are scored where the mask, shifted
         # left by one, is set
         scored = batch["response_mask"][:, 1:]

@@ -24,7 +24,6 @@ from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import is_checkpoint, load_model
 from megatron_dvpo.config import ConfigError, RunConfig, load_config, validate
 from megatron_dvpo.data.prompts import load_prompts
-from megatron_dvpo.data.sampler import DistributedBatchSampler
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLController,
                                            compute_advantages, masked_moments,
@@ -60,11 +59,16 @@ def tokenizer_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_inputs(cfg: RunConfig) -> tuple[RunConfig, RunConfig, Path]:
-    """Every input problem we can see, before any model is built: returns the policy config,
-    the GVM config and the tokenizer."""
+def check_inputs(cfg: RunConfig, value_models: dict[str, str | None] | None = None
+                 ) -> tuple[RunConfig, dict[str, RunConfig], Path]:
+    """Every input problem we can see, before any model is built.
+
+    ``value_models`` names the value checkpoints the job scores with (DVPO: its GVM). Returns the
+    policy config, each value model's config and the shared tokenizer.
+    """
     dvpo = cfg.dvpo
-    named = {"dvpo.policy": dvpo.policy, "dvpo.gvm": dvpo.gvm}
+    value_models = value_models if value_models is not None else {"dvpo.gvm": dvpo.gvm}
+    named = {"dvpo.policy": dvpo.policy, **value_models}
     if dvpo.kl_coef > 0 and dvpo.reference:
         named["dvpo.reference"] = dvpo.reference
     for key, value in named.items():
@@ -74,18 +78,20 @@ def check_inputs(cfg: RunConfig) -> tuple[RunConfig, RunConfig, Path]:
             raise ConfigError(f"{key}={value} is not a checkpoint directory (config.yaml and "
                               "model/ with a dist checkpoint)")
     policy_cfg = load_config(Path(dvpo.policy) / "config.yaml")
-    gvm_cfg = load_config(Path(dvpo.gvm) / "config.yaml")
     if policy_cfg.model.value_head:
         raise ConfigError(f"dvpo.policy={dvpo.policy} holds a value model, not a policy")
-    if not gvm_cfg.model.value_head:
-        raise ConfigError(f"dvpo.gvm={dvpo.gvm} holds a policy, not a value model")
-    if policy_cfg.model.vocab_size != gvm_cfg.model.vocab_size:
-        raise ConfigError(f"the policy's vocabulary ({policy_cfg.model.vocab_size} tokens) "
-                          f"differs from the GVM's ({gvm_cfg.model.vocab_size}): they must "
-                          "share one tokenizer")
+    value_cfgs = {}
+    for key, path in value_models.items():
+        value_cfgs[key] = load_config(Path(path) / "config.yaml")
+        if not value_cfgs[key].model.value_head:
+            raise ConfigError(f"{key}={path} holds a policy, not a value model")
+        if policy_cfg.model.vocab_size != value_cfgs[key].model.vocab_size:
+            raise ConfigError(f"the policy's vocabulary ({policy_cfg.model.vocab_size} tokens) "
+                              f"differs from {key}'s ({value_cfgs[key].model.vocab_size}): they "
+                              "must share one tokenizer")
     tokenizers = {"data.tokenizer": Path(cfg.data.tokenizer) if cfg.data.tokenizer else None,
                   "policy": checkpoint_tokenizer(Path(dvpo.policy)),
-                  "gvm": checkpoint_tokenizer(Path(dvpo.gvm))}
+                  **{key: checkpoint_tokenizer(Path(path)) for key, path in value_models.items()}}
     known = {k: v for k, v in tokenizers.items() if v is not None}
     if not known:
         raise ConfigError("no tokenizer: set data.tokenizer")
@@ -94,10 +100,10 @@ def check_inputs(cfg: RunConfig) -> tuple[RunConfig, RunConfig, Path]:
         raise ConfigError(f"the tokenizers differ: {', '.join(f'{k}={v}' for k, v in known.items())}")
     if not cfg.data.train_path:
         raise ConfigError("data.train_path (the prompts) is required")
-    return policy_cfg, gvm_cfg, next(iter(known.values()))
+    return policy_cfg, value_cfgs, next(iter(known.values()))
 
 
-def _frozen(cfg: RunConfig, model_cfg, directory: str) -> list[torch.nn.Module]:
+def frozen_model(cfg: RunConfig, model_cfg, directory: str) -> list[torch.nn.Module]:
     """A forward-only model at this run's layout: no gradients, no optimizer, no DDP."""
     frozen_cfg = RunConfig(model=model_cfg.model, parallel=cfg.parallel,
                            precision=cfg.precision, seed=cfg.seed)
@@ -113,8 +119,17 @@ class DVPOTrainer(Trainer):
     summary_tags = ("policy/loss", "rollout/gvm_final_value_mean", "eval/true_reward_mean",
                     "rollout/response_len_mean", "policy/approx_kl")
 
+    def value_models(self, cfg: RunConfig) -> dict[str, str | None]:
+        return {"dvpo.gvm": cfg.dvpo.gvm}
+
+    def build_scorers(self, cfg: RunConfig, value_cfgs: dict[str, RunConfig]) -> None:
+        self.gvm = frozen_model(cfg, value_cfgs["dvpo.gvm"], cfg.dvpo.gvm)
+
+    def needs_reference(self) -> bool:
+        return self.cfg.dvpo.kl_coef > 0
+
     def __init__(self, cfg: RunConfig):
-        policy_cfg, gvm_cfg, tokenizer_path = check_inputs(cfg)
+        policy_cfg, value_cfgs, tokenizer_path = check_inputs(cfg, self.value_models(cfg))
         cfg.model = policy_cfg.model
         validate(cfg, torch.distributed.get_world_size())
         self.tokenizer = load_tokenizer(str(tokenizer_path))
@@ -123,9 +138,9 @@ class DVPOTrainer(Trainer):
         chunks = build_chunks(cfg, initialize=False)
         load_model(chunks, Path(dvpo.policy) / "model")
         super().__init__(cfg, chunks, updates_per_step=dvpo.ppo_epochs * dvpo.minibatches)
-        self.gvm = _frozen(cfg, gvm_cfg, dvpo.gvm)
-        self.reference = (_frozen(cfg, policy_cfg, dvpo.reference or dvpo.policy)
-                          if dvpo.kl_coef > 0 else None)
+        self.build_scorers(cfg, value_cfgs)
+        self.reference = (frozen_model(cfg, policy_cfg, dvpo.reference or dvpo.policy)
+                          if self.needs_reference() else None)
         self.kl = (AdaptiveKLController(dvpo.kl_coef, dvpo.kl_target, dvpo.kl_horizon)
                    if dvpo.kl_adaptive and dvpo.kl_coef > 0 else FixedKLController(dvpo.kl_coef))
         limit = cfg.rollout.max_prompt_length
@@ -137,8 +152,6 @@ class DVPOTrainer(Trainer):
         self.scorer = self._true_reward_scorer(dvpo.true_reward)
         self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                                        cfg.rollout.top_p, cfg.rollout.top_k)
-        self.consumed_samples = 0
-        self.batches = None
         distributed.print_rank0(
             f"DVPO: {len(self.prompts)} prompts ({self.prompt_counts}), estimator "
             f"{dvpo.estimator}, reference {'loaded' if self.reference else 'not loaded'}")
@@ -156,24 +169,15 @@ class DVPOTrainer(Trainer):
 
     # -- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "kl": self.kl.state_dict()}
+        return {**super().extra_state(), "kl": self.kl.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.consumed_samples = state["consumed_samples"]
+        super().load_extra_state(state)
         self.kl.load_state_dict(state["kl"])
 
     # -- pieces of a step ---------------------------------------------------------------------
     def _next_prompts(self) -> list[list[int]]:
-        if self.batches is None:
-            self.sampler = DistributedBatchSampler(
-                len(self.prompts), self.cfg.data.global_batch_size,
-                parallel_state.get_data_parallel_rank(),
-                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
-                consumed_samples=self.consumed_samples)
-            self.batches = iter(self.sampler)
-        indices = next(self.batches)
-        self.consumed_samples = self.sampler.consumed_samples
-        return [self.prompts[i].ids for i in indices]
+        return [self.prompts[i].ids for i in self.next_indices(len(self.prompts))]
 
     def _rollout(self, prompts: list[list[int]], step_seed: int) -> Rollout:
         seed = step_seed * 1009 + parallel_state.get_data_parallel_rank()
@@ -189,7 +193,9 @@ class DVPOTrainer(Trainer):
             rewards.append(self.scorer(self.tokenizer.decode(prompt), text))
         return rewards
 
-    def _score(self, rollout: Rollout):
+    # What scores a rollout is the one place DVPO and the PPO baseline differ: here one
+    # forward pass of the frozen GVM; PPO overrides ``_score``/``_advantages``/``_after_update``.
+    def _score(self, rollout: Rollout) -> dict:
         """GVM values and reference log-probs (last stage), the GVM back on CPU after if asked."""
         mbs = self.cfg.data.micro_batch_size
         if self.cfg.dvpo.gvm_offload and torch.cuda.is_available():
@@ -199,20 +205,33 @@ class DVPOTrainer(Trainer):
         if self.cfg.dvpo.gvm_offload and torch.cuda.is_available():
             for chunk in self.gvm:
                 chunk.cpu()
-        logp_ref = (forward.response_logprobs(self.reference, rollout, self.cfg.model.vocab_size,
-                                              mbs) if self.reference is not None else None)
-        return q, q_prompt, logp_ref
+        return {"q": q, "q_prompt": q_prompt, "logp_ref": self._reference_logprobs(rollout)}
 
-    def _advantages(self, rollout: Rollout, q, q_prompt, logp_old, logp_ref):
+    def _reference_logprobs(self, rollout: Rollout):
+        if self.reference is None:
+            return None
+        return forward.response_logprobs(self.reference, rollout, self.cfg.model.vocab_size,
+                                         self.cfg.data.micro_batch_size)
+
+    def _advantages(self, rollout: Rollout, scores: dict, logp_old):
+        """(advantages, each row's predicted final reward) on the last stage."""
         dvpo = self.cfg.dvpo
         mask = rollout.response_mask
-        advantages, stats = compute_advantages(dvpo.estimator, q, q_prompt, mask, logp_old,
-                                               logp_ref, self.kl.beta, dvpo.gamma, dvpo.lam)
-        if dvpo.whiten_advantages:  # over all response tokens of the global batch
-            moments = torch.stack([m.double() for m in masked_moments(advantages, mask)])
-            torch.distributed.all_reduce(moments, group=parallel_state.get_data_parallel_group())
-            advantages = whiten_with_moments(advantages, mask, *moments.unbind())
-        return advantages, stats
+        advantages, _ = compute_advantages(dvpo.estimator, scores["q"], scores["q_prompt"], mask,
+                                           logp_old, scores["logp_ref"], self.kl.beta,
+                                           dvpo.gamma, dvpo.lam)
+        last = (rollout.response_lengths - 1)[:, None]
+        return advantages, scores["q"].gather(1, last).squeeze(1)
+
+    def _after_update(self, rollout: Rollout, scores: dict, step_seed: int) -> dict:
+        """Extra training after the policy update (PPO's critic); DVPO trains nothing else."""
+        return {}
+
+    def _whiten(self, advantages, mask):
+        """Over all response tokens of the global batch."""
+        moments = torch.stack([m.double() for m in masked_moments(advantages, mask)])
+        torch.distributed.all_reduce(moments, group=parallel_state.get_data_parallel_group())
+        return whiten_with_moments(advantages, mask, *moments.unbind())
 
     def _update(self, rollout: Rollout, logp_old, advantages, step_seed: int) -> dict:
         """``ppo_epochs`` passes over shuffled minibatches of the rollout."""
@@ -291,7 +310,7 @@ class DVPOTrainer(Trainer):
         start = time.perf_counter()
         rollout = self._rollout(prompts, step_seed)
         generated = time.perf_counter()
-        q, q_prompt, logp_ref = self._score(rollout)
+        scores = self._score(rollout)
         scored = time.perf_counter()
         vocab, mbs = self.cfg.model.vocab_size, self.cfg.data.micro_batch_size
         logp_old = forward.response_logprobs(self.chunks, rollout, vocab, mbs)
@@ -299,9 +318,11 @@ class DVPOTrainer(Trainer):
         mask = rollout.response_mask
         shape = mask.shape
         if on_last:
-            advantages, adv_stats = self._advantages(rollout, q, q_prompt, logp_old, logp_ref)
+            advantages, final = self._advantages(rollout, scores, logp_old)
+            if self.cfg.dvpo.whiten_advantages:
+                advantages = self._whiten(advantages, mask)
+            logp_ref = scores["logp_ref"]
             kl = (logp_old - logp_ref) * mask if logp_ref is not None else torch.zeros(shape)
-            final = q.gather(1, (rollout.response_lengths - 1)[:, None]).squeeze(1)
             local = {"tokens": float(mask.sum()), "rows": float(shape[0]),
                      "kl_sum": float(kl.sum()), "final_value_sum": float(final.sum()),
                      "adv_sum": float((advantages * mask).sum()),
@@ -314,6 +335,7 @@ class DVPOTrainer(Trainer):
                 "logprob_diff"]
         rollout_sums = distributed.sum_over_replicas(keys, local)
         metrics = self._update(rollout, logp_old, advantages, step_seed)
+        metrics.update(self._after_update(rollout, scores, step_seed))
         trained = time.perf_counter()
 
         tokens, rows = rollout_sums["tokens"], rollout_sums["rows"]

@@ -22,9 +22,9 @@ from megatron_dvpo.config import RunConfig, load_config, validate
 from megatron_dvpo.data.dataset import ValueDataset, collate
 from megatron_dvpo.data.preference import ReadOptions
 from megatron_dvpo.data.preprocess import open_dataset
-from megatron_dvpo.data.sampler import DistributedBatchSampler
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.gvm.evaluate import evaluate_pairs
+from megatron_dvpo.dvpo.losses import bradley_terry_loss
 from megatron_dvpo.gvm.td import gvm_loss, loss_token_count
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
@@ -67,35 +67,31 @@ class GVMTrainer(Trainer):
         super().__init__(cfg, build_gvm_chunks(cfg, cfg.gvm.value_head_init_std))
         self.train_data = open_data(cfg, cfg.data.train_path)
         self.eval_data = open_data(cfg, cfg.data.eval_path) if cfg.data.eval_path else None
-        self.consumed_samples = 0
-        self.batches = None
         self.data_metrics = data_metrics(self.train_data)
+        if cfg.gvm.objective == "bradley_terry":
+            self.train_pairs = self.train_data.pairs()
+            if cfg.data.micro_batch_size % 2:
+                raise ValueError("gvm.objective=bradley_terry needs an even "
+                                 "data.micro_batch_size (whole pairs per microbatch)")
+            self.summary_tags = ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last")
         distributed.print_rank0(f"train data: {len(self.train_data)} samples from "
                                 f"{cfg.data.train_path}; {self.train_data.metadata['stats']}")
 
     def start(self, resumed: bool) -> None:
         self.logger.log(self.step, self.data_metrics)
 
-    def extra_state(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.consumed_samples = state["consumed_samples"]
-
     def _next_batch(self) -> dict:
-        if self.batches is None:  # built after resume, from the restored data position
-            self.sampler = DistributedBatchSampler(
-                len(self.train_data), self.cfg.data.global_batch_size,
-                parallel_state.get_data_parallel_rank(),
-                parallel_state.get_data_parallel_world_size(), self.cfg.seed,
-                consumed_samples=self.consumed_samples)
-            self.batches = iter(self.sampler)
-        indices = next(self.batches)
-        self.consumed_samples = self.sampler.consumed_samples
+        if self.cfg.gvm.objective == "bradley_terry":  # whole pairs: chosen, rejected, ...
+            pairs = self.train_pairs
+            indices = [int(i) for p in self.next_indices(len(pairs)) for i in pairs[p]]
+        else:
+            indices = self.next_indices(len(self.train_data))
         return collate([self.train_data[i] for i in indices], self.cfg.data.seq_length,
                        self.train_data.pad_id)
 
     def train_step(self) -> dict[str, float]:
+        if self.cfg.gvm.objective == "bradley_terry":
+            return self._reward_model_step()
         start = time.perf_counter()
         gvm = self.cfg.gvm
         batch = self._next_batch()
@@ -128,6 +124,36 @@ class GVMTrainer(Trainer):
             "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start),
         }
         interval = gvm.eval_interval
+        if self.eval_data is not None and interval and (self.step + 1) % interval == 0:
+            metrics.update(self.evaluate())
+        return metrics
+
+    def _reward_model_step(self) -> dict[str, float]:
+        """Bradley-Terry on the last-token values of whole (chosen, rejected) pairs."""
+        start = time.perf_counter()
+        batch = self._next_batch()
+        pairs = distributed.all_reduce_data_parallel(batch["tokens"].shape[0] / 2)
+        dp = parallel_state.get_data_parallel_world_size()
+
+        def loss_fn(outputs, mb):
+            last = (mb["prompt_lengths"] + mb["response_lengths"] - 1)[:, None]
+            reward = outputs["values"].gather(1, last).squeeze(1)
+            loss, stats = bradley_terry_loss(reward[0::2], reward[1::2])
+            n = reward.shape[0] / 2
+            return loss * n / pairs * dp, {"loss_sum": loss.detach() * n,
+                                           "correct": stats["accuracy"] * n}
+
+        microbatches = forward.make_microbatches(self.cfg.data.micro_batch_size, **batch)
+        outputs, grad_norm, _ = self.train_batch(microbatches, forward.gvm_values_head, loss_fn)
+        keys = ["loss_sum", "correct"]
+        local = {k: sum(float(o[k]) for o in outputs) for k in keys} if outputs else None
+        sums = distributed.sum_over_replicas(keys, local)
+        metrics = {"rm/loss": sums["loss_sum"] / pairs, "rm/train_accuracy": sums["correct"] / pairs,
+                   "rm/grad_norm": float(grad_norm),
+                   "perf/train_tokens_per_s": distributed.all_reduce_data_parallel(float(
+                       (batch["prompt_lengths"] + batch["response_lengths"]).sum()))
+                   / (time.perf_counter() - start)}
+        interval = self.cfg.gvm.eval_interval
         if self.eval_data is not None and interval and (self.step + 1) % interval == 0:
             metrics.update(self.evaluate())
         return metrics
