@@ -132,7 +132,8 @@ def test_bad_inputs_fail_before_any_work(pipeline, tmp_path):
     expect(r"dvpo.gvm=/nonexistent is not a checkpoint directory", gvm="/nonexistent")
     expect(r"dvpo.policy=.* holds a value model", policy=str(gvm))
     wide = fake_checkpoint(gvm, tmp_path / "wide_gvm", vocab_size=512)
-    expect(r"the policy's vocabulary \(256 tokens\) differs from the GVM's \(512\)", gvm=str(wide))
+    expect(r"the policy's vocabulary \(256 tokens\) differs from dvpo.gvm's \(512\)",
+           gvm=str(wide))
 
     import sentencepiece as spm
 
