@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -19,9 +21,9 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron_dvpo.checkpointing import (find_latest_checkpoint, load_model,
                                          load_training_checkpoint, save_training_checkpoint)
 from megatron_dvpo.config import (OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig,
-                                  to_dict)
+                                  load_config, to_dict)
 from megatron_dvpo.data.sampler import DistributedBatchSampler
-from megatron_dvpo.distributed import is_rank0, print_rank0
+from megatron_dvpo.distributed import init_distributed, is_rank0, print_rank0, shutdown
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
 from megatron_dvpo.models.forward import run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
@@ -207,3 +209,22 @@ class Trainer:
         self.save()
         self.finish()
         self.logger.close()
+
+
+def run_trainer(trainer_class, description: str, argv=None,
+                check: Callable[[RunConfig], None] | None = None) -> None:
+    """The command line every trainer shares: ``--config FILE [key=value ...]``.
+
+    ``check`` sees the loaded config before any process group or model exists, so input errors
+    surface at once.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train_steps=10")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if check is not None:
+        check(cfg)
+    init_distributed(cfg.parallel, cfg.seed)
+    trainer_class(cfg).run()
+    shutdown()

@@ -14,7 +14,6 @@ The critic's weights and optimizer are not checkpointed: a run with an existing 
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
@@ -22,13 +21,13 @@ from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import find_latest_checkpoint, load_model
-from megatron_dvpo.config import ConfigError, RunConfig, load_config
+from megatron_dvpo.config import ConfigError, RunConfig
 from megatron_dvpo.dvpo.advantages import gae
 from megatron_dvpo.dvpo.losses import value_loss_clipped
 from megatron_dvpo.dvpo.train import DVPOTrainer, check_inputs, frozen_model
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout
-from megatron_dvpo.training import build_optimizer, build_scheduler, wrap_ddp
+from megatron_dvpo.training import build_optimizer, build_scheduler, run_trainer, wrap_ddp
 
 
 class PPOTrainer(DVPOTrainer):
@@ -127,17 +126,9 @@ class PPOTrainer(DVPOTrainer):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg, {"ppo.reward_model": cfg.ppo.reward_model,
-                       "ppo.critic": cfg.ppo.critic or cfg.ppo.reward_model})
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    PPOTrainer(cfg).run()
-    distributed.shutdown()
-
+    run_trainer(PPOTrainer, __doc__.splitlines()[0], argv, lambda cfg: check_inputs(
+        cfg, {"ppo.reward_model": cfg.ppo.reward_model,
+              "ppo.critic": cfg.ppo.critic or cfg.ppo.reward_model}))
 
 if __name__ == "__main__":
     main()

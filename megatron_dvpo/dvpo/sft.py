@@ -9,7 +9,6 @@ language before preference data is sampled from it.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from megatron.core import parallel_state
@@ -19,7 +18,7 @@ from megatron_dvpo.config import RunConfig, load_config, validate
 from megatron_dvpo.data.dataset import collate
 from megatron_dvpo.gvm.train import open_data
 from megatron_dvpo.models import build_chunks, forward
-from megatron_dvpo.training import Trainer
+from megatron_dvpo.training import Trainer, run_trainer
 
 
 class SFTTrainer(Trainer):
@@ -54,19 +53,14 @@ class SFTTrainer(Trainer):
                 "sft/lr": self.optimizer.param_groups[0]["lr"]}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+def _model_from_init(cfg: RunConfig) -> None:
     if cfg.checkpoint.init_from:  # the model is the starting checkpoint's
         cfg.model = load_config(Path(cfg.checkpoint.init_from) / "config.yaml").model
     validate(cfg, distributed.launch_env().world_size)
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    SFTTrainer(cfg).run()
-    distributed.shutdown()
 
+
+def main(argv=None) -> None:
+    run_trainer(SFTTrainer, __doc__.splitlines()[0], argv, _model_from_init)
 
 if __name__ == "__main__":
     main()

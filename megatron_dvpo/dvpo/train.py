@@ -11,7 +11,6 @@ the clipped policy loss. No critic is trained and no reward model is run.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLControll
 from megatron_dvpo.dvpo.losses import entropy_bonus, ppo_policy_loss, should_skip_minibatch
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
-from megatron_dvpo.training import Trainer
+from megatron_dvpo.training import Trainer, run_trainer
 
 UPDATE_SUMS = ["tokens", "loss_sum", "clipfrac_sum", "approx_kl_sum", "ratio_sum",
                "entropy_sum"]
@@ -396,16 +395,7 @@ class DVPOTrainer(Trainer):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg)  # clear errors before any process group or model exists
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    DVPOTrainer(cfg).run()
-    distributed.shutdown()
-
+    run_trainer(DVPOTrainer, __doc__.splitlines()[0], argv, check_inputs)
 
 if __name__ == "__main__":
     main()

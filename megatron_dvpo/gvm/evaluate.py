@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed

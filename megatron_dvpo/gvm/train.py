@@ -10,15 +10,13 @@ the latest one by itself.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.config import RunConfig, load_config, validate
+from megatron_dvpo.config import RunConfig, validate
 from megatron_dvpo.data.dataset import ValueDataset, collate
 from megatron_dvpo.data.preference import ReadOptions
 from megatron_dvpo.data.preprocess import open_dataset
@@ -28,7 +26,7 @@ from megatron_dvpo.dvpo.losses import bradley_terry_loss
 from megatron_dvpo.gvm.td import gvm_loss, loss_token_count
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
-from megatron_dvpo.training import Trainer
+from megatron_dvpo.training import Trainer, run_trainer
 
 STEP_SUMS = ["sq_err_sum", "tokens", "value_sum", "response_tokens", "final_value_sum", "rows"]
 
@@ -175,16 +173,8 @@ class GVMTrainer(Trainer):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    validate(cfg, distributed.launch_env().world_size)
-    distributed.init_distributed(cfg.parallel, cfg.seed)
-    GVMTrainer(cfg).run()
-    distributed.shutdown()
-
+    run_trainer(GVMTrainer, __doc__.splitlines()[0], argv,
+                lambda cfg: validate(cfg, distributed.launch_env().world_size))
 
 if __name__ == "__main__":
     main()
