@@ -217,6 +217,9 @@ class RunConfig:
     # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:
     # for jobs shorter than the run, which then resume from the checkpoint.
     exit_interval: int = 0
+    # Steps with a NaN/Inf loss or gradient are skipped and counted; this many in a row stop the
+    # run with a report.
+    max_bad_steps: int = 5
 
 
 # ---------------------------------------------------------------------------------------------

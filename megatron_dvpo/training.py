@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -82,6 +86,10 @@ def build_scheduler(optimizer, optim: OptimizerConfig, train_steps: int):
         end_wd=optim.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
 
 
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN or Inf loss or gradient."""
+
+
 class Trainer:
     """The loop every job shares: resume, step, log, checkpoint.
 
@@ -101,15 +109,20 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0  # the data position: samples of all global batches so far
         self._batches = None
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient
+        self._bad_in_a_row = 0
+        self._bad_reason: str | None = None
+        self._signal: int | None = None
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
         self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=is_rank0())
 
     # -- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
+        return {"consumed_samples": self.consumed_samples, "skipped_steps": self.skipped_steps}
 
     def load_extra_state(self, state: dict) -> None:
         self.consumed_samples = state["consumed_samples"]
+        self.skipped_steps = state.get("skipped_steps", 0)
 
     def next_indices(self, num_samples: int) -> list[int]:
         """This data-parallel rank's share of the next global batch of a dataset.
@@ -164,7 +177,25 @@ class Trainer:
         self.optimizer.zero_grad()
         return run_microbatches(self.ddp, microbatches, head, loss_fn)
 
+    def _gradients_finite(self) -> bool:
+        """Whether every rank's gradients are finite (megatron checks only under fp16)."""
+        bad = torch.zeros(1)
+        for chunk in self.ddp:
+            for param in chunk.module.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not torch.isfinite(grad).all():
+                    bad[0] = 1
+                    break
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad.item() == 0
+
     def optimizer_step(self) -> tuple[float, bool]:
+        """One optimizer step, unless a gradient is NaN/Inf: then no update, and the step is
+        marked bad."""
+        if not self._gradients_finite():
+            self._bad_reason = "a NaN/Inf gradient"
+            return float("nan"), False
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
@@ -185,19 +216,64 @@ class Trainer:
     def finish(self) -> None:
         """Work after the last step (a final evaluation, say)."""
 
+    def _check_step(self, metrics: dict[str, float]) -> None:
+        """Count a step with a non-finite gradient or metric; stop after too many in a row."""
+        bad = [tag for tag, value in metrics.items() if not math.isfinite(value)]
+        reason = self._bad_reason or (f"a non-finite {bad[0]}" if bad else None)
+        self._bad_reason = None
+        if reason is None:
+            self._bad_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        print_rank0(f"step {self.step}: skipped, {reason} "
+                    f"({self._bad_in_a_row} in a row, {self.skipped_steps} in all)")
+        if self._bad_in_a_row >= self.cfg.max_bad_steps:
+            raise NonFiniteError(f"stopping at step {self.step}: {self._bad_in_a_row} consecutive "
+                                 f"steps with {reason} (max_bad_steps={self.cfg.max_bad_steps}); "
+                                 f"the last checkpoint is the last good state")
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum  # acted on between steps, never inside one
+
+    def _stop_requested(self) -> int:
+        """The signal any rank received (0 if none), agreed by all ranks."""
+        flag = torch.tensor([float(self._signal or 0)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """Save, requeue the Slurm job on SIGUSR1 (the --signal warning), and stop cleanly."""
+        self.save()
+        name = signal.Signals(signum).name
+        print_rank0(f"{name} received: saved step {self.step}, exiting; a restart resumes here")
+        job = os.environ.get("SLURM_JOB_ID")
+        if signum == signal.SIGUSR1 and job and is_rank0():
+            subprocess.run(["scontrol", "requeue", job], check=False)
+        self.logger.close()
+
     def run(self) -> None:
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
         self.start(self.resume())
         interval = self.cfg.checkpoint.save_interval
         while self.step < self.cfg.train_steps:
             start = time.perf_counter()
             metrics = self.train_step()
             self.step += 1
+            self._check_step(metrics)
+            metrics["train/skipped_steps"] = float(self.skipped_steps)
             metrics["perf/step_time_s"] = time.perf_counter() - start
             metrics["perf/peak_mem_gib"] = peak_memory_gib()
             if self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
                 self.logger.log(self.step, metrics, self.summary_tags + ("perf/step_time_s",))
             if self.step >= self.cfg.train_steps:
                 break
+            signum = self._stop_requested()
+            if signum:
+                self._stop_for_signal(signum)
+                return
             if self.cfg.exit_interval and self.step % self.cfg.exit_interval == 0:
                 self.save()
                 print_rank0(f"exit_interval={self.cfg.exit_interval}: stopping at step "

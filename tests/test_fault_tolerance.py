@@ -1,0 +1,147 @@
+"""Signals, kill -9 mid-save, and NaN steps, on a real training process (no Slurm needed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from megatron_dvpo.checkpointing import find_latest_checkpoint
+from megatron_dvpo.demo import scalars
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    from megatron_dvpo.data import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.main([str(out)])
+    return out
+
+
+def command(data: Path, run: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_dvpo.gvm.train", "--config",
+            str(REPO / "examples/gvm_tiny.yaml"), f"data.train_path={data}/train.jsonl",
+            f"data.tokenizer={data}/tokenizer.model", "data.eval_path=null",
+            f"logging.run_dir={run}", f"checkpoint.save_dir={run}/checkpoints",
+            "logging.log_interval=1", "gvm.eval_interval=0", *overrides]
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return dict(scalars(run_dir / "tensorboard")["gvm/loss"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_exits_and_resumes_exactly(synthetic, tmp_path, signum):
+    steps = ["train_steps=80", "checkpoint.save_interval=0"]
+    unbroken = run(command(synthetic, tmp_path / "unbroken", *steps))
+    assert unbroken.returncode == 0, unbroken.stderr[-2000:]
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(command(synthetic, broken, *steps), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 5/"):
+            proc.send_signal(signum)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, output[-2000:]
+    assert f"{signal.Signals(signum).name} received" in output
+    stopped = find_latest_checkpoint(broken / "checkpoints")
+    stopped_at = json.loads((stopped / "train_state.json").read_text())["step"]
+    assert 5 <= stopped_at < 80
+    resumed = run(command(synthetic, broken, *steps))
+    assert resumed.returncode == 0 and f"resumed from {stopped}" in resumed.stdout
+    expected, got = losses(tmp_path / "unbroken"), losses(broken)
+    for step in range(stopped_at + 1, 81):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_kill_9_during_a_save_leaves_a_loadable_checkpoint(synthetic, tmp_path):
+    args = command(synthetic, tmp_path, "train_steps=400", "checkpoint.save_interval=1",
+                   "checkpoint.keep_last=3")
+    proc = subprocess.Popen(args, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill while a save is being written, after two finished
+        partial = list(checkpoints.glob("*.partial")) if checkpoints.is_dir() else []
+        if partial and len(list(checkpoints.glob("iter_???????"))) >= 2:
+            proc.kill()
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    latest = find_latest_checkpoint(checkpoints)
+    assert latest is not None and (latest / "train_state.json").is_file()
+    step = json.loads((latest / "train_state.json").read_text())["step"]
+    resumed = run(command(synthetic, tmp_path, f"train_steps={step + 3}",
+                          "checkpoint.save_interval=1", "checkpoint.keep_last=3"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {latest}" in resumed.stdout
+    assert find_latest_checkpoint(checkpoints).name == f"iter_{step + 3:07d}"
+
+
+class NaNAtSteps:
+    """A real Trainer on a tiny policy whose loss is NaN at chosen steps."""
+
+    @staticmethod
+    def build(tmp_path, bad_steps, max_bad_steps):
+        import torch
+
+        from megatron_dvpo.config import load_config
+        from megatron_dvpo.models import build_chunks, forward
+        from megatron_dvpo.training import Trainer
+
+        class Trainee(Trainer):
+            def train_step(self):
+                scale = float("nan") if self.step + 1 in bad_steps else 1.0
+                tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+                outputs, grad_norm, _ = self.train_batch(
+                    forward.make_microbatches(2, tokens=tokens),
+                    forward.policy_logprobs_head(100),
+                    lambda out, batch: (-out["logprobs"].mean() * scale, {}))
+                return {"x/loss": sum(float(o["loss"]) for o in outputs)}
+
+        cfg = load_config(None, ["model.num_layers=1", "model.vocab_size=100",
+                                 "train_steps=8", f"max_bad_steps={max_bad_steps}",
+                                 f"logging.run_dir={tmp_path}", "data.global_batch_size=4"])
+        return Trainee(cfg, build_chunks(cfg))
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, single_rank):
+    import torch
+
+    trainer = NaNAtSteps.build(tmp_path, bad_steps={3, 4}, max_bad_steps=3)
+    params = lambda: [p.detach().clone() for p in trainer.chunks[0].parameters()]  # noqa: E731
+    trainer.run()
+    assert trainer.skipped_steps == 2 and trainer.step == 8
+    logged = scalars(tmp_path / "tensorboard")["train/skipped_steps"]
+    assert dict(logged)[8] == 2.0
+    # a bad step leaves the weights untouched
+    trainer = NaNAtSteps.build(tmp_path / "again", bad_steps={1}, max_bad_steps=3)
+    before = params()
+    trainer.train_step()
+    assert trainer._bad_reason == "a NaN/Inf gradient"
+    assert all(torch.equal(a, b) for a, b in zip(before, params()))
+
+
+def test_consecutive_nan_steps_stop_with_a_report(tmp_path, single_rank):
+    from megatron_dvpo.training import NonFiniteError
+
+    trainer = NaNAtSteps.build(tmp_path, bad_steps=set(range(1, 9)), max_bad_steps=3)
+    with pytest.raises(NonFiniteError, match=r"stopping at step 3: 3 consecutive steps with a "
+                                             r"NaN/Inf gradient \(max_bad_steps=3\)"):
+        trainer.run()
