@@ -7,26 +7,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, torchrun
+from conftest import REPO, tiny_policy_and_gvm, torchrun
 from megatron_dvpo.demo import scalars
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """The synthetic task, a tiny random policy, and a value model made from it."""
-    from megatron_dvpo.data import synthetic
-
-    work = tmp_path_factory.mktemp("ppo")
-    synthetic.main([str(work / "synthetic")])
-    python = [sys.executable]
-    for args in (["tools/build_tiny_hf.py", "--tokenizer", f"{work}/synthetic/tokenizer.model",
-                  "--out", f"{work}/hf"],
-                 ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
-                  f"{work}/policy"],
-                 ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
-                  f"{work}/value", "--target", "gvm"]):
-        subprocess.run(python + args, cwd=REPO, check=True, capture_output=True)
-    return work
+    return tiny_policy_and_gvm(tmp_path_factory.mktemp("ppo"))
 
 
 def test_reward_model_reaches_high_pairwise_accuracy(models, tmp_path):
@@ -50,7 +37,7 @@ def test_reward_model_reaches_high_pairwise_accuracy(models, tmp_path):
 def test_ppo_steps_at_tp2_and_pp2(models, tmp_path, layout):
     torchrun(["-m", "megatron_dvpo.dvpo.ppo", "--config", "examples/dvpo_tiny.yaml",
               f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-              f"dvpo.policy={models}/policy", f"ppo.reward_model={models}/value",
+              f"dvpo.policy={models}/policy", f"ppo.reward_model={models}/gvm",
               f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null", "train_steps=2",
               "data.global_batch_size=16", "data.micro_batch_size=4", "dvpo.kl_coef=0.05",
               "logging.log_interval=1", "dvpo.eval_interval=0", layout], nproc=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from conftest import REPO
+from conftest import REPO, tiny_policy_and_gvm
 
 reason = slurm_cluster.available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
@@ -26,19 +26,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """Synthetic data, a tiny policy and a (zero-head) GVM made from it."""
-    from megatron_dvpo.data import synthetic
-
-    work = tmp_path_factory.mktemp("inputs")
-    synthetic.main([str(work / "synthetic"), "--train-rows", "2000", "--eval-rows", "50"])
-    for args in (["tools/build_tiny_hf.py", "--tokenizer", f"{work}/synthetic/tokenizer.model",
-                  "--out", f"{work}/hf"],
-                 ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
-                  f"{work}/policy"],
-                 ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
-                  f"{work}/gvm", "--target", "gvm"]):
-        subprocess.run([sys.executable, *args], cwd=REPO, check=True, capture_output=True)
-    return work
+    return tiny_policy_and_gvm(tmp_path_factory.mktemp("inputs"), 2000, 50)
 
 
 def gvm_args(inputs: Path, run: Path, steps: int) -> list[str]:

@@ -13,9 +13,7 @@ Global Value Model: a zero-initialised value head, or the checkpoint's own value
 import argparse
 import sys
 
-from megatron_dvpo.config import ConfigError
-from megatron_dvpo.conversion.convert import import_hf
-from megatron_dvpo.conversion.safetensors_io import CheckpointError
+from megatron_dvpo.conversion.convert import import_hf, run_cli
 
 
 def main(argv=None) -> int:
@@ -29,14 +27,8 @@ def main(argv=None) -> int:
                         help="parameter dtype (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        out = import_hf(args.hf, args.out, target=args.target, tp=args.tp, pp=args.pp,
-                        dtype=args.dtype, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_cli(import_hf, args.hf, args.out, target=args.target, tp=args.tp, pp=args.pp,
+                   dtype=args.dtype, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

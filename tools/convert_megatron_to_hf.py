@@ -10,9 +10,7 @@ trunk plus its value head under TRL's names, v_head.summary.{weight,bias}.
 import argparse
 import sys
 
-from megatron_dvpo.config import ConfigError
-from megatron_dvpo.conversion.convert import export_hf
-from megatron_dvpo.conversion.safetensors_io import CheckpointError
+from megatron_dvpo.conversion.convert import export_hf, run_cli
 
 
 def main(argv=None) -> int:
@@ -22,14 +20,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-gb", type=float, default=2.0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        out = export_hf(args.ckpt, args.out, overwrite=args.overwrite,
-                        max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_cli(export_hf, args.ckpt, args.out, overwrite=args.overwrite,
+                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
 
 
 if __name__ == "__main__":

@@ -234,3 +234,19 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
         (partial / "config.json").write_text(json.dumps(hf, indent=2))
         _export_tokenizer(ckpt, cfg, partial)
     return out
+
+
+def run_cli(convert, *args, **kwargs) -> int:
+    """Run a conversion for a command line: the output path on success, ``error: ...`` and exit
+    status 2 for bad input (nothing is written then)."""
+    import sys
+
+    from megatron_dvpo.config import ConfigError
+
+    try:
+        out = convert(*args, **kwargs)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
