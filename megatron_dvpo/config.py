@@ -114,6 +114,9 @@ class DataConfig:
     length_mode: Literal["filter", "truncate"] = "filter"
     chosen_reward: float = 1.0
     rejected_reward: float = -1.0
+    # Trajectory conditioning (SPEC.md section 2, off by default): prefix each GVM sample with K
+    # example (prompt, response) pairs of the judged policy, drawn from the training data.
+    trajectory_context_k: int = 0
 
 
 @dataclass

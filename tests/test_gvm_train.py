@@ -116,3 +116,35 @@ def test_resume_continues_exactly(synthetic, tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
     state = json.loads((tmp_path / "broken/checkpoints/iter_0000020/train_state.json").read_text())
     assert state["consumed_samples"] == 20 * 64 and state["step"] == 20
+
+
+def test_trajectory_context_prefixes_examples_and_keeps_the_response(synthetic, tmp_path,
+                                                                      single_rank):
+    import math
+
+    import torch
+
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.gvm.train import GVMTrainer
+
+    overrides = [f"data.train_path={synthetic}/train.jsonl", "data.eval_path=null",
+                 f"data.tokenizer={synthetic}/tokenizer.model", f"logging.run_dir={tmp_path}",
+                 "checkpoint.save_dir=null", "data.seq_length=256", "data.max_length=32",
+                 "model.max_position_embeddings=256", "train_steps=3", "data.global_batch_size=8",
+                 "data.micro_batch_size=8"]
+    config = REPO / "examples/gvm_tiny.yaml"
+    plain = GVMTrainer(load_config(config, overrides))._next_batch()
+    trainer = GVMTrainer(load_config(config, overrides + ["data.trajectory_context_k=2"]))
+    framed = trainer._next_batch()
+    assert torch.equal(plain["response_lengths"], framed["response_lengths"])
+    assert torch.equal(plain["response_mask"].sum(1), framed["response_mask"].sum(1))
+    assert (framed["prompt_lengths"] > plain["prompt_lengths"] + 10).all()
+    for row in range(8):
+        n = int(plain["response_lengths"][row])
+        p, q = int(plain["prompt_lengths"][row]), int(framed["prompt_lengths"][row])
+        assert torch.equal(plain["tokens"][row, p:p + n], framed["tokens"][row, q:q + n])
+        assert torch.equal(plain["tokens"][row, 1:p], framed["tokens"][row, q - p + 1:q])
+    trainer.consumed_samples, trainer._batches = 0, None
+    trainer.run()
+    losses = [v for _, v in scalars(tmp_path / "tensorboard")["gvm/loss"]]
+    assert losses and all(math.isfinite(v) for v in losses)

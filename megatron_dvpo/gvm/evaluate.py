@@ -27,10 +27,11 @@ STATISTICS = ("last", "mean", "p1", "p5", "p10", "p90", "p95", "p99")
 
 
 def evaluate_pairs(chunks, dataset: ValueDataset, pairs: np.ndarray, seq_length: int,
-                   micro_batch_size: int) -> dict[str, float]:
+                   micro_batch_size: int, transform=None) -> dict[str, float]:
     """Accuracy per statistic over ``pairs`` ([P, 2] chosen/rejected indices), on every rank.
 
     Pairs are split over data-parallel replicas; ties count half (see ``pairwise_accuracy``).
+    ``transform(index, sample)`` may rewrite each sample first (trajectory conditioning).
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -40,7 +41,8 @@ def evaluate_pairs(chunks, dataset: ValueDataset, pairs: np.ndarray, seq_length:
     on_last_stage = parallel_state.is_pipeline_last_stage()
     for start in range(0, len(mine), rows_per_call // 2):
         chunk = mine[start:start + rows_per_call // 2]
-        samples = [dataset[int(i)] for pair in chunk for i in pair]  # chosen, rejected, ...
+        samples = [dataset[int(i)] if transform is None else transform(int(i), dataset[int(i)])
+                   for pair in chunk for i in pair]  # chosen, rejected, ...
         padding = -len(samples) % micro_batch_size
         samples += samples[:padding]  # whole microbatches; the extra rows are ignored
         batch = collate(samples, seq_length, dataset.pad_id)

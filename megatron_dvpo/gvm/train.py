@@ -13,12 +13,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
 from megatron_dvpo.config import RunConfig, validate
 from megatron_dvpo.data.dataset import ValueDataset, collate
-from megatron_dvpo.data.preference import ReadOptions
+from megatron_dvpo.data.preference import ReadOptions, add_trajectory_context
 from megatron_dvpo.data.preprocess import open_dataset
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.gvm.evaluate import evaluate_pairs
@@ -66,6 +68,9 @@ class GVMTrainer(Trainer):
         self.train_data = open_data(cfg, cfg.data.train_path)
         self.eval_data = open_data(cfg, cfg.data.eval_path) if cfg.data.eval_path else None
         self.data_metrics = data_metrics(self.train_data)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+        if cfg.data.trajectory_context_k and self.tokenizer is None:
+            raise ValueError("data.trajectory_context_k needs data.tokenizer")
         if cfg.gvm.objective == "bradley_terry":
             self.train_pairs = self.train_data.pairs()
             if cfg.data.micro_batch_size % 2:
@@ -78,14 +83,29 @@ class GVMTrainer(Trainer):
     def start(self, resumed: bool) -> None:
         self.logger.log(self.step, self.data_metrics)
 
+    def with_context(self, index: int, sample):
+        """Trajectory conditioning: K other (prompt, response) pairs of the data before the
+        sample, chosen by a generator seeded with the sample's index (the same every epoch)."""
+        k = self.cfg.data.trajectory_context_k
+        if not k:
+            return sample
+        rng = np.random.default_rng([self.cfg.seed, index])
+        special = {self.tokenizer.bos_id, self.tokenizer.eos_id}
+        text = lambda ids: self.tokenizer.decode([t for t in ids if t not in special])  # noqa: E731
+        examples = []
+        for other in rng.choice(len(self.train_data), size=k, replace=False):
+            example = self.train_data[int(other)]
+            examples.append((text(example.prompt_ids), text(example.response_ids)))
+        return add_trajectory_context(sample, examples, self.tokenizer)
+
     def _next_batch(self) -> dict:
         if self.cfg.gvm.objective == "bradley_terry":  # whole pairs: chosen, rejected, ...
             pairs = self.train_pairs
             indices = [int(i) for p in self.next_indices(len(pairs)) for i in pairs[p]]
         else:
             indices = self.next_indices(len(self.train_data))
-        return collate([self.train_data[i] for i in indices], self.cfg.data.seq_length,
-                       self.train_data.pad_id)
+        return collate([self.with_context(i, self.train_data[i]) for i in indices],
+                       self.cfg.data.seq_length, self.train_data.pad_id)
 
     def train_step(self) -> dict[str, float]:
         if self.cfg.gvm.objective == "bradley_terry":
@@ -161,7 +181,8 @@ class GVMTrainer(Trainer):
         if self.cfg.gvm.eval_max_pairs:
             pairs = pairs[:self.cfg.gvm.eval_max_pairs]
         accuracy = evaluate_pairs(self.ddp, self.eval_data, pairs, self.cfg.data.seq_length,
-                                  self.cfg.data.micro_batch_size)
+                                  self.cfg.data.micro_batch_size,
+                                  self.with_context if self.cfg.data.trajectory_context_k else None)
         return {f"gvm/pair_acc_{name}": value for name, value in accuracy.items()}
 
     def finish(self) -> None:
