@@ -247,11 +247,8 @@ class DVPOTrainer(Trainer):
 
         def head(logits, batch):
             out = forward.policy_logprobs_head(vocab)(logits, batch)
-            if dvpo.entropy_coef > 0:
+            with torch.set_grad_enabled(dvpo.entropy_coef > 0):  # else for logging only
                 out["entropy"] = forward.vocab_parallel_entropy(logits[:, :-1], vocab)
-            else:
-                with torch.no_grad():
-                    out["entropy"] = forward.vocab_parallel_entropy(logits[:, :-1], vocab)
             return out
 
         totals = {k: 0.0 for k in UPDATE_SUMS}
