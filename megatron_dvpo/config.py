@@ -80,8 +80,17 @@ class ParallelConfig:
 class PrecisionConfig:
     # fp32 on CPU; bf16 is the usual choice on GPU.
     params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # FP8 policy training through Transformer Engine (Hopper or newer). Frozen models (GVM,
+    # reference, reward model) always run in bf16; rollout generation runs in bf16 too.
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
+    # Keep the first/last N transformer layers in bf16 (not with the delayed recipe).
+    num_layers_at_start_in_bf16: int = 0
+    num_layers_at_end_in_bf16: int = 0
+    # Keep FP8 parameters and all-gather them in FP8 (needs the distributed optimizer).
+    fp8_param_gather: bool = False
+    fp8_amax_history_len: int = 1024  # delayed scaling only
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
     # Attention implementation: "auto" picks Transformer Engine on a GPU with TE, else local.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
 

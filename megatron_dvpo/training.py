@@ -31,6 +31,7 @@ from megatron_dvpo.distributed import init_distributed, is_rank0, print_rank0, s
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
 from megatron_dvpo.models.forward import run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
+from megatron_dvpo.models.precision import Hardware, plan_precision
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig) -> list[DistributedDataParallel]:
@@ -43,6 +44,9 @@ def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig) -> list[Di
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        # FP8 parameters (precision.fp8_param_gather): the optimizer's updated shards are
+        # quantized and all-gathered in FP8.
+        fp8_param_gather=chunks[0].config.fp8_param,
     )
     wrapped = [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                        disable_bucketing=i > 0)
@@ -57,6 +61,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig) -> list[Di
 def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimizerConfig,
                     parallel: ParallelConfig, precision: PrecisionConfig):
     dtype = DTYPES[precision.params_dtype]
+    model_config = chunks[0].config
     config = MegatronOptimizerConfig(
         optimizer=optim.optimizer,
         lr=optim.lr,
@@ -70,6 +75,7 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimizerConfi
         fp16=dtype == torch.float16,
         params_dtype=dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
+        fp8_recipe=model_config.fp8_recipe if model_config.fp8 else None,
     )
     return get_megatron_optimizer(config, chunks)
 
@@ -115,6 +121,8 @@ class Trainer:
         self._signal: int | None = None
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
         self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=is_rank0())
+        plan = plan_precision(cfg.precision, cfg.parallel, cfg.model, Hardware.detect())
+        print_rank0(f"precision: {cfg.precision.params_dtype} parameters, {plan.describe()}")
 
     # -- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -299,6 +307,7 @@ def run_trainer(trainer_class, description: str, argv=None,
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train_steps=10")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    plan_precision(cfg.precision, cfg.parallel, None, Hardware.detect())
     if check is not None:
         check(cfg)
     init_distributed(cfg.parallel, cfg.seed)

@@ -3,34 +3,8 @@
 import pytest
 import torch
 
-from megatron_dvpo.config import ConfigError, PrecisionConfig, load_config
-from megatron_dvpo.models.spec import layer_spec, use_transformer_engine
-
-
-@pytest.mark.parametrize("impl, te, expected", [
-    ("auto", False, False), ("auto", True, True), ("local", True, False),
-    ("transformer_engine", True, True),
-])
-def test_spec_routing(impl, te, expected):
-    assert use_transformer_engine(PrecisionConfig(transformer_impl=impl), te_available=te) \
-        is expected
-
-
-def test_transformer_engine_unavailable_is_an_error():
-    with pytest.raises(ConfigError, match="needs a CUDA GPU and the transformer_engine"):
-        use_transformer_engine(PrecisionConfig(transformer_impl="transformer_engine"),
-                               te_available=False)
-
-
-@pytest.mark.parametrize("impl, te", [("auto", False), ("local", True)])
-def test_fp8_never_falls_back(impl, te):
-    precision = PrecisionConfig(fp8="hybrid", transformer_impl=impl)
-    with pytest.raises(ConfigError, match="FP8 support .* never falls back"):
-        use_transformer_engine(precision, te_available=te)
-
-
-def test_fp8_routes_to_te_when_available():
-    assert use_transformer_engine(PrecisionConfig(fp8="e4m3"), te_available=True)
+from megatron_dvpo.config import load_config
+from megatron_dvpo.models.spec import layer_spec
 
 
 def test_local_spec_uses_sdpa_attention():

@@ -30,6 +30,7 @@ from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLControll
 from megatron_dvpo.dvpo.losses import entropy_bonus, ppo_policy_loss, should_skip_minibatch
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
+from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.training import Trainer, run_trainer
 
 UPDATE_SUMS = ["tokens", "loss_sum", "clipfrac_sum", "approx_kl_sum", "ratio_sum",
@@ -103,9 +104,10 @@ def check_inputs(cfg: RunConfig, value_models: dict[str, str | None] | None = No
 
 
 def frozen_model(cfg: RunConfig, model_cfg, directory: str) -> list[torch.nn.Module]:
-    """A forward-only model at this run's layout: no gradients, no optimizer, no DDP."""
+    """A forward-only model at this run's layout, in bf16 even when the policy trains in FP8:
+    no gradients, no optimizer, no DDP."""
     frozen_cfg = RunConfig(model=model_cfg.model, parallel=cfg.parallel,
-                           precision=cfg.precision, seed=cfg.seed)
+                           precision=inference_precision(cfg.precision), seed=cfg.seed)
     chunks = build_chunks(frozen_cfg, initialize=False)
     load_model(chunks, Path(directory) / "model")
     for chunk in chunks:
@@ -323,12 +325,14 @@ class DVPOTrainer(Trainer):
                      "kl_sum": float(kl.sum()), "final_value_sum": float(final.sum()),
                      "adv_sum": float((advantages * mask).sum()),
                      "adv_sq_sum": float((advantages ** 2 * mask).sum()),
-                     "logprob_diff": float((logp_old - rollout.logprobs).abs().max())}
+                     # rollout (bf16) vs training numerics (FP8 when precision.fp8 is set)
+                     "logprob_diff_sum": float(((logp_old - rollout.logprobs).abs()
+                                                * mask).sum())}
         else:
             advantages = logp_old = torch.zeros(shape)
             local = None
         keys = ["tokens", "rows", "kl_sum", "final_value_sum", "adv_sum", "adv_sq_sum",
-                "logprob_diff"]
+                "logprob_diff_sum"]
         rollout_sums = distributed.sum_over_replicas(keys, local)
         metrics = self._update(rollout, logp_old, advantages, step_seed)
         metrics.update(self._after_update(rollout, scores, step_seed))
@@ -348,7 +352,7 @@ class DVPOTrainer(Trainer):
             "rollout/beta": self.kl.beta,
             "rollout/adv_mean": adv_mean,
             "rollout/adv_std": max(rollout_sums["adv_sq_sum"] / tokens - adv_mean ** 2, 0) ** 0.5,
-            "rollout/logprob_diff": rollout_sums["logprob_diff"],
+            "rollout/logprob_diff": rollout_sums["logprob_diff_sum"] / tokens,
             "perf/gen_tokens_per_s": gen_tokens / (generated - start),
             "perf/train_tokens_per_s": (seq_tokens * self.cfg.dvpo.ppo_epochs
                                         / (trained - scored)),

@@ -1,8 +1,9 @@
 """Core attention on ``F.scaled_dot_product_attention`` for megatron's local layer spec.
 
 megatron's local ``DotProductAttention`` takes its score buffer from a CUDA-only global memory
-buffer, so the local spec substitutes this module instead (on CPU and on GPUs without Transformer
-Engine). It keeps megatron's tensor layout and mask convention (``True`` = masked out).
+buffer, and TE's attention ignores explicit padding masks under a causal mask type, so both layer
+specs use this module (models/spec.py). It keeps megatron's tensor layout and mask convention
+(``True`` = masked out).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class SDPACoreAttention(MegatronModule):
                  pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs Transformer Engine attention "
-                             "(precision.transformer_impl=transformer_engine)")
+            raise ValueError("parallel.context_parallel_size > 1 is not supported: attention "
+                             "runs on SDPA, which needs the whole sequence on each rank")
         tp_size = (pg_collection.tp.size() if pg_collection is not None
                    else parallel_state.get_tensor_model_parallel_world_size())
         self.heads_per_partition = config.num_attention_heads // tp_size
@@ -66,12 +67,16 @@ class SDPACoreAttention(MegatronModule):
         sk = key.shape[0]
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        mask = allowed_positions(sq, sk, self.causal, attention_mask, query.device)
+        # Plain causal attention (training, scoring without padding) keeps SDPA's flash kernels.
+        plain_causal = self.causal and attention_mask is None and sq == sk
+        mask = (None if plain_causal
+                else allowed_positions(sq, sk, self.causal, attention_mask, query.device))
         dropout_p = self.dropout_p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork()
                if dropout_p > 0 and not self.config.sequence_parallel else contextlib.nullcontext())
         with rng:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale,
+                q, k, v, attn_mask=mask, is_causal=plain_causal and sq > 1, dropout_p=dropout_p,
+                scale=self.softmax_scale,
                 enable_gqa=self.heads_per_partition != self.groups_per_partition)
         return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)

@@ -11,8 +11,11 @@ from functools import partial
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_dvpo.models.precision import FP8_ALIGNMENT
 
 # head(model_output, batch) -> per-token tensors; loss_fn(outputs, batch) -> (loss, metrics)
 Head = Callable[[torch.Tensor, dict], dict]
@@ -79,17 +82,41 @@ def make_microbatches(micro_batch_size: int, **tensors: torch.Tensor) -> list[di
             for i in range(0, total, micro_batch_size)]
 
 
-def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int,
-                  data_iterator, model):
-    batch = next(data_iterator)
+def sequence_multiple(model_chunks: list[torch.nn.Module]) -> int:
+    """FP8 GEMMs need the token dimension aligned; other numerics take any length."""
+    return FP8_ALIGNMENT if getattr(model_chunks[0].config, "fp8", None) else 1
+
+
+def model_inputs(batch: dict, length: int) -> tuple:
+    """(tokens, position_ids, attention_mask) right-padded to ``length``.
+
+    Causal attention keeps the padding invisible to the real positions, whose outputs are then
+    exactly those of the unpadded batch.
+    """
     tokens = batch["tokens"]
+    seq = tokens.shape[1]
     position_ids = batch.get("position_ids")
     if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    output = model(tokens, position_ids, batch.get("attention_mask"))
+        position_ids = torch.arange(seq, device=tokens.device).expand_as(tokens)
+    mask = batch.get("attention_mask")
+    extra = length - seq
+    if extra:
+        tokens = F.pad(tokens, (0, extra))
+        tail = torch.arange(1, extra + 1, device=tokens.device)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + tail], dim=1)
+        if mask is not None:  # [b, 1, q, k]: padding keys and queries are not masked out
+            mask = F.pad(mask, (0, extra, 0, extra if mask.shape[-2] > 1 else 0), value=False)
+    return tokens, position_ids, mask
+
+
+def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, length: int,
+                  data_iterator, model):
+    batch = next(data_iterator)
+    seq = batch["tokens"].shape[1]
+    output = model(*model_inputs(batch, length))
 
     def loss_func(output_tensor):
-        outputs = head(output_tensor, batch)
+        outputs = head(output_tensor[:, :seq], batch)
         if loss_fn is None:
             return output_tensor.new_zeros(()), {k: v.detach() for k, v in outputs.items()}
         loss, metrics = loss_fn(outputs, batch)
@@ -113,16 +140,18 @@ def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dic
     if any(mb["tokens"].shape != tokens.shape for mb in microbatches):
         raise ValueError("all microbatches of one call must share [micro_batch_size, seq_length]")
     num_microbatches = len(microbatches)
+    multiple = sequence_multiple(model_chunks)
+    length = -(-tokens.shape[1] // multiple) * multiple
     chunks = len(model_chunks)
     # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
     iterators = [iter(microbatches) for _ in range(chunks)]
     forward_backward = get_forward_backward_func()
     return forward_backward(
-        forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches),
+        forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length),
         data_iterator=iterators if chunks > 1 else iterators[0],
         model=model_chunks,
         num_microbatches=num_microbatches,
-        seq_length=tokens.shape[1],
+        seq_length=length,
         micro_batch_size=tokens.shape[0],
         forward_only=forward_only,
     )

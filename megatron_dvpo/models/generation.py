@@ -24,6 +24,8 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_dvpo.models.precision import fp8_disabled
+
 
 @dataclass
 class SamplingConfig:
@@ -138,29 +140,32 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    start = 0
-    for step in range(cfg.max_new_tokens):
-        end = width + step
-        # prefill the whole prompt once, then one token per step
-        mask = key_pad[:, None, None, :end].expand(batch, 1, end - start, end)
-        positions = torch.arange(start, end, device=device).expand(batch, -1)
-        logits = _pipeline_forward(chunks, context, tokens[:, start:end], positions, mask)
-        context.sequence_len_offset += end - start
-        start = end
-        chosen = torch.zeros(batch, dtype=torch.long, device=device)
-        chosen_logprob = torch.zeros(batch, device=device)
-        if logits is not None:
-            last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
-            chosen = sample_tokens(last, cfg, generator)
-            chosen_logprob = F.log_softmax(last, -1).gather(-1, chosen[:, None]).squeeze(-1)
-        _broadcast_from_last_stage(chosen)
-        _broadcast_from_last_stage(chosen_logprob)
-        tokens[:, end] = torch.where(alive, chosen, torch.full_like(chosen, pad_id))
-        logprobs[:, step] = torch.where(alive, chosen_logprob, torch.zeros_like(chosen_logprob))
-        lengths += alive.long()
-        alive &= chosen != eos_id
-        if not alive.any():
-            break
+    # Rollout runs in bf16 even when the policy trains in FP8: rollout/logprob_diff measures it.
+    with fp8_disabled(chunks):
+        start = 0
+        for step in range(cfg.max_new_tokens):
+            end = width + step
+            # prefill the whole prompt once, then one token per step
+            mask = key_pad[:, None, None, :end].expand(batch, 1, end - start, end)
+            positions = torch.arange(start, end, device=device).expand(batch, -1)
+            logits = _pipeline_forward(chunks, context, tokens[:, start:end], positions, mask)
+            context.sequence_len_offset += end - start
+            start = end
+            chosen = torch.zeros(batch, dtype=torch.long, device=device)
+            chosen_logprob = torch.zeros(batch, device=device)
+            if logits is not None:
+                last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
+                chosen = sample_tokens(last, cfg, generator)
+                chosen_logprob = F.log_softmax(last, -1).gather(-1, chosen[:, None]).squeeze(-1)
+            _broadcast_from_last_stage(chosen)
+            _broadcast_from_last_stage(chosen_logprob)
+            tokens[:, end] = torch.where(alive, chosen, torch.full_like(chosen, pad_id))
+            logprobs[:, step] = torch.where(alive, chosen_logprob,
+                                            torch.zeros_like(chosen_logprob))
+            lengths += alive.long()
+            alive &= chosen != eos_id
+            if not alive.any():
+                break
     steps = int(lengths.max())
     response_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]
     return Rollout(tokens=tokens[:, :width + steps], prompt_pad=pads.to(device),

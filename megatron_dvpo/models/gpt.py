@@ -9,13 +9,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dvpo.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
-from megatron_dvpo.models.spec import decoder_spec, use_transformer_engine
+from megatron_dvpo.models.precision import Hardware, PrecisionPlan, plan_precision
+from megatron_dvpo.models.spec import decoder_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig,
-                       precision: PrecisionConfig, initialize: bool = True) -> TransformerConfig:
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       plan: PrecisionPlan, initialize: bool = True) -> TransformerConfig:
     dtype = DTYPES[precision.params_dtype]
     on_gpu = torch.cuda.is_available()
     swiglu = model.activation == "swiglu"
@@ -54,6 +55,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig,
         # gloo mismatches batched sends and receives to the same peer under interleaved PP and
         # gives silently wrong results (NOTES.md); plain isend/irecv is correct.
         batch_p2p_comm=on_gpu,
+        **plan.transformer_config_kwargs(),
     )
 
 
@@ -69,11 +71,11 @@ def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
-    config = transformer_config(model, cfg.parallel, cfg.precision, initialize)
+    plan = plan_precision(cfg.precision, cfg.parallel, model, Hardware.detect())
+    config = transformer_config(model, cfg.parallel, cfg.precision, plan, initialize)
     gpt = model_class(
         config=config,
-        transformer_layer_spec=decoder_spec(model, config, use_transformer_engine(cfg.precision),
-                                            vp_stage),
+        transformer_layer_spec=decoder_spec(model, config, plan.use_te, vp_stage),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

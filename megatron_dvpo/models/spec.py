@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -12,40 +9,27 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dvpo.config import ConfigError, ModelConfig, PrecisionConfig
+from megatron_dvpo.config import ModelConfig
 from megatron_dvpo.models.attention import SDPACoreAttention
 from megatron_dvpo.models.norm import TorchNorm
 
 
-def transformer_engine_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
-def use_transformer_engine(precision: PrecisionConfig, te_available: bool | None = None) -> bool:
-    """Resolve ``precision.transformer_impl``; asking for what cannot run is an error, not a fallback."""
-    if te_available is None:
-        te_available = transformer_engine_available()
-    impl = precision.transformer_impl
-    if impl == "transformer_engine" and not te_available:
-        raise ConfigError("precision.transformer_impl=transformer_engine needs a CUDA GPU and the "
-                          "transformer_engine package (NGC PyTorch container, or the `gpu` extra)")
-    if precision.fp8 is not None and not (te_available and impl != "local"):
-        raise ConfigError(f"precision.fp8={precision.fp8} needs Transformer Engine on a CUDA GPU "
-                          "with FP8 support (Hopper or newer); FP8 never falls back to bf16 "
-                          "silently. Unset precision.fp8 to train in bf16.")
-    return impl == "transformer_engine" or (impl == "auto" and te_available)
-
-
 def layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
-    """One transformer layer: TE's fused modules, or megatron's local ones with our substitutes."""
+    """One transformer layer: TE's fused norm+linear modules (where FP8 runs), or megatron's local
+    ones with our norms; attention is SDPA in both.
+
+    TE's attention reads the layer's mask *type* and drops an explicit ``attention_mask`` under
+    ``causal``, so left-padded rollout prompts would be attended to; SDPA takes our padding mask.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        spec.submodules.input_layernorm = TorchNorm
+        spec.submodules.pre_mlp_layernorm = TorchNorm
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    spec.submodules.input_layernorm = TorchNorm
-    spec.submodules.pre_mlp_layernorm = TorchNorm
     return spec
 
 
