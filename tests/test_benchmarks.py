@@ -20,3 +20,32 @@ def test_bench_convert_quick(tmp_path):
         r = result[direction]
         assert r["seconds"] > 0 and r["peak_rss"] >= r["baseline_rss"] > 0
         assert r["increase_over_largest_group"] == r["peak_increase"] / (1024 * 64 * 2)
+
+
+def test_bench_gpu_quick_on_cpu(tmp_path):
+    """The GPU benchmark's quick mode runs end to end on a CPU: every section measured, FP8
+    reported as skipped with the precision check's reason, targets left undecided."""
+    import torch
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_gpu.py"), "--quick",
+                           "--out", str(out), "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    if torch.cuda.is_available():
+        return
+    train = result["training"]["fp32"]
+    assert train["tokens_per_step"] == 2 * 2 * 32
+    assert train["tokens_per_s"] == train["tokens_per_step"] / train["step_time_s"]
+    assert train["mfu"] is None  # no known peak on a CPU
+    for name in ("fp8-tensorwise", "fp8-delayed", "fp8-blockwise"):
+        assert "no CUDA GPU. FP8 never falls back" in result["training"][name]["skipped"]
+    for method in ("dvpo_step", "ppo_step"):
+        step = result[method]["fp32"]
+        assert step["step_time_s"] > 0 and step["gen_time_s"] > 0 and step["peak_mem_gib"] > 0
+        assert "skipped" in result[method]["fp8-tensorwise"]
+    for sampler in ("ours", "hf_generate"):
+        assert result["generation"][sampler]["new_tokens"] == 4 * 8  # no early stop
+    assert result["targets"]["fp8_training_mfu"]["met"] is None
+    assert result["targets"]["generation_over_hf_generate"]["value"] > 0

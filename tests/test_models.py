@@ -84,3 +84,26 @@ def test_qwen2_qkv_bias(single_rank):
     names = {n for n, _ in model.named_parameters()}
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in names
     assert "decoder.layers.0.self_attention.linear_proj.bias" not in names
+
+
+def test_training_flops_of_llama_3_2_1b():
+    """6·N + 12·L·s·d_attn with N = the matrix parameters: Llama-3.2-1B's 1,235,814,400
+    parameters less its 67,584 norm weights."""
+    from megatron_dvpo.models.gpt import training_flops_per_token
+
+    model = load_config("examples/llama3.2_1b.yaml").model
+    matmul_params = 1_235_814_400 - 67_584
+    assert training_flops_per_token(model, 2048) == 6 * matmul_params + 12 * 16 * 2048 * 2048
+
+
+def test_training_flops_count_every_matrix_of_a_built_model(single_rank):
+    from megatron_dvpo.models.gpt import (build_model_chunks, count_parameters,
+                                          training_flops_per_token)
+
+    cfg = tiny("model.num_query_groups=2", "model.ffn_hidden_size=96")
+    chunks = build_model_chunks(cfg)
+    _, total = count_parameters(chunks)
+    norms = sum(p.numel() for n, p in chunks[0].named_parameters() if "norm" in n)
+    embedding = cfg.model.padded_vocab_size * cfg.model.hidden_size  # a lookup, no matmul
+    attention = 12 * cfg.model.num_layers * 10 * cfg.model.hidden_size
+    assert (training_flops_per_token(cfg.model, 10) - attention) / 6 == total - norms - embedding

@@ -32,20 +32,21 @@ from megatron_dvpo.demo import _run, scalars  # noqa: E402
 PHASES = ("perf/gen_time_s", "perf/score_time_s", "perf/train_time_s", "perf/step_time_s")
 
 
-def build_models(work: Path, layers: int, hidden: int, heads: int) -> dict[str, Path]:
+def build_models(work: Path, shape: list[str]) -> dict[str, Path]:
+    """Prompts, a random policy of ``shape`` (tools/build_tiny_hf.py arguments) and its value
+    model twin, both imported."""
     data = work / "synthetic"
     _run("synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data),
                             "--train-rows", "512", "--eval-rows", "16"])
     _run("random policy", ["tools/build_tiny_hf.py", "--tokenizer", str(data / "tokenizer.model"),
-                           "--out", str(work / "hf"), "--layers", str(layers), "--hidden",
-                           str(hidden), "--heads", str(heads), "--kv-heads", str(heads),
-                           "--max-positions", "256"])
+                           "--out", str(work / "hf"), "--max-positions", "256", *shape])
     models = {"policy": work / "policy", "value": work / "value"}
     _run("import policy", ["tools/convert_hf_to_megatron.py", "--hf", str(work / "hf"), "--out",
                            str(models["policy"]), "--overwrite"])
     _run("import value model", ["tools/convert_hf_to_megatron.py", "--hf", str(work / "hf"),
                                 "--out", str(models["value"]), "--target", "gvm", "--overwrite"])
     models["prompts"] = data / "train.jsonl"
+    models["hf"] = work / "hf"
     return models
 
 
@@ -99,7 +100,8 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        models = build_models(work, args.layers, args.hidden, args.heads)
+        models = build_models(work, ["--layers", str(args.layers), "--hidden", str(args.hidden),
+                                     "--heads", str(args.heads), "--kv-heads", str(args.heads)])
         from megatron_dvpo.config import load_config
 
         policy_cfg = load_config(models["policy"] / "config.yaml")

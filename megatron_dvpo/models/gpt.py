@@ -132,3 +132,22 @@ def count_parameters(chunks: list[torch.nn.Module]) -> tuple[int, int]:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return local, int(total.item())
+
+
+def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    """Model FLOPs of one trained token (forward + backward), for MFU.
+
+    The standard 6·N plus attention (PaLM's 12·L·s·d_attn, no causal discount). N counts the
+    parameters that multiply: attention and MLP matrices and the LM head; norms, biases and the
+    embedding lookup do no matrix work.
+    """
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    head_dim = model.kv_channels or model.hidden_size // heads
+    attn = heads * head_dim
+    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    mlp_matrices = 3 if model.activation == "swiglu" else 2
+    per_layer = (model.hidden_size * (attn + 2 * groups * head_dim) + attn * model.hidden_size
+                 + mlp_matrices * model.hidden_size * ffn)
+    matmul_params = model.num_layers * per_layer + model.hidden_size * model.padded_vocab_size
+    return 6.0 * matmul_params + 12.0 * model.num_layers * seq_length * attn
