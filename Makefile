@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 NPROC ?= 2
 
-.PHONY: .venv demo test test-gpu clean
+.PHONY: .venv demo test test-gpu bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ test: .venv
 	$(BIN)/python -m pytest -q tests
 
 test-gpu: .venv
-	$(BIN)/python -m pytest -q tests/gpu
+	$(BIN)/python -m pytest -q -s tests/gpu
+
+bench-gpu: .venv
+	$(BIN)/python tools/bench_gpu.py --out bench_gpu.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

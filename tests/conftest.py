@@ -38,15 +38,17 @@ def single_rank():
     cpu_compat.uninstall()
 
 
-def tiny_policy_and_gvm(work: Path, train_rows: int = 8000, eval_rows: int = 400) -> Path:
-    """Synthetic data in ``work/synthetic``, a tiny random policy (``work/policy``) and a
-    zero-head GVM from it (``work/gvm``), made with the user-facing tools."""
+def tiny_policy_and_gvm(work: Path, train_rows: int = 8000, eval_rows: int = 400,
+                        shape: tuple[str, ...] = ()) -> Path:
+    """Synthetic data in ``work/synthetic``, a tiny random policy (``work/policy``; ``shape``:
+    tools/build_tiny_hf.py arguments) and a zero-head GVM from it (``work/gvm``), made with the
+    user-facing tools."""
     from megatron_dvpo.data import synthetic
 
     synthetic.main([str(work / "synthetic"), "--train-rows", str(train_rows),
                     "--eval-rows", str(eval_rows)])
     for args in (["tools/build_tiny_hf.py", "--tokenizer", f"{work}/synthetic/tokenizer.model",
-                  "--out", f"{work}/hf"],
+                  "--out", f"{work}/hf", *shape],
                  ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
                   f"{work}/policy"],
                  ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",

@@ -220,3 +220,16 @@ def test_model_inputs_padding():
     assert torch.equal(padded_mask[..., :5, :5], mask) and not padded_mask[..., 5:].any()
     _, _, key_mask = model_inputs({"tokens": tokens, "attention_mask": mask[:, :, :1]}, 16)
     assert key_mask.shape == (2, 1, 1, 16)
+
+
+def test_fp8_example_plans_on_hopper_with_the_1b_policy():
+    from megatron_dvpo.config import validate
+
+    cfg = load_config("examples/llama3.2_1b_dvpo_fp8.yaml")
+    cfg.model = load_config("examples/llama3.2_1b.yaml").model  # what dvpo.policy would hold
+    validate(cfg, 8)
+    got = plan_precision(cfg.precision, cfg.parallel, cfg.model, H100)
+    assert (got.fp8, got.fp8_recipe, got.fp8_param_gather) == ("hybrid", "tensorwise", True)
+    assert (got.bf16_layers_at_start, got.bf16_layers_at_end) == (1, 1)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        plan_precision(cfg.precision, cfg.parallel, cfg.model, CPU)

@@ -22,7 +22,9 @@ MODEL = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_hea
 
 
 def test_te_spec_matches_local_spec(single_rank, tmp_path):
-    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+    from megatron_dvpo.models.attention import SDPACoreAttention
 
     from megatron_dvpo.checkpointing import load_model, save_model
     from megatron_dvpo.config import load_config
@@ -31,8 +33,9 @@ def test_te_spec_matches_local_spec(single_rank, tmp_path):
 
     local = build_model_chunks(load_config(None, MODEL + ["precision.transformer_impl=local"]))
     te = build_model_chunks(load_config(None, MODEL))  # auto: TE on a GPU with TE
-    attention = te[0].decoder.layers[0].self_attention.core_attention
-    assert isinstance(attention, TEDotProductAttention)
+    attention = te[0].decoder.layers[0].self_attention
+    assert isinstance(attention.linear_qkv, TELayerNormColumnParallelLinear)  # FP8-capable GEMMs
+    assert isinstance(attention.core_attention, SDPACoreAttention)  # honours padding masks
     save_model(local, tmp_path / "local")
     load_model(te, tmp_path / "local")  # the local spec's keys map onto TE's fused-norm keys
     tokens = torch.randint(0, 1000, (4, 64), device="cuda")
