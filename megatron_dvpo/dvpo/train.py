@@ -11,6 +11,7 @@ the clipped policy loss. No critic is trained and no reward model is run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def checkpoint_tokenizer(directory: Path) -> Path | None:
     return Path(path) if path else None
 
 
+@functools.cache  # a launch checks its inputs twice: before process groups exist, and per rank
 def tokenizer_fingerprint(path: Path) -> str:
     """What makes two tokenizers interchangeable: vocabulary size, special ids and the text of
     every ordinary token. A SentencePiece file and the HF directory made from it compare equal
