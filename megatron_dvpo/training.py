@@ -121,8 +121,6 @@ class Trainer:
         self._signal: int | None = None
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
         self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=is_rank0())
-        plan = plan_precision(cfg.precision, cfg.parallel, cfg.model, Hardware.detect())
-        print_rank0(f"precision: {cfg.precision.params_dtype} parameters, {plan.describe()}")
 
     # -- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict:
@@ -307,9 +305,10 @@ def run_trainer(trainer_class, description: str, argv=None,
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train_steps=10")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    plan_precision(cfg.precision, cfg.parallel, None, Hardware.detect())
+    plan = plan_precision(cfg.precision, cfg.parallel, None, Hardware.detect())
     if check is not None:
         check(cfg)
     init_distributed(cfg.parallel, cfg.seed)
+    print_rank0(f"precision: {cfg.precision.params_dtype} parameters, {plan.describe()}")
     trainer_class(cfg).run()
     shutdown()

@@ -274,14 +274,14 @@ def main(argv=None) -> None:
         tokenizer_vocab = load_tokenizer(str(models["hf"])).vocab_size
         skipped = {name: skip_reason(models["policy"], o) for name, o in variants.items()}
         # Full steps first, each in its own process, while this one holds no GPU memory.
-        step_variants = [base] + ([f"fp8-{args.step_recipe}"] if args.step_recipe else [])
+        step_variants = precision_variants([args.step_recipe] if args.step_recipe else [],
+                                           on_gpu)
         step_args = SimpleNamespace(steps=args.dvpo_steps, batch=args.dvpo_batch,
                                     micro_batch=args.dvpo_micro_batch,
                                     max_new_tokens=args.dvpo_new_tokens, nproc=1,
                                     overrides=[f"data.seq_length={32 + args.dvpo_new_tokens}"])
-        for name in step_variants:
-            overrides = variants.get(name) or precision_variants([args.step_recipe], on_gpu)[name]
-            reason = skipped.get(name) or skip_reason(models["policy"], overrides)
+        for name, overrides in step_variants.items():
+            reason = skip_reason(models["policy"], overrides)
             for method, module, extra in (
                     ("dvpo_step", "megatron_dvpo.dvpo.train",
                      [f"dvpo.gvm={models['value']}", "dvpo.kl_coef=0"]),

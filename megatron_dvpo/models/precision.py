@@ -54,9 +54,9 @@ class Hardware:
     @staticmethod
     @functools.cache
     def detect() -> "Hardware":
-        if not torch.cuda.is_available():
-            return Hardware(te_version=_te_version())
         version = _te_version()
+        if not torch.cuda.is_available():
+            return Hardware(te_version=version)
         block = None
         if version is not None:
             try:  # TE >= 2.3 knows the CUDA and driver conditions of blockwise scaling
