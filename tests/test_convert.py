@@ -213,7 +213,7 @@ def test_layout_must_divide_the_model(hf_dirs, tmp_path):
 def test_refuses_to_overwrite(hf_dirs, converted, tmp_path):
     target = tmp_path / "existing"
     target.mkdir()
-    for item in ("model", "config.yaml"):
+    for item in ("model", "config.yaml", "conversion.json"):
         src = converted["llama"] / item
         (target / item).symlink_to(src, target_is_directory=src.is_dir())
     with pytest.raises(CheckpointError, match="already holds a checkpoint; pass --overwrite"):
@@ -230,3 +230,60 @@ def test_truncated_weights_leave_nothing_behind(tmp_path, single_rank):
     (header_len,) = struct.unpack("<Q", data[:8])
     path.write_bytes(data[:8 + header_len + (len(data) - 8 - header_len) // 2])
     expect_error(broken, tmp_path / "out", "is truncated")
+
+
+def test_never_deletes_what_it_did_not_write(hf_dirs, converted, tmp_path, single_rank):
+    """A non-empty --out that is not our output is refused with or without --overwrite, and a
+    file named as --out is refused; nothing of the user's changes, and no .partial is left."""
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match=r"is not empty and was not written by this "
+                                                  r"converter"):
+            import_hf(hf_dirs["llama"], mine, overwrite=overwrite, verbose=False)
+        with pytest.raises(CheckpointError, match=r"is not empty and was not written"):
+            export_hf(converted["llama"], mine, overwrite=overwrite, verbose=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("data")
+    proc = subprocess.run([*CONVERT, "--hf", str(hf_dirs["llama"]), "--out", str(a_file)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and f"--out {a_file} is a file" in proc.stderr, proc.stderr
+    assert a_file.read_text() == "data"
+    assert not list(tmp_path.glob("*.partial"))
+    # a staging directory somebody else made is not ours to remove either
+    foreign = tmp_path / "out.partial"
+    foreign.mkdir()
+    (foreign / "x").write_text("x")
+    with pytest.raises(CheckpointError, match=r"out.partial exists and was not made by"):
+        import_hf(hf_dirs["llama"], tmp_path / "out", verbose=False)
+    assert (foreign / "x").is_file()
+
+
+def test_overwrite_replaces_its_own_output(hf_dirs, tmp_path, single_rank):
+    out = import_hf(hf_dirs["llama"], tmp_path / "ckpt", verbose=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_hf(out, empty, verbose=False)  # an empty directory is fine
+    export_hf(out, empty, overwrite=True, verbose=False)
+    import_hf(hf_dirs["llama"], out, overwrite=True, verbose=False)
+    assert (out / "conversion.json").is_file() and (empty / "conversion.json").is_file()
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.replaced"))
+
+
+def test_corrupt_header_or_config_names_the_file(tmp_path):
+    broken = hf_models.build("llama", tmp_path / "corrupt")
+    weights = broken / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:9] = b"#"  # the header's opening brace
+    weights.write_bytes(bytes(data))
+    expect_error(broken, tmp_path / "out", rf"{weights}: corrupt safetensors header")
+    weights.write_bytes(struct.pack("<Q", 10 ** 12) + bytes(data[8:]))
+    expect_error(broken, tmp_path / "out", rf"{weights}: corrupt safetensors header \(it claims")
+    config = broken / "config.json"
+    config.write_text('{"architectures": ["LlamaForCausalLM"],')
+    expect_error(broken, tmp_path / "out", rf"{config}: invalid HF config \(not valid JSON")
+    config.write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}')
+    expect_error(broken, tmp_path / "out", rf"{config}: missing keys \['num_hidden_layers'")

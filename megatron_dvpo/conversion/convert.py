@@ -29,7 +29,7 @@ from megatron_dvpo.conversion.hf_config import hf_config_from_model, model_confi
 from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, read_megatron, to_hf,
                                               weight_rules)
 from megatron_dvpo.conversion.safetensors_io import (CheckpointError, SafetensorsReader,
-                                                     ShardedSafetensorsWriter)
+                                                     ShardedSafetensorsWriter, read_json)
 from megatron_dvpo.conversion.streaming import OnDemandSaveStrategy, SkeletonParams
 from megatron_dvpo.logging import Progress
 from megatron_dvpo.models import build_chunks
@@ -74,28 +74,64 @@ def _single_process_world() -> None:
         distributed.set_parallel_layout(ParallelConfig())
 
 
-class _Staged:
-    """``with _Staged(out, overwrite, exists) as partial:`` publishes on success, cleans on error."""
+MARKER = "conversion.json"  # every output directory of the converters holds one
+PARTIAL_MARKER = ".megatron_dvpo_partial"  # marks a staging directory this tool made
 
-    def __init__(self, out: Path, overwrite: bool, exists: bool):
-        if exists and not overwrite:
-            raise CheckpointError(f"{out} already holds a checkpoint; pass --overwrite to "
-                                  "replace it")
+
+def _made_by_converter(directory: Path, direction: str) -> bool:
+    marker = directory / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("direction") == direction
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+class _Staged:
+    """``with _Staged(out, overwrite, direction) as partial:`` publishes on success, cleans up
+    on error, and never deletes what this tool did not write.
+
+    ``out`` may be new or an empty directory; with ``overwrite`` it may also be an earlier output
+    of the same conversion direction (recognised by its ``conversion.json``). Anything else is
+    refused before any work starts.
+    """
+
+    def __init__(self, out: Path, overwrite: bool, direction: str):
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"--out {out} is a file, not a directory")
+        if out.is_dir() and any(out.iterdir()):
+            if not _made_by_converter(out, direction):
+                raise CheckpointError(f"--out {out} is not empty and was not written by this "
+                                      "converter; refusing to touch it (even with --overwrite): "
+                                      "choose a new or empty directory")
+            if not overwrite:
+                raise CheckpointError(f"{out} already holds a checkpoint; pass --overwrite to "
+                                      "replace it")
         self.out = out
         self.partial = out.with_name(out.name + ".partial")
+        if self.partial.exists() and not (self.partial / PARTIAL_MARKER).is_file():
+            raise CheckpointError(f"{self.partial} exists and was not made by this converter; "
+                                  "move it away or choose another --out")
 
     def __enter__(self) -> Path:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        shutil.rmtree(self.partial, ignore_errors=True)  # a staging dir of ours (checked)
         self.partial.mkdir(parents=True)
+        (self.partial / PARTIAL_MARKER).touch()
         return self.partial
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.partial, ignore_errors=True)
             return False
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.partial.rename(self.out)
+        (self.partial / PARTIAL_MARKER).unlink()
+        if self.out.exists():  # empty, or our own earlier output (checked in __init__)
+            stale = self.out.with_name(self.out.name + ".replaced")
+            self.out.rename(stale)
+            self.partial.rename(self.out)
+            shutil.rmtree(stale)
+        else:
+            self.partial.rename(self.out)
         return False
 
 
@@ -150,8 +186,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
         raise CheckpointError(f"{hf_dir} has no config.json")
     if target not in ("policy", "gvm"):
         raise CheckpointError(f"--target must be policy or gvm, got {target!r}")
-    hf = json.loads(config_path.read_text())
-    model = model_config_from_hf(hf)
+    hf = read_json(config_path, "HF config")
+    model = model_config_from_hf(hf, config_path)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     reader = SafetensorsReader(hf_dir)
     ignorable = {k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")}
@@ -168,14 +204,14 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
     cfg = RunConfig(model=model, parallel=parallel,
                     precision=PrecisionConfig(params_dtype=DTYPE_NAMES[torch_dtype]))
 
-    with _Staged(out, overwrite, is_checkpoint(out / "model")) as partial:
+    with _Staged(out, overwrite, "hf_to_megatron") as partial:
         chunk = _skeleton(model, cfg.precision)
         parameters = _write_megatron(partial / "model", chunk, rules, reader, model,
                                      f"converting {hf_dir.name}", verbose)
         save_config(cfg, partial / "config.yaml")
         shutil.copy2(config_path, partial / "hf_config.json")
         tokenizer = _copy_tokenizer(hf_dir, partial / "tokenizer")
-        (partial / "conversion.json").write_text(json.dumps({
+        (partial / MARKER).write_text(json.dumps({
             "direction": "hf_to_megatron", "source": str(hf_dir.resolve()), "target": target,
             "architecture": hf["architectures"][0], "value_head_source": list(value_head or []),
             "tokenizer_files": tokenizer, "parameters": parameters}, indent=2))
@@ -220,19 +256,22 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
     cfg = load_config(ckpt / "config.yaml")
     model = cfg.model
     source = ckpt / "hf_config.json"
-    hf = json.loads(source.read_text()) if source.is_file() else hf_config_from_model(model)
+    hf = read_json(source, "HF config") if source.is_file() else hf_config_from_model(model)
     hf["architectures"] = [model.hf_architecture]
     dtype_name = str(DTYPES[cfg.precision.params_dtype]).split(".")[-1]
     for key in [k for k in ("torch_dtype", "dtype") if k in hf] or ["torch_dtype"]:
         hf[key] = dtype_name
 
-    with _Staged(out, overwrite, (out / "config.json").exists()) as partial:
+    with _Staged(out, overwrite, "megatron_to_hf") as partial:
         chunk = _skeleton(model, cfg.precision)
         progress = Progress(f"exporting {ckpt.name}", len(weight_rules(model)),
                             unit="tensors", enabled=verbose)
         _write_hf_weights(partial, chunk, ckpt, model, max_shard_bytes, progress)
         (partial / "config.json").write_text(json.dumps(hf, indent=2))
         _export_tokenizer(ckpt, cfg, partial)
+        (partial / MARKER).write_text(json.dumps({
+            "direction": "megatron_to_hf", "source": str(ckpt.resolve()),
+            "architecture": model.hf_architecture}, indent=2))
     return out
 
 

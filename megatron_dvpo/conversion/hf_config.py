@@ -37,7 +37,25 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
+REQUIRED_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                 "vocab_size")
+
+
+def model_config_from_hf(hf: dict, source=None) -> ModelConfig:
+    """Our model section for an HF config; errors name ``source`` (the config.json) if given."""
+    try:
+        if not isinstance(hf, dict):
+            raise CheckpointError("the top level must be a JSON object")
+        architecture(hf)
+        missing = [k for k in REQUIRED_KEYS if k not in hf]
+        if missing:
+            raise CheckpointError(f"missing keys {missing}")
+        return _model_config(hf)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}" if source else str(e)) from None
+
+
+def _model_config(hf: dict) -> ModelConfig:
     arch = architecture(hf)
     family = SUPPORTED[arch][0]
     if hf.get("hidden_act", "silu") != "silu":

@@ -23,6 +23,37 @@ class CheckpointError(ValueError):
     """An HF or megatron checkpoint that cannot be converted; the message names what is wrong."""
 
 
+def read_json(path: Path, what: str):
+    """A JSON file of a checkpoint; a corrupt one is named in the error."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid {what} (not valid JSON: {e})") from None
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, naming the file if it is corrupt."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: corrupt safetensors header (it claims {header_len} "
+                                  f"header bytes; the file has {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict) or any(
+            not isinstance(v, dict) or v.get("dtype") not in _DTYPES or "data_offsets" not in v
+            for k, v in header.items() if k != "__metadata__"):
+        raise CheckpointError(f"{path}: corrupt safetensors header (entries need a known dtype, "
+                              "a shape and data_offsets)")
+    return header_len, header
+
+
 class SafetensorsReader:
     """Index of every tensor in an HF directory (single file or sharded with an index)."""
 
@@ -30,7 +61,9 @@ class SafetensorsReader:
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' mapping")
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (directory / f).is_file()]
             if missing:
@@ -43,9 +76,7 @@ class SafetensorsReader:
         self.entries: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
         for name in files:
             path = directory / name
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
+            header_len, header = _read_header(path)
             end = 8 + header_len + max((info["data_offsets"][1] for key, info in header.items()
                                         if key != "__metadata__"), default=0)
             if path.stat().st_size < end:
