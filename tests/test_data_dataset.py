@@ -193,3 +193,51 @@ def test_pairs_are_matched_by_id(task, tmp_path):
     for c, r in pairs:
         assert ds[c].chosen and not ds[r].chosen and ds[c].pair_id == ds[r].pair_id
         assert ds[c].prompt_ids == ds[r].prompt_ids and ds[c].reward > ds[r].reward
+
+
+def test_token_cache_is_keyed_by_path_content_options_and_tokenizer(task, tmp_path):
+    """Two files named x.jsonl in different folders, an edited file and other options each get
+    their own cache entry; an unchanged file reuses its entry."""
+    from megatron_dvpo.data.preprocess import open_dataset
+
+    cache = tmp_path / "cache"
+    (tmp_path / "train").mkdir()
+    (tmp_path / "eval").mkdir()
+    train = write_jsonl(generate_preference_rows(RULE, 48, seed=1), tmp_path / "train/x.jsonl")
+    held_out = write_jsonl(generate_preference_rows(RULE, 4, seed=2), tmp_path / "eval/x.jsonl")
+    options = ReadOptions()
+    assert len(open_dataset(train, task["tokenizer"], cache, options).pairs()) == 48
+    assert len(open_dataset(held_out, task["tokenizer"], cache, options).pairs()) == 4
+    entries = sorted(p.name for p in cache.glob("*.json"))
+    assert len(entries) == 2
+    again = open_dataset(train, task["tokenizer"], cache, options)
+    assert again.prefix.endswith(entries[0][:-5]) or again.prefix.endswith(entries[1][:-5])
+    assert len(list(cache.glob("*.json"))) == 2  # reused, not rebuilt
+    write_jsonl(generate_preference_rows(RULE, 6, seed=3), train)  # edited in place
+    assert len(open_dataset(train, task["tokenizer"], cache, options).pairs()) == 6
+    short = open_dataset(train, task["tokenizer"], cache, ReadOptions(max_length=12))
+    assert short.metadata["options"]["max_length"] == 12
+    assert len(list(cache.glob("*.json"))) == 4
+    assert not list(cache.glob("*.lock")) and not list(cache.glob("*.error"))
+
+
+def test_token_cache_is_built_by_one_process(task, tmp_path):
+    """Three processes open the same uncached file at once: one tokenizes, all see it; a bad
+    row is reported by every process, from the one that tokenized."""
+    script = ("import sys; from megatron_dvpo.data.preprocess import open_dataset; "
+              "from megatron_dvpo.data.preference import ReadOptions, DataError\n"
+              "try:\n"
+              "    d = open_dataset(sys.argv[1], sys.argv[2], sys.argv[3], ReadOptions())\n"
+              "    print(len(d))\n"
+              "except DataError as e:\n"
+              "    print('error:', e)\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(task["pairs"].read_text() + "{not json\n")
+    for data, expected in ((task["pairs"], "120"), (bad, "error: ")):
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(data), str(task["tokenizer"]),
+                                   str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert all(o.startswith(expected) for o in outputs), outputs
+    assert all(f"{bad}:61: invalid JSON" in o for o in outputs), outputs
+    assert not list((tmp_path / "cache").glob("*.lock"))

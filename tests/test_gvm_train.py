@@ -1,6 +1,7 @@
 """GVM pretraining end to end on the synthetic task, through the same CLI a user runs."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,16 @@ def test_evaluate_cli(synthetic, tmp_path):
     assert "pairwise accuracy over 400 pairs" in proc.stdout
     logged = scalars(tmp_path / "tensorboard")["gvm/pair_acc_last"][-1][1]
     assert result["accuracy"]["last"] == pytest.approx(logged)  # same numbers as training's
+    # a held-out file that shares the training file's name is its own dataset, not the cache
+    # of the training data
+    (tmp_path / "heldout").mkdir()
+    rows = (synthetic / "eval.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "heldout" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    os.utime(tmp_path / "heldout" / "train.jsonl", (0, 0))  # written before the training run
+    torchrun(["-m", "megatron_dvpo.gvm.evaluate", "--ckpt", str(ckpt), "--data",
+              f"{tmp_path}/heldout/train.jsonl", "--out", str(out),
+              f"logging.run_dir={tmp_path}"], nproc=1)
+    assert json.loads(out.read_text())["pairs"] == 4
 
 
 @pytest.mark.multirank

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_dvpo.data.cache import build_once, entry_prefix
 from megatron_dvpo.data.dataset import ValueDataset, write_dataset
 from megatron_dvpo.data.preference import DataError, DataStats, ReadOptions, iter_samples
 from megatron_dvpo.data.tokenizer import load_tokenizer
@@ -50,28 +51,22 @@ def main(argv: Optional[list[str]] = None) -> DataStats:
     return stats
 
 
-def open_dataset(path: str | Path, tokenizer_path: str | Path | None, cache_dir: str | Path,
-                 options: ReadOptions) -> ValueDataset:
-    """A ``ValueDataset`` from a preprocessed prefix, or from a .jsonl file tokenized once.
-
-    A .jsonl is preprocessed by rank 0 into ``cache_dir`` (reused while newer than the file and
-    made with the same options); the other ranks wait, then everyone memory-maps the same files.
-    """
-    import torch.distributed as dist
-
+def prepare_dataset(path: str | Path, tokenizer_path: str | Path | None,
+                    cache_dir: str | Path, options: ReadOptions) -> Path:
+    """The prefix of a dataset ready to memory-map: a preprocessed prefix as given, or the
+    token cache entry of a .jsonl file (tokenized here by one process if it is not built yet;
+    see ``data/cache.py`` for the key and the locking)."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        return ValueDataset(path)
+        return path
     if tokenizer_path is None:
         raise DataError(f"{path}: a .jsonl dataset needs data.tokenizer to tokenize it")
-    prefix = Path(cache_dir) / path.stem
-    meta = prefix.with_suffix(".json")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    fresh = (meta.is_file() and meta.stat().st_mtime >= path.stat().st_mtime
-             and json.loads(meta.read_text()).get("options") == dataclasses.asdict(options))
-    if rank0 and not fresh:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        preprocess([path], tokenizer_path, prefix, options)
-    if dist.is_initialized():
-        dist.barrier()
-    return ValueDataset(prefix)
+    prefix = entry_prefix(path, tokenizer_path, cache_dir, options)
+    return build_once(prefix, lambda: preprocess([path], tokenizer_path, prefix, options),
+                      str(path))
+
+
+def open_dataset(path: str | Path, tokenizer_path: str | Path | None, cache_dir: str | Path,
+                 options: ReadOptions) -> ValueDataset:
+    """A ``ValueDataset`` from a preprocessed prefix, or from a .jsonl file tokenized once."""
+    return ValueDataset(prepare_dataset(path, tokenizer_path, cache_dir, options))
