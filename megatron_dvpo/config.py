@@ -18,26 +18,40 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_dvpo.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A configuration that cannot run; the message names the key and what would fix it."""
+
+
+# Value constraints, as field metadata: checked when a config is loaded, so that an impossible
+# value is named before anything runs.
+POSITIVE = {"check": (lambda v: v > 0, "> 0")}
+NON_NEGATIVE = {"check": (lambda v: v >= 0, ">= 0")}
+UNIT_INTERVAL = {"check": (lambda v: 0 <= v <= 1, "in [0, 1]")}
+OPEN_UNIT_INTERVAL = {"check": (lambda v: 0 < v <= 1, "in (0, 1]")}
+
+
+def _checked(default, constraint: dict):
+    return field(default=default, metadata=constraint)
 
 
 @dataclass
 class ModelConfig:
     """Architecture of a Llama/Mistral/Qwen2-style decoder (or the GVM trunk)."""
 
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
+    num_layers: int = _checked(2, POSITIVE)
+    hidden_size: int = _checked(64, POSITIVE)
+    num_attention_heads: int = _checked(4, POSITIVE)
     num_query_groups: Optional[int] = None  # None: multi-head attention (groups = heads)
     ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
     kv_channels: Optional[int] = None  # None: hidden_size // num_attention_heads
-    vocab_size: int = 256
+    vocab_size: int = _checked(256, POSITIVE)
     # The embedding is padded to a multiple of this, independent of TP, so that checkpoints
     # reshard freely; padded logits are masked out of every probability we compute.
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 512
+    make_vocab_size_divisible_by: int = _checked(128, POSITIVE)
+    max_position_embeddings: int = _checked(512, POSITIVE)
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     norm_epsilon: float = 1e-5
     activation: Literal["swiglu", "gelu"] = "swiglu"
@@ -98,14 +112,14 @@ class PrecisionConfig:
 @dataclass
 class OptimizerConfig:
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
+    lr: float = _checked(1e-4, POSITIVE)
+    min_lr: float = _checked(0.0, NON_NEGATIVE)
+    weight_decay: float = _checked(0.0, NON_NEGATIVE)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_steps: int = 0
+    adam_eps: float = _checked(1e-8, POSITIVE)
+    clip_grad: float = _checked(1.0, NON_NEGATIVE)
+    lr_warmup_steps: int = _checked(0, NON_NEGATIVE)
     lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
 
 
@@ -115,9 +129,9 @@ class DataConfig:
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
     tokenizer: Optional[str] = None  # SentencePiece .model file or HF tokenizer directory
-    seq_length: int = 128
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
+    seq_length: int = _checked(128, POSITIVE)
+    micro_batch_size: int = _checked(1, POSITIVE)
+    global_batch_size: int = _checked(8, POSITIVE)
     skip_bad_rows: bool = False
     max_length: Optional[int] = None  # prompt + response tokens; None: seq_length
     length_mode: Literal["filter", "truncate"] = "filter"
@@ -125,14 +139,14 @@ class DataConfig:
     rejected_reward: float = -1.0
     # Trajectory conditioning (SPEC.md section 2, off by default): prefix each GVM sample with K
     # example (prompt, response) pairs of the judged policy, drawn from the training data.
-    trajectory_context_k: int = 0
+    trajectory_context_k: int = _checked(0, NON_NEGATIVE)
 
 
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard_dir: Optional[str] = None  # None: <run_dir>/tensorboard
-    log_interval: int = 1
+    log_interval: int = _checked(1, POSITIVE)
 
 
 @dataclass
@@ -140,8 +154,8 @@ class CheckpointConfig:
     save_dir: Optional[str] = None  # also where a restarted run resumes from
     load_dir: Optional[str] = None  # resume from here instead (default: save_dir)
     init_from: Optional[str] = None  # initial weights: a converted or trained checkpoint dir
-    save_interval: int = 0  # 0: only at the end
-    keep_last: int = 2
+    save_interval: int = _checked(0, NON_NEGATIVE)  # 0: only at the end
+    keep_last: int = _checked(2, NON_NEGATIVE)  # 0: keep all
     # Distributed-optimizer state layout: dp_reshardable (fast; resume at the same TP/PP) or
     # fully_reshardable (gathered; resume at any layout).
     optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
@@ -157,23 +171,23 @@ class GVMConfig:
     """
 
     objective: Literal["td", "bradley_terry"] = "td"
-    gamma: float = 1.0
-    lam: float = 0.95
+    gamma: float = _checked(1.0, UNIT_INTERVAL)
+    lam: float = _checked(0.95, UNIT_INTERVAL)
     train_prompt_value: bool = False  # also fit q_{-1} toward q_0's target
     value_head_init_std: float = 0.0  # 0: the zero-initialised head of the spec
-    eval_interval: int = 0  # steps between held-out evaluations; 0: only at the end
-    eval_max_pairs: int = 0  # 0: every held-out pair
+    eval_interval: int = _checked(0, NON_NEGATIVE)  # steps between held-out evaluations; 0: at the end
+    eval_max_pairs: int = _checked(0, NON_NEGATIVE)  # 0: every held-out pair
 
 
 @dataclass
 class RolloutConfig:
     """Sampling from the policy (SPEC.md section 3, step 1)."""
 
-    max_new_tokens: int = 640
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_prompt_length: int = 512
+    max_new_tokens: int = _checked(640, POSITIVE)
+    temperature: float = _checked(1.0, NON_NEGATIVE)  # 0: greedy
+    top_p: float = _checked(1.0, OPEN_UNIT_INTERVAL)
+    top_k: int = _checked(0, NON_NEGATIVE)  # 0: no top-k filter
+    max_prompt_length: int = _checked(512, POSITIVE)
 
 
 @dataclass
@@ -184,22 +198,22 @@ class DVPOConfig:
     gvm: Optional[str] = None  # the trained Global Value Model's checkpoint directory
     reference: Optional[str] = None  # reference policy for the KL term; default: ``policy``
     estimator: Literal["td", "q", "gae"] = "td"
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.2  # initial beta; 0 loads no reference model at all
+    gamma: float = _checked(1.0, UNIT_INTERVAL)
+    lam: float = _checked(0.95, UNIT_INTERVAL)
+    kl_coef: float = _checked(0.2, NON_NEGATIVE)  # initial beta; 0: no reference model at all
     kl_adaptive: bool = True
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_target: float = _checked(6.0, POSITIVE)
+    kl_horizon: int = _checked(10000, POSITIVE)
     whiten_advantages: bool = True
-    ppo_epochs: int = 4
-    minibatches: int = 1  # optimizer steps per PPO epoch
-    clip_eps: float = 0.2
-    ratio_threshold: float = 10.0
-    entropy_coef: float = 0.0
+    ppo_epochs: int = _checked(4, POSITIVE)
+    minibatches: int = _checked(1, POSITIVE)  # optimizer steps per PPO epoch
+    clip_eps: float = _checked(0.2, POSITIVE)
+    ratio_threshold: float = _checked(10.0, POSITIVE)
+    entropy_coef: float = _checked(0.0, NON_NEGATIVE)
     gvm_offload: bool = False  # keep the GVM on CPU during the policy update
     # Synthetic-task scorer for eval/true_reward_mean: "synthetic:<rule seed>", or None.
     true_reward: Optional[str] = None
-    eval_interval: int = 0  # steps between held-out true-reward evaluations; 0: start and end
+    eval_interval: int = _checked(0, NON_NEGATIVE)  # steps between true-reward evaluations; 0: start and end
 
 
 @dataclass
@@ -208,7 +222,7 @@ class PPOConfig:
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
     critic: Optional[str] = None  # the critic's initial weights; default: the reward model
-    value_clip_eps: float = 0.2
+    value_clip_eps: float = _checked(0.2, POSITIVE)
 
 
 @dataclass
@@ -224,14 +238,14 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dvpo: DVPOConfig = field(default_factory=DVPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    seed: int = 1234
-    train_steps: int = 10
+    seed: int = _checked(1234, NON_NEGATIVE)
+    train_steps: int = _checked(10, POSITIVE)
     # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:
     # for jobs shorter than the run, which then resume from the checkpoint.
-    exit_interval: int = 0
+    exit_interval: int = _checked(0, NON_NEGATIVE)
     # Steps with a NaN/Inf loss or gradient are skipped and counted; this many in a row stop the
     # run with a report.
-    max_bad_steps: int = 5
+    max_bad_steps: int = _checked(5, POSITIVE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,15 +312,23 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _check_field(cls, key: str, path: str, value: Any) -> Any:
+    """``value`` checked against the type and the constraint of field ``key`` of ``cls``."""
+    value = _check_value(path, value, typing.get_type_hints(cls)[key])
+    check = next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("check")
+    if check is not None and value is not None and not check[0](value):
+        raise ConfigError(f"{path} must be {check[1]}, got {value!r}")
+    return value
+
+
 def _build(cls, data: dict, path: str = ""):
-    hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key {full!r}; {_closest(str(key), names)}")
-        kwargs[key] = _check_value(full, value, hints[key])
+        kwargs[key] = _check_field(cls, key, full, value)
     return cls(**kwargs)
 
 
@@ -320,8 +342,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def _apply_override(tree: dict, keys: list[str], value: Any, cls) -> None:
-    """Set tree[k0][k1]... = value, checking each key against the dataclass it lands in."""
+def _apply_override(tree: dict, keys: list[str], value: Any, cls, text: str) -> None:
+    """Set tree[k0][k1]... = value, checking each key against the dataclass it lands in, and
+    the value against its field, so that a bad value is blamed on the command line."""
     node, node_cls = tree, cls
     for depth, key in enumerate(keys):
         names = [f.name for f in dataclasses.fields(node_cls)]
@@ -329,6 +352,10 @@ def _apply_override(tree: dict, keys: list[str], value: Any, cls) -> None:
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r} in override; {_closest(key, names)}")
         if depth == len(keys) - 1:
+            try:
+                _check_field(node_cls, key, dotted, value)
+            except ConfigError as e:
+                raise ConfigError(f"command line {text!r}: {e}") from None
             node[key] = value
             return
         node_cls = typing.get_type_hints(node_cls)[key]
@@ -356,7 +383,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         tree = loaded or {}
     for text in overrides or []:
         keys, value = _parse_override(text)
-        _apply_override(tree, keys, value, cls)
+        _apply_override(tree, keys, value, cls, text)
     try:
         return _build(cls, tree)
     except ConfigError as e:
@@ -375,7 +402,15 @@ def save_config(cfg, path: str | Path) -> None:
 # Validation of layouts: run before building process groups.
 
 
+def _validate_sizes(parallel: ParallelConfig) -> None:
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "context_parallel_size"):
+        if getattr(parallel, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(parallel, name)}")
+
+
 def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
+    _validate_sizes(parallel)
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     vpp = parallel.virtual_pipeline_model_parallel_size or 1
     for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
@@ -415,10 +450,7 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
 def validate_parallel(parallel: ParallelConfig, world_size: int) -> None:
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     cp = parallel.context_parallel_size
-    for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
-                        ("context_parallel_size", cp)):
-        if value < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
+    _validate_sizes(parallel)
     vpp = parallel.virtual_pipeline_model_parallel_size
     if vpp is not None and (vpp < 2 or pp < 2):
         raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "

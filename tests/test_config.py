@@ -153,3 +153,35 @@ def test_example_shapes():
 def test_parallel_config_defaults_are_single_rank():
     parallel = ParallelConfig()
     assert parallel.tensor_model_parallel_size == parallel.pipeline_model_parallel_size == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.micro_batch_size=0", r"data.micro_batch_size must be > 0, got 0"),
+    ("optimizer.lr=0", r"optimizer.lr must be > 0, got 0.0"),
+    ("optimizer.lr=-1e-5", r"optimizer.lr must be > 0"),
+    ("train_steps=0", r"train_steps must be > 0, got 0"),
+    ("logging.log_interval=0", r"logging.log_interval must be > 0, got 0"),
+    ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\], got 0.0"),
+    ("dvpo.lam=1.5", r"dvpo.lam must be in \[0, 1\], got 1.5"),
+    ("dvpo.kl_coef=-0.1", r"dvpo.kl_coef must be >= 0"),
+])
+def test_impossible_values_are_rejected_on_load(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    key, value = override.split("=")
+    section, name = key.split(".") if "." in key else (None, key)
+    text = f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n"
+    with pytest.raises(ConfigError, match=message):  # the same from a YAML file
+        load_config(write(tmp_path, text))
+
+
+def test_a_bad_command_line_value_is_blamed_on_the_command_line(tmp_path):
+    path = write(tmp_path, "model:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path, ["model.num_layers=two"])
+    message = str(error.value)
+    assert message.startswith("command line 'model.num_layers=two': model.num_layers: expected "
+                              "an integer"), message
+    assert str(path) not in message
+    with pytest.raises(ConfigError, match=rf"^{path}: model.num_layers: expected an integer"):
+        load_config(write(tmp_path, "model:\n  num_layers: two\n"))

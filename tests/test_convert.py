@@ -287,3 +287,13 @@ def test_corrupt_header_or_config_names_the_file(tmp_path):
     expect_error(broken, tmp_path / "out", rf"{config}: invalid HF config \(not valid JSON")
     config.write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}')
     expect_error(broken, tmp_path / "out", rf"{config}: missing keys \['num_hidden_layers'")
+
+
+@pytest.mark.parametrize("flag", ["--tp", "--pp"])
+def test_parallel_sizes_must_be_positive(hf_dirs, tmp_path, flag):
+    for size in ("0", "-2"):
+        proc = subprocess.run([*CONVERT, "--hf", str(hf_dirs["llama"]), "--out",
+                               str(tmp_path / "out"), flag, size], capture_output=True,
+                              text=True, cwd=REPO)
+        assert proc.returncode == 2 and f"error: {flag} must be >= 1, got {size}" in proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()

@@ -186,6 +186,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
         raise CheckpointError(f"{hf_dir} has no config.json")
     if target not in ("policy", "gvm"):
         raise CheckpointError(f"--target must be policy or gvm, got {target!r}")
+    for flag, size in (("--tp", tp), ("--pp", pp)):
+        if size < 1:
+            raise CheckpointError(f"{flag} must be >= 1, got {size}")
     hf = read_json(config_path, "HF config")
     model = model_config_from_hf(hf, config_path)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
@@ -278,14 +281,9 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
 def run_cli(convert, *args, **kwargs) -> int:
     """Run a conversion for a command line: the output path on success, ``error: ...`` and exit
     status 2 for bad input (nothing is written then)."""
-    import sys
+    from megatron_dvpo.errors import input_errors_exit
 
-    from megatron_dvpo.config import ConfigError
-
-    try:
+    with input_errors_exit():
         out = convert(*args, **kwargs)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {out}")
     return 0

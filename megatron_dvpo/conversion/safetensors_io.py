@@ -13,13 +13,15 @@ from pathlib import Path
 
 import torch
 
+from megatron_dvpo.errors import InputError
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """An HF or megatron checkpoint that cannot be converted; the message names what is wrong."""
 
 

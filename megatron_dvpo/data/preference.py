@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 from megatron_dvpo.data.tokenizer import ChatTemplateError, Tokenizer
+from megatron_dvpo.errors import InputError
 
 ACCEPTED_ROWS = ("{prompt, chosen, rejected}, {question, response_j, response_k}, "
                  "{chosen: [messages], rejected: [messages]}, {prompt, response, score} or "
@@ -35,7 +36,7 @@ CONTEXT_EXAMPLE = "Prompt: {prompt}\nResponse: {response}\n\n"
 CONTEXT_FOOTER = "Now judge this response.\n\n"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Unusable input data; the message names the file, the 1-based line and the problem."""
 
 

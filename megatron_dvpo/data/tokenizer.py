@@ -12,12 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megatron_dvpo.errors import InputError
+
 ACCEPTED_FORMS = ("a SentencePiece model file (*.model) or an HF tokenizer directory "
                   "(tokenizer.json / tokenizer_config.json)")
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """A tokenizer that cannot be loaded or cannot do what was asked; names the path."""
 
 
