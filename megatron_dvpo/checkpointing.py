@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_dvpo.config import ConfigError
+
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"iter_(\d{7})")
 
@@ -45,7 +47,9 @@ def _barrier() -> None:
 
 
 def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    from megatron_dvpo.distributed import is_rank0
+
+    return is_rank0()
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -99,14 +103,24 @@ def save_model(chunks: list[torch.nn.Module], directory: str | Path,
     return save_sharded(model_sharded_state_dict(chunks), directory, overwrite=overwrite)
 
 
-def load_model(chunks: list[torch.nn.Module], directory: str | Path) -> None:
-    """Load model weights saved at any TP/PP layout into this rank's chunks (strict)."""
-    state = load_sharded(model_sharded_state_dict(chunks), directory)
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"], strict=True)
+def load_model(chunks: list[torch.nn.Module], directory: str | Path,
+               skip: tuple[str, ...] = ()) -> None:
+    """Load model weights saved at any TP/PP layout into this rank's chunks.
+
+    Strict, except that parameters whose names start with a prefix in ``skip`` keep their
+    current values (a GVM started from a policy keeps its zero-initialised value head).
+    """
+    requested = model_sharded_state_dict(chunks)
+    for state in requested.values():
+        for name in [n for n in state if n.startswith(skip)] if skip else []:
+            del state[name]
+    loaded = load_sharded(requested, directory)
+    for i, chunk in enumerate(chunks):
+        missing, unexpected = chunk.load_state_dict(
+            loaded["model" if len(chunks) == 1 else f"model{i}"], strict=not skip)
+        wrong = [n for n in missing if not n.startswith(skip)] + list(unexpected)
+        if wrong:
+            raise RuntimeError(f"{directory}: the checkpoint does not fit the model: {wrong}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +265,21 @@ def find_latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def resolve_checkpoint_dir(path: str | Path, key: str) -> Path:
+    """A checkpoint directory (``config.yaml`` + ``model/``), or a save directory standing for
+    its latest complete iteration, as Megatron-LM users expect; anything else is an error."""
+    path = Path(path)
+    if (path / "config.yaml").is_file() and is_checkpoint(path / "model"):
+        return path
+    latest = find_latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise ConfigError(f"{key}={path} is not a checkpoint directory (config.yaml and model/ "
+                          "with a dist checkpoint) nor a save directory holding one")
+    if _is_rank0():
+        print(f"{key}={path}: using its latest checkpoint, {latest.name}", flush=True)
+    return latest
+
+
 def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler,
                              optimizer_sharding: str = "dp_reshardable") -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the train state."""
@@ -269,6 +298,11 @@ def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler,
         _restore_adam_step(optimizer, train_state.get("adam_step"))
     if scheduler is not None and train_state.get("scheduler") is not None:
         scheduler.load_state_dict(train_state["scheduler"])
+        # The optimizer's param groups carry their own max_lr/min_lr, restored from the
+        # checkpoint above: give them the scheduler's (the config's under override_scheduler).
+        for group in optimizer.param_groups if optimizer is not None else []:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+        scheduler.step(increment=0)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if train_state.get("world_size") == world and rng_file.is_file():

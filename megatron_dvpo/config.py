@@ -159,6 +159,9 @@ class CheckpointConfig:
     # Distributed-optimizer state layout: dp_reshardable (fast; resume at the same TP/PP) or
     # fully_reshardable (gathered; resume at any layout).
     optimizer_sharding: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    # On resume, use this config's LR schedule instead of refusing one that differs from the
+    # checkpoint's (Megatron-LM's --override-opt_param-scheduler).
+    override_scheduler: bool = False
 
 
 @dataclass
@@ -388,6 +391,36 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         return _build(cls, tree)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+# Model keys that decide a parameter's shape: a checkpoint's value cannot be overridden.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
+              "normalization", "activation", "add_bias_linear", "add_qkv_bias",
+              "position_embedding_type", "tie_embeddings", "value_head")
+
+
+def model_from_checkpoint(cfg: RunConfig, directory: str | Path, key: str,
+                          overrides: list[str], ignore: tuple[str, ...] = ()) -> ModelConfig:
+    """Set ``cfg.model`` to the model of checkpoint ``directory`` (named by config key ``key``).
+
+    The YAML's model section is replaced; ``model.*`` overrides on the command line apply on
+    top, but one that would change a parameter's shape (``SHAPE_KEYS`` less ``ignore``) is an
+    error naming the key, instead of a shape error deep inside the checkpoint loader.
+    """
+    model = load_config(Path(directory) / "config.yaml").model
+    given = [text for text in overrides if text.split("=", 1)[0].startswith("model.")]
+    requested = load_config(None, given).model
+    for text in given:
+        name = text.split("=", 1)[0][len("model."):]
+        value = getattr(requested, name)
+        if name in SHAPE_KEYS and name not in ignore and value != getattr(model, name):
+            raise ConfigError(f"command line {text!r}: {key}={directory} has model.{name}="
+                              f"{getattr(model, name)!r}, and the model comes from that "
+                              "checkpoint; drop the override")
+        setattr(model, name, value)
+    cfg.model = model
+    return model
 
 
 def to_dict(cfg) -> dict:

@@ -103,7 +103,10 @@ def seed_everything(seed: int) -> None:
 
 
 def is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Rank 0 of the process group, or, before one exists, the launcher's rank 0."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 def print_rank0(*args, **kwargs) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -24,10 +25,12 @@ from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_dvpo.checkpointing import (find_latest_checkpoint, load_model,
                                          load_training_checkpoint, save_training_checkpoint)
-from megatron_dvpo.config import (OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig,
-                                  load_config, to_dict)
+from megatron_dvpo.config import (ConfigError, OptimizerConfig, ParallelConfig, PrecisionConfig,
+                                  RunConfig, load_config, to_dict, validate)
 from megatron_dvpo.data.sampler import DistributedBatchSampler
-from megatron_dvpo.distributed import init_distributed, is_rank0, print_rank0, shutdown
+from megatron_dvpo.distributed import (init_distributed, is_rank0, launch_env, print_rank0,
+                                       shutdown)
+from megatron_dvpo.errors import input_errors_exit
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
 from megatron_dvpo.models.forward import run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
@@ -80,16 +83,60 @@ def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimizerConfi
     return get_megatron_optimizer(config, chunks)
 
 
-def build_scheduler(optimizer, optim: OptimizerConfig, train_steps: int):
-    """megatron's LR/weight-decay schedule: linear warmup from 0, then the configured decay."""
+def schedule_settings(optim: OptimizerConfig, total_updates: int) -> dict:
+    """megatron's LR/weight-decay schedule for ``total_updates`` optimizer steps: linear warmup
+    from 0, then the configured decay. Also what a resumed run is checked against."""
+    decay_steps = max(total_updates, optim.lr_warmup_steps + 1)
+    return dict(init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+                lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=decay_steps,
+                lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
+                end_wd=optim.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+
+
+def build_scheduler(optimizer, optim: OptimizerConfig, total_updates: int,
+                    override: bool = False):
+    """The schedule of ``schedule_settings``. On resume megatron asserts that a checkpoint's
+    schedule equals this one, unless ``override`` (checkpoint.override_scheduler) makes this
+    config's values win, as Megatron-LM's --override-opt_param-scheduler does."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    decay_steps = max(train_steps, optim.lr_warmup_steps + 1)
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
-        lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=decay_steps,
-        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
-        end_wd=optim.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+    return OptimizerParamScheduler(optimizer, **schedule_settings(optim, total_updates),
+                                   use_checkpoint_opt_param_scheduler=False,
+                                   override_opt_param_scheduler=override)
+
+
+# The config key behind each value of a saved schedule, for the resume check's message.
+SCHEDULE_KEYS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr",
+                 "lr_warmup_steps": "optimizer.lr_warmup_steps",
+                 "lr_decay_steps": "train_steps (x optimizer steps per step)",
+                 "lr_decay_style": "optimizer.lr_decay_style",
+                 "start_wd": "optimizer.weight_decay"}
+
+
+def check_resume_schedule(cfg: RunConfig, updates_per_step: int) -> None:
+    """A run that resumes must ask for the schedule its checkpoint was made with (or say
+    checkpoint.override_scheduler=true): otherwise config.yaml would record values the run does
+    not use."""
+    ckpt = cfg.checkpoint
+    resume_dir = ckpt.load_dir or ckpt.save_dir
+    latest = find_latest_checkpoint(resume_dir) if resume_dir else None
+    if latest is None or ckpt.override_scheduler:
+        return
+    saved = json.loads((latest / "train_state.json").read_text()).get("scheduler") or {}
+    wanted = schedule_settings(cfg.optimizer, cfg.train_steps * updates_per_step)
+    keys = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != wanted[k]]
+    if wanted["lr_decay_style"] == saved.get("lr_decay_style") == "constant":
+        keys = [k for k in keys if k != "lr_decay_steps"]  # a constant LR has no decay length
+    diffs = [f"{SCHEDULE_KEYS[k]}: {wanted[k]!r} here, {saved[k]!r} in the checkpoint"
+             for k in keys]
+    if diffs:
+        raise ConfigError(f"resuming from {latest} with a different LR schedule ("
+                          f"{'; '.join(diffs)}); restore those values, or set "
+                          "checkpoint.override_scheduler=true to continue with this config's")
+
+
+# Each makes a trainer finish its step, save and exit cleanly (Ctrl-C as a preemption does).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteError(RuntimeError):
@@ -104,14 +151,21 @@ class Trainer:
     """
 
     summary_tags: tuple[str, ...] = ()
+    init_skip: tuple[str, ...] = ()  # parameters checkpoint.init_from does not provide
 
-    def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module], updates_per_step: int = 1):
+    @staticmethod
+    def updates_per_step(cfg: RunConfig) -> int:
+        """Optimizer steps per training step: what the LR schedule counts."""
+        return 1
+
+    def __init__(self, cfg: RunConfig, chunks: list[torch.nn.Module]):
         self.cfg = cfg
         self.chunks = chunks
         self.ddp = wrap_ddp(chunks, cfg.parallel)
         self.optimizer = build_optimizer(self.ddp, cfg.optimizer, cfg.parallel, cfg.precision)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer,
-                                         cfg.train_steps * updates_per_step)
+                                         cfg.train_steps * self.updates_per_step(cfg),
+                                         cfg.checkpoint.override_scheduler)
         self.step = 0
         self.consumed_samples = 0  # the data position: samples of all global batches so far
         self._batches = None
@@ -160,7 +214,7 @@ class Trainer:
             print_rank0(f"resumed from {latest} at step {self.step}")
             return True
         if ckpt.init_from:
-            load_model(self.chunks, Path(ckpt.init_from) / "model")
+            load_model(self.chunks, Path(ckpt.init_from) / "model", self.init_skip)
             print_rank0(f"initialised weights from {ckpt.init_from}")
         return False
 
@@ -241,6 +295,8 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum  # acted on between steps, never inside one
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _stop_requested(self) -> int:
         """The signal any rank received (0 if none), agreed by all ranks."""
@@ -260,7 +316,7 @@ class Trainer:
         self.logger.close()
 
     def run(self) -> None:
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
         self.start(self.resume())
         interval = self.cfg.checkpoint.save_interval
@@ -294,21 +350,28 @@ class Trainer:
 
 
 def run_trainer(trainer_class, description: str, argv=None,
-                check: Callable[[RunConfig], None] | None = None) -> None:
+                check: Callable[[RunConfig, list[str]], None] | None = None) -> None:
     """The command line every trainer shares: ``--config FILE [key=value ...]``.
 
-    ``check`` sees the loaded config before any process group or model exists, so input errors
-    surface at once.
+    Everything that can be checked is checked before any process group or model exists:
+    the precision plan, ``check(cfg, overrides)`` (the trainer's inputs: checkpoints,
+    tokenizer, data, which it may resolve into ``cfg``), the layout and a resumed run's LR
+    schedule.
+    Bad input ends as one ``error: ...`` line and exit status 2.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train_steps=10")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    plan = plan_precision(cfg.precision, cfg.parallel, None, Hardware.detect())
-    if check is not None:
-        check(cfg)
+    with input_errors_exit():
+        cfg = load_config(args.config, args.overrides)
+        plan = plan_precision(cfg.precision, cfg.parallel, None, Hardware.detect())
+        if check is not None:
+            check(cfg, args.overrides)
+        validate(cfg, launch_env().world_size)
+        check_resume_schedule(cfg, trainer_class.updates_per_step(cfg))
     init_distributed(cfg.parallel, cfg.seed)
     print_rank0(f"precision: {cfg.precision.params_dtype} parameters, {plan.describe()}")
-    trainer_class(cfg).run()
+    with input_errors_exit():
+        trainer_class(cfg).run()
     shutdown()

@@ -47,8 +47,14 @@ def tiny_policy_and_gvm(work: Path, train_rows: int = 8000, eval_rows: int = 400
 
     synthetic.main([str(work / "synthetic"), "--train-rows", str(train_rows),
                     "--eval-rows", str(eval_rows)])
-    for args in (["tools/build_tiny_hf.py", "--tokenizer", f"{work}/synthetic/tokenizer.model",
-                  "--out", f"{work}/hf", *shape],
+    return tiny_models(work, work / "synthetic" / "tokenizer.model", shape)
+
+
+def tiny_models(work: Path, tokenizer: Path, shape: tuple[str, ...] = ()) -> Path:
+    """A tiny random HF Llama around ``tokenizer`` (``work/hf``), imported as a policy
+    (``work/policy``) and as a zero-head GVM (``work/gvm``)."""
+    for args in (["tools/build_tiny_hf.py", "--tokenizer", str(tokenizer), "--out",
+                  f"{work}/hf", *shape],
                  ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
                   f"{work}/policy"],
                  ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",

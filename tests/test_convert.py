@@ -297,3 +297,25 @@ def test_parallel_sizes_must_be_positive(hf_dirs, tmp_path, flag):
                               text=True, cwd=REPO)
         assert proc.returncode == 2 and f"error: {flag} must be >= 1, got {size}" in proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
+    """An HF directory whose tokenizer has more tokens than the embedding has rows."""
+    from megatron_dvpo.data.tokenizer import TokenizerError, export_hf_tokenizer
+
+    hf_dir = hf_models.build("llama", tmp_path / "small_vocab")
+    config = json.loads((hf_dir / "config.json").read_text())
+    model_vocab = config["vocab_size"]
+    assert model_vocab < 2000
+    text = tmp_path / "big.txt"
+    text.write_text("\n".join(f"w{i} w{i * 3} x{i % 97}" for i in range(20000)))
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "big"),
+                                   vocab_size=model_vocab + 200, model_type="bpe", pad_id=0,
+                                   unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    export_hf_tokenizer(tmp_path / "big.model", hf_dir)
+    with pytest.raises(TokenizerError, match=rf"has {model_vocab + 200} tokens but "
+                                             rf".*config.json has model.vocab_size={model_vocab}"):
+        import_hf(hf_dir, tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()

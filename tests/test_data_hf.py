@@ -95,3 +95,46 @@ def test_rows_the_template_refuses_are_bad_rows(tokenizers, tmp_path):
         load_jsonl([path], tokenizers["strict"])
     data = load_jsonl([path], tokenizers["strict"], ReadOptions(skip_bad_rows=True))
     assert data.stats.bad_rows == {"bad_chat": 1} and data.stats.pairs == 1
+
+
+def test_rollout_prompts_tokenize_like_gvm_inputs(tokenizers, tmp_path):
+    """A chat prompt the rollout samples from is the same token sequence the GVM was trained
+    on: one BOS (the template's), whether the row is a prompt row or a preference row."""
+    from megatron_dvpo.data.prompts import load_prompts
+
+    tok = tokenizers["chat"]
+    prefix = [{"role": "user", "content": "apple dog"}]
+    pref = tmp_path / "pairs.jsonl"
+    pref.write_text(json.dumps({"chosen": prefix + [{"role": "assistant", "content": "egg"}],
+                                "rejected": prefix + [{"role": "assistant", "content": "fig"}]})
+                    + "\n")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": prefix}) + "\n"
+                       + json.dumps({"messages": prefix + [{"role": "assistant",
+                                                            "content": "egg"}]}) + "\n")
+    gvm_prompt = load_jsonl([pref], tok).samples[0].prompt_ids
+    rollout = [p.ids for p in load_prompts(prompts, tok, 64)[0]]
+    assert rollout == [gvm_prompt, gvm_prompt]
+    assert gvm_prompt.count(tok.bos_id) == 1
+    # a plain-text prompt gets the BOS the data layer adds, once
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "apple dog"}) + "\n")
+    assert load_prompts(plain, tok, 64)[0][0].ids == [tok.bos_id, *tok.encode("apple dog")]
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "user"}], "must be a non-empty list of {role: str, content: str}"),
+    (["hello"], "must be a non-empty list of {role: str, content: str}"),
+    ([{"role": "user", "content": 3}], "must be a non-empty list of {role: str, content: str}"),
+    ([], "must be a non-empty list"),
+    ([{"role": "assistant", "content": "hi"}], "only an assistant turn"),
+])
+def test_bad_messages_rows_are_named(tokenizers, tmp_path, messages, problem):
+    from megatron_dvpo.data.prompts import load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"messages": messages})
+                    + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: .*{problem}".replace("{", r"\{")
+                       .replace("}", r"\}")):
+        load_prompts(path, tokenizers["chat"], 64)

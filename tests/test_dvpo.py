@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, torchrun
 from megatron_dvpo.config import ConfigError, load_config
 from megatron_dvpo.demo import run_pipeline, scalars
-from megatron_dvpo.dvpo.train import check_inputs
+from megatron_dvpo.dvpo.inputs import check_rl_inputs
 
 SPEC_TAGS = {"policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio_mean",
              "policy/entropy", "policy/grad_norm", "policy/lr", "rollout/response_len_mean",
@@ -126,7 +126,7 @@ def test_bad_inputs_fail_before_any_work(pipeline, tmp_path):
         for key, value in dvpo.items():
             setattr(cfg.dvpo, key, value)
         with pytest.raises(ConfigError, match=message):
-            check_inputs(cfg)
+            check_rl_inputs(cfg)
 
     expect(r"dvpo.gvm is required", gvm=None)
     expect(r"dvpo.gvm=/nonexistent is not a checkpoint directory", gvm="/nonexistent")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, torchrun
+from conftest import REPO, tiny_models, torchrun
 
 SPEC_TAGS = {"gvm/loss", "gvm/value_mean", "gvm/pair_acc_last", "gvm/pair_acc_mean",
              "perf/step_time_s", "perf/train_tokens_per_s", "perf/peak_mem_gib",
@@ -95,9 +95,8 @@ def test_tp2_and_pp2_follow_the_tp1_loss_curve(synthetic, tmp_path):
     """From the same initial weights and data, 10 steps at TP=2 and PP=2 track TP=1 to 1e-4."""
     common = ["train_steps=10", "logging.log_interval=1", "gvm.eval_interval=0",
               "data.eval_path=null", "model.num_layers=2"]
-    init = tmp_path / "init"
-    train(init, synthetic, 1, "train_steps=0", *common[1:])
-    start = f"checkpoint.init_from={init}/checkpoints/iter_0000000"
+    init = tiny_models(tmp_path / "init", synthetic / "tokenizer.model")
+    start = f"checkpoint.init_from={init}/gvm"
     curves = {}
     for name, nproc, layout in (("tp1", 1, []),
                                 ("tp2", 2, ["parallel.tensor_model_parallel_size=2"]),

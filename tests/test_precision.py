@@ -136,15 +136,21 @@ def test_hardware_is_checked_before_the_model_is_known():
     assert plan(H100, "precision.fp8=e4m3", model=False).fp8 == "e4m3"
 
 
-def test_this_machine_refuses_fp8_before_any_process_group(tmp_path):
-    """The command line fails at once, before torch.distributed or a model exists."""
+def test_this_machine_refuses_fp8_before_any_process_group(tmp_path, capsys):
+    """The command line fails at once, before torch.distributed or a model exists, with one
+    ``error:`` line and exit status 2."""
+    import re
+
     from megatron_dvpo.gvm.train import main
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU refusal")
-    with pytest.raises(ConfigError, match="precision.fp8=hybrid .* no CUDA GPU"):
+    with pytest.raises(SystemExit) as exit_status:
         main(["--config", "examples/gvm_tiny.yaml", "precision.fp8=hybrid",
               "precision.params_dtype=bf16"])
+    assert exit_status.value.code == 2
+    assert re.search(r"^error: .*precision.fp8=hybrid .* no CUDA GPU", capsys.readouterr().err,
+                     re.MULTILINE)
     assert not torch.distributed.is_initialized()
 
 

@@ -64,6 +64,21 @@ def _export_tokenizer(ckpt: Path, cfg: RunConfig, out: Path) -> None:
         export_hf_tokenizer(source, out)
 
 
+def _check_tokenizer_fits(hf_dir: Path, model) -> None:
+    """The checkpoint's tokenizer must not have more tokens than its embedding has rows."""
+    from megatron_dvpo.data.tokenizer import HF_FILES, TokenizerError, check_vocab, load_tokenizer
+
+    if not any((hf_dir / name).is_file() for name in HF_FILES):
+        return
+    try:
+        tokenizer = load_tokenizer(hf_dir)
+    except TokenizerError as e:  # e.g. one that needs remote code: say so, and convert anyway
+        print(f"warning: the tokenizer was not checked against the vocabulary: {e}",
+              flush=True)
+        return
+    check_vocab(tokenizer, model.vocab_size, f"{hf_dir / 'config.json'}")
+
+
 def _single_process_world() -> None:
     """Conversion runs as one process; megatron still needs its parallel state."""
     import torch.distributed as dist
@@ -201,6 +216,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
         if value_head is None or value_head[0] != "lm_head.weight":
             ignorable.add("lm_head.weight")  # the LM head has no place in a value model
     validate_model(model, parallel)
+    _check_tokenizer_fits(hf_dir, model)
     rules = weight_rules(model, value_head)
     check_keys(rules, reader, ignorable)
     torch_dtype = DTYPES[dtype] if dtype else reader.dtype("model.embed_tokens.weight")

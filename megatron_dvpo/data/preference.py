@@ -153,14 +153,18 @@ def _number(obj: dict, key: str) -> float:
     return float(value)
 
 
+def is_message_list(value) -> bool:
+    """A non-empty list of ``{role: str, content: str}`` chat messages."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
+
+
 def _messages(obj: dict, key: str) -> list[dict]:
     value = obj[key]
     if isinstance(value, str):
         raise _BadRow("missing_keys", f"{key!r} is text, so the row needs a 'prompt' key")
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value)
-    if not ok:
+    if not is_message_list(value):
         raise _BadRow("wrong_type", f"{key!r} must be a non-empty list of "
                                     "{role: str, content: str} messages")
     return value
@@ -211,7 +215,7 @@ def _parse_row(obj, tokenizer: Tokenizer, options: ReadOptions) -> _Row:
 # Tokenization and length handling.
 
 
-def _with_bos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
+def with_bos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
     """Prepend BOS unless the text already rendered one (chat templates often do)."""
     bos = tokenizer.bos_id
     return ids if bos is None or ids[:1] == [bos] else [bos] + ids
@@ -219,7 +223,7 @@ def _with_bos(ids: list[int], tokenizer: Tokenizer) -> list[int]:
 
 def encode_pair(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """``([bos] + encode(prompt), encode(response) + [eos])``, encoded separately."""
-    return _with_bos(tokenizer.encode(prompt), tokenizer), tokenizer.encode(response) + [
+    return with_bos(tokenizer.encode(prompt), tokenizer), tokenizer.encode(response) + [
         tokenizer.eos_id]
 
 
@@ -315,7 +319,7 @@ def add_trajectory_context(sample: Sample, examples: Sequence[tuple[str, str]],
         return sample
     text = CONTEXT_HEADER + "".join(CONTEXT_EXAMPLE.format(prompt=p, response=r)
                                     for p, r in examples) + CONTEXT_FOOTER
-    context = _with_bos(tokenizer.encode(text), tokenizer)
+    context = with_bos(tokenizer.encode(text), tokenizer)
     prompt = list(sample.prompt_ids)
     if tokenizer.bos_id is not None and prompt[:1] == [tokenizer.bos_id]:
         prompt = prompt[1:]

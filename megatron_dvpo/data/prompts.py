@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_dvpo.data.preference import DataError
+from megatron_dvpo.data.preference import DataError, is_message_list, with_bos
 from megatron_dvpo.data.tokenizer import Tokenizer
 
 PROMPT_KEYS = ("prompt", "question", "value_question")
@@ -27,10 +27,13 @@ def _prompt_text(row, tokenizer: Tokenizer) -> str:
         raise ValueError("a row must be a JSON object")
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' must be a non-empty list")
-        if messages[-1].get("role") == "assistant":
+        if not is_message_list(messages):
+            raise ValueError("'messages' must be a non-empty list of {role: str, content: str} "
+                             "objects")
+        if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # a finished conversation: prompt with what precedes
+            if not messages:
+                raise ValueError("'messages' holds only an assistant turn: there is no prompt")
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     for key in PROMPT_KEYS:
         if key in row:
@@ -42,7 +45,7 @@ def _prompt_text(row, tokenizer: Tokenizer) -> str:
 
 def load_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
                  skip_bad_rows: bool = False) -> tuple[list[Prompt], dict]:
-    """Prompts of ``path`` (BOS first when the tokenizer has one), and counts of what was
+    """Prompts of ``path`` (one BOS first when the tokenizer has one), and counts of what was
     skipped: bad rows (only with ``skip_bad_rows``) and prompts over ``max_prompt_length``."""
     path = Path(path)
     if not path.is_file():
@@ -60,8 +63,8 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
                                     "and count such rows)") from None
                 counts["bad_rows"] += 1
                 continue
-            ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + \
-                tokenizer.encode(text)
+            # exactly as a GVM sample's prompt is encoded (a BOS the template rendered is kept)
+            ids = with_bos(tokenizer.encode(text), tokenizer)
             if len(ids) > max_prompt_length:
                 counts["too_long"] += 1
                 continue

@@ -122,6 +122,14 @@ class HFTokenizer(Tokenizer):
                                     f"{e}") from e
 
 
+def check_vocab(tokenizer: Tokenizer, model_vocab: int, model: str) -> None:
+    """Every token id must have an embedding row: a larger tokenizer would feed out-of-range ids
+    (an IndexError at TP=1, silent garbage under TP)."""
+    if tokenizer.vocab_size > model_vocab:
+        raise TokenizerError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but "
+                             f"{model} has model.vocab_size={model_vocab}: they must match")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load ``path``: a SentencePiece ``.model`` file or an HF tokenizer directory."""
     path = Path(path)

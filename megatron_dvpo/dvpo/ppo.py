@@ -24,27 +24,31 @@ from megatron_dvpo.checkpointing import find_latest_checkpoint, load_model
 from megatron_dvpo.config import ConfigError, RunConfig
 from megatron_dvpo.dvpo.advantages import gae
 from megatron_dvpo.dvpo.losses import value_loss_clipped
-from megatron_dvpo.dvpo.train import DVPOTrainer, check_inputs, frozen_model
+from megatron_dvpo.dvpo.train import DVPOTrainer, frozen_model
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.training import build_optimizer, build_scheduler, run_trainer, wrap_ddp
 
 
 class PPOTrainer(DVPOTrainer):
-    def value_models(self, cfg: RunConfig) -> dict[str, str | None]:
-        return {"ppo.reward_model": cfg.ppo.reward_model,
-                "ppo.critic": cfg.ppo.critic or cfg.ppo.reward_model}
+    value_keys = ("ppo.reward_model", "ppo.critic")
 
-    def needs_reference(self) -> bool:
+    @classmethod
+    def check_inputs(cls, cfg: RunConfig, overrides: list[str] | tuple = ()):
+        cfg.ppo.critic = cfg.ppo.critic or cfg.ppo.reward_model
+        return super().check_inputs(cfg, overrides)
+
+    @staticmethod
+    def needs_reference(cfg: RunConfig) -> bool:
         return True  # SPEC.md section 4: PPO always has its reference policy
 
     def build_scorers(self, cfg: RunConfig, value_cfgs: dict[str, RunConfig]) -> None:
-        self.reward_model = frozen_model(cfg, value_cfgs["ppo.reward_model"],
+        self.reward_model = frozen_model(cfg, value_cfgs["ppo.reward_model"].model,
                                          cfg.ppo.reward_model)
         critic_cfg = RunConfig(model=value_cfgs["ppo.critic"].model, parallel=cfg.parallel,
                                precision=cfg.precision, optimizer=cfg.optimizer, seed=cfg.seed)
         self.critic = build_chunks(critic_cfg, initialize=False)
-        load_model(self.critic, f"{cfg.ppo.critic or cfg.ppo.reward_model}/model")
+        load_model(self.critic, f"{cfg.ppo.critic}/model")
         self.critic_ddp = wrap_ddp(self.critic, cfg.parallel)
         self.critic_optimizer = build_optimizer(self.critic_ddp, cfg.optimizer, cfg.parallel,
                                                 cfg.precision)
@@ -126,9 +130,8 @@ class PPOTrainer(DVPOTrainer):
 
 
 def main(argv=None) -> None:
-    run_trainer(PPOTrainer, __doc__.splitlines()[0], argv, lambda cfg: check_inputs(
-        cfg, {"ppo.reward_model": cfg.ppo.reward_model,
-              "ppo.critic": cfg.ppo.critic or cfg.ppo.reward_model}))
+    run_trainer(PPOTrainer, __doc__.splitlines()[0], argv, PPOTrainer.check_inputs)
+
 
 if __name__ == "__main__":
     main()

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.checkpointing import load_model
-from megatron_dvpo.config import load_config
+from megatron_dvpo.checkpointing import load_model, resolve_checkpoint_dir
+from megatron_dvpo.config import ConfigError, load_config, validate_parallel
 from megatron_dvpo.data.prompts import load_prompts
-from megatron_dvpo.data.tokenizer import load_tokenizer
-from megatron_dvpo.dvpo.train import checkpoint_tokenizer
+from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
+from megatron_dvpo.dvpo.inputs import checkpoint_tokenizer
+from megatron_dvpo.errors import input_errors_exit
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.generation import SamplingConfig, generate
 
@@ -44,18 +44,32 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.pairs and not args.true_reward:
         parser.error("--pairs needs --true-reward to rank the two responses")
-    policy = Path(args.policy)
-    cfg = load_config(policy / "config.yaml", args.overrides)
+    with input_errors_exit():
+        policy = resolve_checkpoint_dir(args.policy, "--policy")
+        cfg = load_config(policy / "config.yaml", args.overrides)
+        validate_parallel(cfg.parallel, distributed.launch_env().world_size)
+        tokenizer_path = args.tokenizer or checkpoint_tokenizer(policy)
+        if tokenizer_path is None:
+            raise ConfigError(f"--policy {policy} names no tokenizer: pass --tokenizer")
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_vocab(tokenizer, cfg.model.vocab_size, f"--policy {policy}")
+        room = cfg.model.max_position_embeddings - args.max_new_tokens
+        if room < 2:
+            raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a "
+                              f"prompt in model.max_position_embeddings="
+                              f"{cfg.model.max_position_embeddings}")
+        prompts, counts = load_prompts(args.prompts, tokenizer, room)
+        score = None
+        if args.true_reward:
+            from megatron_dvpo.data.synthetic import SyntheticRule
+
+            score = SyntheticRule(seed=int(args.true_reward.split(":")[1])).score
     distributed.init_distributed(cfg.parallel, args.seed)
-    tokenizer = load_tokenizer(args.tokenizer or str(checkpoint_tokenizer(policy)))
+    if counts["too_long"]:
+        distributed.print_rank0(f"skipped {counts['too_long']} prompts longer than {room} "
+                                f"tokens (max_position_embeddings - --max-new-tokens)")
     chunks = build_chunks(cfg, initialize=False)
     load_model(chunks, policy / "model")
-    prompts, _ = load_prompts(args.prompts, tokenizer, cfg.model.max_position_embeddings)
-    score = None
-    if args.true_reward:
-        from megatron_dvpo.data.synthetic import SyntheticRule
-
-        score = SyntheticRule(seed=int(args.true_reward.split(":")[1])).score
     sampling = SamplingConfig(args.max_new_tokens, args.temperature)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()

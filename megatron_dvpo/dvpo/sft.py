@@ -9,14 +9,13 @@ language before preference data is sampled from it.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.config import RunConfig, load_config, validate
+from megatron_dvpo.config import RunConfig
 from megatron_dvpo.data.dataset import collate
-from megatron_dvpo.gvm.train import open_data
+from megatron_dvpo.gvm.train import check_training_inputs, open_data
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.training import Trainer, run_trainer
 
@@ -25,8 +24,6 @@ class SFTTrainer(Trainer):
     summary_tags = ("sft/loss", "perf/train_tokens_per_s")
 
     def __init__(self, cfg: RunConfig):
-        if cfg.model.value_head:
-            raise ValueError("SFT trains a policy; model.value_head must be false")
         super().__init__(cfg, build_chunks(cfg))
         self.data = open_data(cfg, cfg.data.train_path)
 
@@ -53,14 +50,10 @@ class SFTTrainer(Trainer):
                 "sft/lr": self.optimizer.param_groups[0]["lr"]}
 
 
-def _model_from_init(cfg: RunConfig) -> None:
-    if cfg.checkpoint.init_from:  # the model is the starting checkpoint's
-        cfg.model = load_config(Path(cfg.checkpoint.init_from) / "config.yaml").model
-    validate(cfg, distributed.launch_env().world_size)
-
-
 def main(argv=None) -> None:
-    run_trainer(SFTTrainer, __doc__.splitlines()[0], argv, _model_from_init)
+    run_trainer(SFTTrainer, __doc__.splitlines()[0], argv,
+                lambda cfg, overrides: check_training_inputs(cfg, overrides, value_model=False))
+
 
 if __name__ == "__main__":
     main()

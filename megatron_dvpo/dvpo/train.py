@@ -11,8 +11,6 @@ the clipped policy loss. No critic is trained and no reward model is run.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import time
 from pathlib import Path
 
@@ -21,13 +19,14 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.checkpointing import is_checkpoint, load_model
-from megatron_dvpo.config import ConfigError, RunConfig, load_config, validate
+from megatron_dvpo.checkpointing import load_model
+from megatron_dvpo.config import ConfigError, ModelConfig, RunConfig, validate
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLController,
                                            compute_advantages, masked_moments,
                                            whiten_with_moments)
+from megatron_dvpo.dvpo.inputs import RLInputs, check_rl_inputs
 from megatron_dvpo.dvpo.losses import entropy_bonus, ppo_policy_loss, should_skip_minibatch
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
@@ -38,77 +37,10 @@ UPDATE_SUMS = ["tokens", "loss_sum", "clipfrac_sum", "approx_kl_sum", "ratio_sum
                "entropy_sum"]
 
 
-def checkpoint_tokenizer(directory: Path) -> Path | None:
-    """The tokenizer a checkpoint was made with: its own copy, or the one its config names."""
-    if (directory / "tokenizer").is_dir():
-        return directory / "tokenizer"
-    path = load_config(directory / "config.yaml").data.tokenizer
-    return Path(path) if path else None
-
-
-@functools.cache  # a launch checks its inputs twice: before process groups exist, and per rank
-def tokenizer_fingerprint(path: Path) -> str:
-    """What makes two tokenizers interchangeable: vocabulary size, special ids and the text of
-    every ordinary token. A SentencePiece file and the HF directory made from it compare equal
-    (they differ only in how the unknown token prints, so special and unknown tokens, which
-    decode to nothing or to a placeholder, are left out)."""
-    tok = load_tokenizer(str(path))
-    digest = hashlib.sha256(repr((tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)).encode())
-    for i in range(tok.vocab_size):
-        text = tok.decode([i])
-        if text.strip() not in ("", "\u2047"):  # special tokens; SentencePiece's unknown mark
-            digest.update(f"{i}:{text}".encode("utf-8", "replace"))
-    return digest.hexdigest()
-
-
-def check_inputs(cfg: RunConfig, value_models: dict[str, str | None] | None = None
-                 ) -> tuple[RunConfig, dict[str, RunConfig], Path]:
-    """Every input problem we can see, before any model is built.
-
-    ``value_models`` names the value checkpoints the job scores with (DVPO: its GVM). Returns the
-    policy config, each value model's config and the shared tokenizer.
-    """
-    dvpo = cfg.dvpo
-    value_models = value_models if value_models is not None else {"dvpo.gvm": dvpo.gvm}
-    named = {"dvpo.policy": dvpo.policy, **value_models}
-    if dvpo.kl_coef > 0 and dvpo.reference:
-        named["dvpo.reference"] = dvpo.reference
-    for key, value in named.items():
-        if not value:
-            raise ConfigError(f"{key} is required")
-        if not (Path(value) / "config.yaml").is_file() or not is_checkpoint(Path(value) / "model"):
-            raise ConfigError(f"{key}={value} is not a checkpoint directory (config.yaml and "
-                              "model/ with a dist checkpoint)")
-    policy_cfg = load_config(Path(dvpo.policy) / "config.yaml")
-    if policy_cfg.model.value_head:
-        raise ConfigError(f"dvpo.policy={dvpo.policy} holds a value model, not a policy")
-    value_cfgs = {}
-    for key, path in value_models.items():
-        value_cfgs[key] = load_config(Path(path) / "config.yaml")
-        if not value_cfgs[key].model.value_head:
-            raise ConfigError(f"{key}={path} holds a policy, not a value model")
-        if policy_cfg.model.vocab_size != value_cfgs[key].model.vocab_size:
-            raise ConfigError(f"the policy's vocabulary ({policy_cfg.model.vocab_size} tokens) "
-                              f"differs from {key}'s ({value_cfgs[key].model.vocab_size}): they "
-                              "must share one tokenizer")
-    tokenizers = {"data.tokenizer": Path(cfg.data.tokenizer) if cfg.data.tokenizer else None,
-                  "policy": checkpoint_tokenizer(Path(dvpo.policy)),
-                  **{key: checkpoint_tokenizer(Path(path)) for key, path in value_models.items()}}
-    known = {k: v for k, v in tokenizers.items() if v is not None}
-    if not known:
-        raise ConfigError("no tokenizer: set data.tokenizer")
-    prints = {k: tokenizer_fingerprint(v) for k, v in known.items()}
-    if len(set(prints.values())) > 1:
-        raise ConfigError(f"the tokenizers differ: {', '.join(f'{k}={v}' for k, v in known.items())}")
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path (the prompts) is required")
-    return policy_cfg, value_cfgs, next(iter(known.values()))
-
-
-def frozen_model(cfg: RunConfig, model_cfg, directory: str) -> list[torch.nn.Module]:
+def frozen_model(cfg: RunConfig, model: ModelConfig, directory: str) -> list[torch.nn.Module]:
     """A forward-only model at this run's layout, in bf16 even when the policy trains in FP8:
     no gradients, no optimizer, no DDP."""
-    frozen_cfg = RunConfig(model=model_cfg.model, parallel=cfg.parallel,
+    frozen_cfg = RunConfig(model=model, parallel=cfg.parallel,
                            precision=inference_precision(cfg.precision), seed=cfg.seed)
     chunks = build_chunks(frozen_cfg, initialize=False)
     load_model(chunks, Path(directory) / "model")
@@ -121,29 +53,36 @@ def frozen_model(cfg: RunConfig, model_cfg, directory: str) -> list[torch.nn.Mod
 class DVPOTrainer(Trainer):
     summary_tags = ("policy/loss", "rollout/gvm_final_value_mean", "eval/true_reward_mean",
                     "rollout/response_len_mean", "policy/approx_kl")
+    value_keys: tuple[str, ...] = ("dvpo.gvm",)  # the config keys of the scoring models
 
-    def value_models(self, cfg: RunConfig) -> dict[str, str | None]:
-        return {"dvpo.gvm": cfg.dvpo.gvm}
+    @staticmethod
+    def updates_per_step(cfg: RunConfig) -> int:
+        return cfg.dvpo.ppo_epochs * cfg.dvpo.minibatches
+
+    @classmethod
+    def check_inputs(cls, cfg: RunConfig, overrides: list[str] | tuple = ()) -> RLInputs:
+        return check_rl_inputs(cfg, overrides, cls.value_keys, cls.needs_reference(cfg))
 
     def build_scorers(self, cfg: RunConfig, value_cfgs: dict[str, RunConfig]) -> None:
-        self.gvm = frozen_model(cfg, value_cfgs["dvpo.gvm"], cfg.dvpo.gvm)
+        self.gvm = frozen_model(cfg, value_cfgs["dvpo.gvm"].model, cfg.dvpo.gvm)
 
-    def needs_reference(self) -> bool:
-        return self.cfg.dvpo.kl_coef > 0
+    @staticmethod
+    def needs_reference(cfg: RunConfig) -> bool:
+        return cfg.dvpo.kl_coef > 0
 
     def __init__(self, cfg: RunConfig):
-        policy_cfg, value_cfgs, tokenizer_path = check_inputs(cfg, self.value_models(cfg))
-        cfg.model = policy_cfg.model
+        inputs = self.check_inputs(cfg)
+        value_cfgs, tokenizer_path = inputs.value_models, inputs.tokenizer
         validate(cfg, torch.distributed.get_world_size())
         self.tokenizer = load_tokenizer(str(tokenizer_path))
         cfg.data.tokenizer = str(tokenizer_path)
         dvpo = cfg.dvpo
         chunks = build_chunks(cfg, initialize=False)
         load_model(chunks, Path(dvpo.policy) / "model")
-        super().__init__(cfg, chunks, updates_per_step=dvpo.ppo_epochs * dvpo.minibatches)
+        super().__init__(cfg, chunks)
         self.build_scorers(cfg, value_cfgs)
-        self.reference = (frozen_model(cfg, policy_cfg, dvpo.reference or dvpo.policy)
-                          if self.needs_reference() else None)
+        self.reference = (frozen_model(cfg, cfg.model, dvpo.reference or dvpo.policy)
+                          if self.needs_reference(cfg) else None)
         self.kl = (AdaptiveKLController(dvpo.kl_coef, dvpo.kl_target, dvpo.kl_horizon)
                    if dvpo.kl_adaptive and dvpo.kl_coef > 0 else FixedKLController(dvpo.kl_coef))
         limit = cfg.rollout.max_prompt_length
@@ -398,7 +337,7 @@ class DVPOTrainer(Trainer):
 
 
 def main(argv=None) -> None:
-    run_trainer(DVPOTrainer, __doc__.splitlines()[0], argv, check_inputs)
+    run_trainer(DVPOTrainer, __doc__.splitlines()[0], argv, DVPOTrainer.check_inputs)
 
 if __name__ == "__main__":
     main()

@@ -62,8 +62,10 @@ def evaluate_pairs(chunks, dataset: ValueDataset, pairs: np.ndarray, seq_length:
 
 
 def main(argv=None) -> None:
-    from megatron_dvpo.checkpointing import load_model
-    from megatron_dvpo.config import load_config
+    from megatron_dvpo.checkpointing import load_model, resolve_checkpoint_dir
+    from megatron_dvpo.config import ConfigError, load_config, validate_parallel
+    from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
+    from megatron_dvpo.errors import input_errors_exit
     from megatron_dvpo.data.preference import ReadOptions
     from megatron_dvpo.data.preprocess import open_dataset
     from megatron_dvpo.models import build_chunks
@@ -76,15 +78,19 @@ def main(argv=None) -> None:
     parser.add_argument("--max-pairs", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tensor_model_parallel_size=2")
     args = parser.parse_args(argv)
-    ckpt = Path(args.ckpt)
-    cfg = load_config(ckpt / "config.yaml", args.overrides)
-    if not cfg.model.value_head:
-        raise SystemExit(f"{ckpt} holds a policy, not a GVM (model.value_head is false)")
+    with input_errors_exit():
+        ckpt = resolve_checkpoint_dir(args.ckpt, "--ckpt")
+        cfg = load_config(ckpt / "config.yaml", args.overrides)
+        if not cfg.model.value_head:
+            raise ConfigError(f"--ckpt {ckpt} holds a policy, not a GVM (model.value_head is "
+                              "false)")
+        validate_parallel(cfg.parallel, distributed.launch_env().world_size)
+        tokenizer = args.tokenizer or cfg.data.tokenizer or (ckpt / "tokenizer")
+        dataset = open_dataset(args.data, tokenizer, Path(cfg.logging.run_dir) / "data",
+                               ReadOptions(max_length=cfg.data.max_length or cfg.data.seq_length,
+                                           length_mode=cfg.data.length_mode))
+        check_vocab(load_tokenizer(tokenizer), cfg.model.vocab_size, f"--ckpt {ckpt}")
     distributed.init_distributed(cfg.parallel, cfg.seed)
-    tokenizer = args.tokenizer or cfg.data.tokenizer or (ckpt / "tokenizer")
-    dataset = open_dataset(args.data, tokenizer, Path(cfg.logging.run_dir) / "data",
-                           ReadOptions(max_length=cfg.data.max_length or cfg.data.seq_length,
-                                       length_mode=cfg.data.length_mode))
     chunks = build_chunks(cfg, initialize=False)
     load_model(chunks, ckpt / "model")
     pairs = dataset.pairs()

@@ -18,11 +18,13 @@ import numpy as np
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.config import RunConfig, validate
+from megatron_dvpo.checkpointing import resolve_checkpoint_dir
+from megatron_dvpo.config import ConfigError, RunConfig, load_config, model_from_checkpoint
 from megatron_dvpo.data.dataset import ValueDataset, collate
 from megatron_dvpo.data.preference import ReadOptions, add_trajectory_context
 from megatron_dvpo.data.preprocess import open_dataset
-from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.data.preference import DataError
+from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
 from megatron_dvpo.gvm.evaluate import evaluate_pairs
 from megatron_dvpo.dvpo.losses import bradley_terry_loss
 from megatron_dvpo.gvm.td import gvm_loss, loss_token_count
@@ -34,18 +36,45 @@ STEP_SUMS = ["sq_err_sum", "tokens", "value_sum", "response_tokens", "final_valu
 
 
 def open_data(cfg: RunConfig, path: str) -> ValueDataset:
+    """The dataset at ``path`` (a .jsonl is tokenized on first use), checked against the
+    tokenizer and the model's vocabulary."""
     data = cfg.data
     options = ReadOptions(max_length=data.max_length or data.seq_length,
                           length_mode=data.length_mode, chosen_reward=data.chosen_reward,
                           rejected_reward=data.rejected_reward, skip_bad_rows=data.skip_bad_rows)
     dataset = open_dataset(path, data.tokenizer, Path(cfg.logging.run_dir) / "data", options)
     if data.tokenizer:
-        dataset.check_tokenizer(load_tokenizer(data.tokenizer))
-    vocab = dataset.metadata["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {vocab} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}")
+        tokenizer = load_tokenizer(data.tokenizer)
+        dataset.check_tokenizer(tokenizer)
+        check_vocab(tokenizer, cfg.model.vocab_size, "the model")
+    elif dataset.metadata["vocab_size"] > cfg.model.vocab_size:
+        raise DataError(f"{path} was tokenized with {dataset.metadata['vocab_size']} tokens but "
+                        f"the model has model.vocab_size={cfg.model.vocab_size}")
     return dataset
+
+
+def check_training_inputs(cfg: RunConfig, overrides: list[str], value_model: bool) -> None:
+    """What GVM pretraining and SFT check before any process group: the starting checkpoint
+    (a save directory means its latest iteration; the model section comes from it), the data
+    (tokenized here, once) and the tokenizer against the model."""
+    init = cfg.checkpoint.init_from
+    if init:
+        init = cfg.checkpoint.init_from = str(resolve_checkpoint_dir(init, "checkpoint.init_from"))
+        model_from_checkpoint(cfg, init, "checkpoint.init_from", overrides,
+                              ignore=("value_head", "tie_embeddings") if value_model else ())
+    if cfg.model.value_head and not value_model:
+        raise ConfigError(f"{f'checkpoint.init_from={init}' if init else 'model.value_head'}: "
+                          "a value model; SFT trains a policy")
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path is required")
+    if cfg.data.trajectory_context_k and not cfg.data.tokenizer:
+        raise ConfigError("data.trajectory_context_k needs data.tokenizer")
+    if value_model and cfg.gvm.objective == "bradley_terry" and cfg.data.micro_batch_size % 2:
+        raise ConfigError("gvm.objective=bradley_terry needs an even data.micro_batch_size "
+                          "(whole pairs per microbatch)")
+    for path in (cfg.data.train_path, cfg.data.eval_path):
+        if path:
+            open_data(cfg, path)
 
 
 def data_metrics(dataset: ValueDataset) -> dict[str, float]:
@@ -61,21 +90,18 @@ class GVMTrainer(Trainer):
     summary_tags = ("gvm/loss", "gvm/value_mean", "gvm/pair_acc_last", "perf/train_tokens_per_s")
 
     def __init__(self, cfg: RunConfig):
+        init = cfg.checkpoint.init_from
+        # a GVM may start from a policy: its trunk, with the value head zero-initialised
+        self.init_skip = (("output_layer.",) if init and not load_config(
+            Path(init) / "config.yaml").model.value_head else ())
         cfg = gvm_config(cfg)
-        if not cfg.data.train_path:
-            raise ValueError("data.train_path is required")
         super().__init__(cfg, build_gvm_chunks(cfg, cfg.gvm.value_head_init_std))
         self.train_data = open_data(cfg, cfg.data.train_path)
         self.eval_data = open_data(cfg, cfg.data.eval_path) if cfg.data.eval_path else None
         self.data_metrics = data_metrics(self.train_data)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
-        if cfg.data.trajectory_context_k and self.tokenizer is None:
-            raise ValueError("data.trajectory_context_k needs data.tokenizer")
         if cfg.gvm.objective == "bradley_terry":
             self.train_pairs = self.train_data.pairs()
-            if cfg.data.micro_batch_size % 2:
-                raise ValueError("gvm.objective=bradley_terry needs an even "
-                                 "data.micro_batch_size (whole pairs per microbatch)")
             self.summary_tags = ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last")
         distributed.print_rank0(f"train data: {len(self.train_data)} samples from "
                                 f"{cfg.data.train_path}; {self.train_data.metadata['stats']}")
@@ -195,7 +221,7 @@ class GVMTrainer(Trainer):
 
 def main(argv=None) -> None:
     run_trainer(GVMTrainer, __doc__.splitlines()[0], argv,
-                lambda cfg: validate(cfg, distributed.launch_env().world_size))
+                lambda cfg, overrides: check_training_inputs(cfg, overrides, value_model=True))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,132 @@
+"""What an RL job (DVPO, the PPO baseline) checks before any process group or model exists.
+
+Checkpoint paths may be save directories (their latest iteration is used, and written back into
+the config so that every rank and the saved config.yaml agree); the policy's model section comes
+from its checkpoint; every model must share the policy's tokenizer and fit its vocabulary and
+context; the prompt files must parse. Each problem is one ``InputError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_dvpo.checkpointing import resolve_checkpoint_dir
+from megatron_dvpo.config import ConfigError, RunConfig, load_config, model_from_checkpoint
+from megatron_dvpo.data.prompts import load_prompts
+from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
+
+
+@dataclass(frozen=True)
+class RLInputs:
+    """The checked inputs: each scoring model's config by its config key, and the tokenizer."""
+
+    value_models: dict[str, RunConfig]
+    tokenizer: Path
+
+
+def checkpoint_tokenizer(directory: Path) -> Path | None:
+    """The tokenizer a checkpoint was made with: its own copy, or the one its config names."""
+    if (directory / "tokenizer").is_dir():
+        return directory / "tokenizer"
+    path = load_config(directory / "config.yaml").data.tokenizer
+    return Path(path) if path else None
+
+
+@functools.cache  # one launch checks its inputs before the process group and in the trainer
+def tokenizer_fingerprint(path: Path) -> str:
+    """What makes two tokenizers interchangeable: vocabulary size, special ids and the text of
+    every ordinary token. A SentencePiece file and the HF directory made from it compare equal
+    (they differ only in how the unknown token prints, so special and unknown tokens, which
+    decode to nothing or to a placeholder, are left out)."""
+    tok = load_tokenizer(str(path))
+    digest = hashlib.sha256(repr((tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)).encode())
+    for i in range(tok.vocab_size):
+        text = tok.decode([i])
+        if text.strip() not in ("", "\u2047"):  # special tokens; SentencePiece's unknown mark
+            digest.update(f"{i}:{text}".encode("utf-8", "replace"))
+    return digest.hexdigest()
+
+
+def _get(cfg: RunConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _set(cfg: RunConfig, key: str, value) -> None:
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+def _check_value_model(key: str, path: str, value_cfg: RunConfig, policy: RunConfig,
+                       cfg: RunConfig) -> None:
+    if not value_cfg.model.value_head:
+        raise ConfigError(f"{key}={path} holds a policy, not a value model")
+    if policy.model.vocab_size != value_cfg.model.vocab_size:
+        raise ConfigError(f"the policy's vocabulary ({policy.model.vocab_size} tokens) "
+                          f"differs from {key}'s ({value_cfg.model.vocab_size}): they "
+                          "must share one tokenizer")
+    context = value_cfg.data.trajectory_context_k
+    if context:
+        raise ConfigError(f"{key}={path} was trained with data.trajectory_context_k={context} "
+                          "(trajectory conditioning), but rollouts are scored on the bare "
+                          "prompt and response: its values would be off-distribution. Use a "
+                          "value model trained without trajectory context")
+
+
+def _check_lengths(cfg: RunConfig, models: dict[str, RunConfig]) -> None:
+    rollout = cfg.rollout
+    total = rollout.max_prompt_length + rollout.max_new_tokens
+    for key, model_cfg in models.items():
+        limit = model_cfg.model.max_position_embeddings
+        if total > limit:
+            raise ConfigError(f"rollout.max_prompt_length={rollout.max_prompt_length} + "
+                              f"rollout.max_new_tokens={rollout.max_new_tokens} = {total} "
+                              f"exceeds model.max_position_embeddings={limit} of "
+                              f"{key}={_get(cfg, key)}")
+
+
+def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
+                    value_keys: tuple[str, ...] = ("dvpo.gvm",),
+                    needs_reference: bool | None = None) -> RLInputs:
+    """Check (and resolve into ``cfg``) the inputs of an RL job; ``value_keys`` are the config
+    keys of its scoring models (DVPO: the GVM). The reference is checked when it will be
+    loaded: ``dvpo.kl_coef > 0`` unless ``needs_reference`` says otherwise."""
+    dvpo = cfg.dvpo
+    reference = dvpo.kl_coef > 0 if needs_reference is None else needs_reference
+    keys = ["dvpo.policy", *value_keys] + (["dvpo.reference"] if reference and dvpo.reference
+                                           else [])
+    for key in keys:
+        value = _get(cfg, key)
+        if not value:
+            raise ConfigError(f"{key} is required")
+        _set(cfg, key, str(resolve_checkpoint_dir(value, key)))
+    policy = load_config(Path(dvpo.policy) / "config.yaml")
+    if policy.model.value_head:
+        raise ConfigError(f"dvpo.policy={dvpo.policy} holds a value model, not a policy")
+    model_from_checkpoint(cfg, dvpo.policy, "dvpo.policy", overrides)
+    value_cfgs = {key: load_config(Path(_get(cfg, key)) / "config.yaml") for key in value_keys}
+    for key, value_cfg in value_cfgs.items():
+        _check_value_model(key, _get(cfg, key), value_cfg, policy, cfg)
+    _check_lengths(cfg, {"dvpo.policy": policy, **value_cfgs})
+    tokenizers = {"data.tokenizer": Path(cfg.data.tokenizer) if cfg.data.tokenizer else None,
+                  "dvpo.policy": checkpoint_tokenizer(Path(dvpo.policy)),
+                  **{key: checkpoint_tokenizer(Path(_get(cfg, key))) for key in value_keys}}
+    known = {k: v for k, v in tokenizers.items() if v is not None}
+    if not known:
+        raise ConfigError("no tokenizer: set data.tokenizer")
+    prints = {k: tokenizer_fingerprint(v) for k, v in known.items()}
+    if len(set(prints.values())) > 1:
+        raise ConfigError("the tokenizers differ: "
+                          f"{', '.join(f'{k}={v}' for k, v in known.items())}")
+    tokenizer_path = next(iter(known.values()))
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    check_vocab(tokenizer, policy.model.vocab_size, f"dvpo.policy={dvpo.policy}")
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path (the prompts) is required")
+    for path in (cfg.data.train_path, cfg.data.eval_path):
+        if path:
+            load_prompts(path, tokenizer, cfg.rollout.max_prompt_length, cfg.data.skip_bad_rows)
+    return RLInputs(value_cfgs, tokenizer_path)
