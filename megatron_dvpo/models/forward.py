@@ -27,15 +27,20 @@ def vocab_parallel_logprobs(logits: torch.Tensor, labels: torch.Tensor,
     """log p(labels) from TP-sharded logits [b, s, v/tp], without gathering the vocabulary.
 
     Embedding padding columns (ids >= vocab_size) are masked out, so probabilities match an
-    unpadded model exactly.
+    unpadded model exactly. ``logits`` is left as it is: megatron's cross entropy works in
+    place on its input, so it gets a copy of its own (``.float()`` and ``.contiguous()`` return
+    the same storage for fp32 contiguous logits, and the entropy is computed from them after).
     """
-    logits = logits.float().contiguous()
     shard = logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * shard
-    if start + shard > vocab_size:
+    if start + shard > vocab_size:  # masked_fill writes a new tensor
         ids = torch.arange(start, start + shard, device=logits.device)
-        logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels.contiguous())
+        own = logits.float().masked_fill(ids >= vocab_size, float("-inf"))
+    else:
+        own = logits.float().contiguous()
+        if own.data_ptr() == logits.data_ptr():
+            own = own.clone()
+    return -tensor_parallel.vocab_parallel_cross_entropy(own, labels.contiguous())
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
