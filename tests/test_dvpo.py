@@ -85,6 +85,30 @@ def test_frozen_gvm_and_no_reference_without_kl(pipeline, tmp_path, single_rank)
     assert DVPOTrainer(cfg).reference is None  # kl_coef = 0: nothing loaded
 
 
+@pytest.mark.parametrize("target, rises", [(6.0, True), (1e4, False)])
+def test_adaptive_kl_follows_the_per_sequence_kl(pipeline, tmp_path, single_rank, target,
+                                                 rises):
+    """The reference is the random policy before SFT: about 3-5 nats per token, tens per
+    sequence. Against the released default target of 6 nats per sequence beta must rise (a
+    per-token KL fed to it would make it fall); against a huge target it falls."""
+    from megatron_dvpo.dvpo.train import DVPOTrainer
+
+    work, _ = pipeline
+    cfg = load_config(REPO / "examples/dvpo_tiny.yaml",
+                      dvpo_overrides(work, tmp_path, "train_steps=1", "dvpo.kl_coef=0.2",
+                                     "dvpo.kl_adaptive=true", f"dvpo.kl_target={target}",
+                                     "dvpo.kl_horizon=100", f"dvpo.reference={work}/policy",
+                                     "checkpoint.save_dir=null", "data.global_batch_size=32"))
+    trainer = DVPOTrainer(cfg)
+    metrics = trainer.train_step()
+    per_sequence, per_token = metrics["rollout/kl_ref"], metrics["rollout/kl_ref_per_token"]
+    assert per_sequence == pytest.approx(per_token * metrics["rollout/response_len_mean"])
+    assert per_token < 6.0 < per_sequence < 1e4, metrics
+    error = min(max(per_sequence / target - 1, -0.2), 0.2)
+    assert trainer.kl.beta == pytest.approx(0.2 * (1 + error * 32 / 100))
+    assert (trainer.kl.beta > 0.2) == rises
+
+
 def test_resume_continues_exactly(pipeline, tmp_path):
     work, _ = pipeline
     common = ["train_steps=6", "data.global_batch_size=32", "dvpo.kl_coef=0.1",

@@ -359,3 +359,40 @@ def test_unknown_estimator_lists_the_three():
 def test_invalid_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_gae_with_released_value_whitening_matches_the_released_recipe():
+    """Raw GVM outputs of each forward chunk (prompt positions, padding and the last position
+    included) whitened with TRL's whiten (unbiased variance, rsqrt(var + 1e-8)), the last column
+    dropped, V(s_t) read at the position before y_t, then GAE over the KL-only rewards."""
+    from megatron_dvpo.dvpo.scoring import estimator_inputs
+
+    g = torch.Generator().manual_seed(3)
+    width, lengths = 3, torch.tensor([4, 2, 3, 1])
+    raw = torch.randn(4, width + 4, generator=g, dtype=F64) * 2 + 0.7
+    mask = torch.arange(4)[None, :] < lengths[:, None]
+    logp_old = torch.randn(4, 4, generator=g, dtype=F64)
+    logp_ref = torch.randn(4, 4, generator=g, dtype=F64)
+    beta, gamma, lam, chunk = 0.1, 0.9, 0.8, 2
+    expected = torch.zeros(4, 4, dtype=F64)
+    for start in range(0, 4, chunk):
+        block = raw[start:start + chunk]
+        white = ((block - block.mean()) * torch.rsqrt(block.var(unbiased=True) + 1e-8))[:, :-1]
+        for b in range(block.shape[0]):
+            row, n = start + b, int(lengths[start + b])
+            v = [white[b, width - 1 + i].item() for i in range(n)] + [0.0]
+            r = [-beta * (logp_old[row, i] - logp_ref[row, i]).item() for i in range(n)]
+            running = 0.0
+            for i in reversed(range(n)):
+                running = r[i] + gamma * v[i + 1] - v[i] + gamma * lam * running
+                expected[row, i] = running
+    q, q_prompt = estimator_inputs(raw, width, lengths, "qview", "gae", "released", chunk)
+    got, _ = compute_advantages("gae", q, q_prompt, mask, logp_old, logp_ref, beta, gamma, lam,
+                                whiten_values=False)
+    assert torch.allclose(got, expected, atol=1e-12), (got, expected)
+    # the per-sequence variant is a different estimator, and says so by its name
+    q, q_prompt = estimator_inputs(raw, width, lengths, "qview", "gae", "per_sequence_states",
+                                   chunk)
+    other, _ = compute_advantages("gae", q, q_prompt, mask, logp_old, logp_ref, beta, gamma,
+                                  lam, whiten_values=True)
+    assert not torch.allclose(other, expected, atol=1e-3)

@@ -21,6 +21,24 @@ def test_rollout_tp2_pp2_equal_tp1_and_match_fresh_forward(tmp_path):
         assert 0 <= result[layout]["greedy_logprob_max_diff"] <= 1e-5
     for layout in ("tp1pp1", "tp2pp1", "tp1pp2"):
         assert 0 <= result[layout]["fresh_forward_max_diff"] <= 1e-4, result
+        assert 0 <= result[layout]["tempered_fresh_forward_max_diff"] <= 1e-4, result
+        assert result[layout]["untempered_gap"] > 0.05, result  # temperature 1 differs
+
+
+def test_policy_head_scores_the_tempered_distribution(single_rank):
+    """Log-probs and entropy of softmax(logits / T), padded vocabulary columns excluded."""
+    from megatron_dvpo.models import forward
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 128, generator=g) * 4
+    tokens = torch.randint(0, 100, (2, 6), generator=g)
+    out = forward.policy_logprobs_head(100, temperature=0.7, entropy=True)(
+        logits, {"tokens": tokens})
+    expected = (logits[:, :-1, :100] / 0.7).log_softmax(-1)
+    assert torch.allclose(out["logprobs"], expected.gather(-1, tokens[:, 1:, None])[..., 0],
+                          atol=1e-5)
+    assert torch.allclose(out["entropy"], -(expected.exp() * expected).sum(-1), atol=1e-5)
+    assert forward.logit_temperature(0.0) == 1.0  # greedy decoding scores at temperature 1
 
 
 def test_left_pad():

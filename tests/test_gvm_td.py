@@ -9,6 +9,7 @@ from megatron_dvpo.gvm.td import (gather_response_values, gvm_loss, loss_token_c
                                   td_lambda_targets)
 
 Q3 = [0.2, 0.5, -0.1]
+F64 = torch.float64
 
 
 def targets(q: list[float], reward: float, gamma: float, lam: float) -> list[float]:
@@ -207,3 +208,53 @@ def test_invalid_target_inputs_raise():
         td_lambda_targets(q, torch.ones(2, 4, dtype=torch.bool), R, 1.0, 0.9)
     with pytest.raises(ValueError, match="values must be"):
         gvm_loss(torch.zeros(8), [2], [3], R[:1], 1.0, 0.9)
+
+
+def test_released_alignment_trains_one_position_earlier():
+    """``released``: the outputs q_-1 .. q_{T-2} are fitted, the reward on q_{T-2}; the output
+    at the last response token gets no gradient."""
+    values = one_row(Q3, q_prompt=0.4)  # positions: 7, 0.4 | 0.2, 0.5, -0.1 | 9, 9
+    reward = torch.tensor([1.0], dtype=torch.float64)
+    loss, stats = gvm_loss(values, [2], [3], reward, 1.0, 0.0, alignment="released")
+    trained = [0.4, 0.2, 0.5]  # q_-1, q_0, q_1
+    expected = targets(trained, 1.0, 1.0, 0.0)  # TD(0): [0.2, 0.5, 1.0]
+    assert expected == pytest.approx([0.2, 0.5, 1.0])
+    assert loss.item() == pytest.approx(0.5 * sum((v - g) ** 2 for v, g in zip(trained, expected)))
+    assert stats["tokens"].item() == 3 and stats["final_value_sum"].item() == pytest.approx(0.5)
+    loss.backward()
+    touched = values.grad[0].nonzero().flatten().tolist()
+    assert set(touched) <= {1, 2, 3} and 4 not in touched  # q_{T-1} at position 4 is not fitted
+
+
+def test_released_q_view_reads_the_last_trained_output():
+    values = torch.arange(10, dtype=torch.float64).view(1, 10)
+    q, mask, q_prompt = gather_response_values(values, [3], [4], alignment="released")
+    assert q[0].tolist() == [3.0, 4.0, 5.0, 5.0]  # q_{T-1} := q_{T-2}
+    assert q_prompt.item() == 2.0
+    q, _, _ = gather_response_values(values, [3], [1], alignment="released")
+    assert q[0].tolist() == [2.0]  # one token: the prompt's value is the prediction
+    with pytest.raises(ValueError, match="unknown alignment 'shifted'"):
+        gather_response_values(values, [3], [4], alignment="shifted")
+
+
+@pytest.mark.parametrize("alignment", ["qview", "released"])
+def test_the_default_objective_trains_every_output_the_estimators_read(alignment):
+    """Whatever DVPO's estimators read (q_-1 for td and gae, q_t for all) must be trained by the
+    default GVM objective (docs/algorithm.md section 1)."""
+    from megatron_dvpo.config import GVMConfig
+
+    defaults = GVMConfig(alignment=alignment)
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    prompts, responses = [3, 2], [4, 6]
+    q, _, q_prompt = gather_response_values(values, prompts, responses, alignment)
+    (q.sum() + q_prompt.sum()).backward()
+    read = set(map(tuple, values.grad.nonzero().tolist()))
+    values.grad = None
+    loss, _ = gvm_loss(values, prompts, responses, torch.tensor([1.0, -1.0], dtype=F64),
+                       defaults.gamma, defaults.lam, defaults.train_prompt_value,
+                       alignment=defaults.alignment)
+    loss.backward()
+    trained = set(map(tuple, values.grad.nonzero().tolist()))
+    assert read <= trained, sorted(read - trained)
+

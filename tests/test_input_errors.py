@@ -172,11 +172,12 @@ def test_resuming_with_another_lr_is_refused_unless_overridden(work, tmp_path):
     assert saved["optimizer"]["lr"] == 1e-3
 
 
-def fake_checkpoint(src: Path, dst: Path, **model_changes) -> Path:
-    """``src``'s config with model changes, next to its real weights (never loaded here)."""
+def fake_checkpoint(src: Path, dst: Path, section: str = "model", **changes) -> Path:
+    """``src``'s config with changes to one section, next to its real weights (never loaded
+    here)."""
     dst.mkdir(parents=True)
     cfg = yaml.safe_load((src / "config.yaml").read_text())
-    cfg["model"].update(model_changes)
+    cfg[section].update(changes)
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg))
     (dst / "model").symlink_to(src / "model", target_is_directory=True)
     if (src / "tokenizer").is_dir():
@@ -210,3 +211,26 @@ def test_prompt_plus_new_tokens_must_fit_the_context(work, tmp_path):
                                           r"rollout.max_new_tokens=60 = 76 exceeds "
                                           r"model.max_position_embeddings=64 of dvpo.policy="):
         DVPOTrainer.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args))
+
+
+def test_an_estimator_never_reads_an_untrained_output(work, tmp_path):
+    """td and gae read q_-1 = V(s_0): a qview GVM trained without gvm.train_prompt_value is
+    refused for them, and accepted for q (which reads q_t only) or when released-aligned."""
+    from megatron_dvpo.dvpo.train import DVPOTrainer
+
+    gvm = work / "gvm_run" / "checkpoints" / "iter_0000004"
+    untrained = fake_checkpoint(gvm, tmp_path / "no_prompt_value", "gvm",
+                                train_prompt_value=False)
+    released = fake_checkpoint(gvm, tmp_path / "released", "gvm", train_prompt_value=False,
+                               alignment="released")
+
+    def check(gvm_dir, estimator):
+        args = dvpo_args(work, tmp_path, f"dvpo.gvm={gvm_dir}", f"dvpo.estimator={estimator}")
+        DVPOTrainer.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args[2:]))
+
+    for estimator in ("td", "gae"):
+        with pytest.raises(ConfigError, match=rf"dvpo.estimator={estimator} reads q_-1 = V\(s_0\)"
+                                              r", which dvpo.gvm=.* never trained"):
+            check(untrained, estimator)
+        check(released, estimator)
+    check(untrained, "q")

@@ -1,4 +1,4 @@
-"""Advantage estimators, whitening and KL control for DVPO and the PPO baseline (SPEC sections 3-4).
+"""Advantage estimators, whitening and KL control for DVPO and the PPO baseline (docs/algorithm.md sections 2-3).
 
 Pure torch functions on response-aligned tensors; nothing here communicates. Every per-token
 tensor is ``[B, T]`` with position ``t`` holding response token ``y_t``, next to a bool
@@ -18,8 +18,8 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["ESTIMATORS", "WHITEN_EPS", "kl_penalty", "td_advantages", "q_advantages", "gae",
-           "gae_advantages", "compute_advantages", "masked_moments", "whiten_with_moments",
-           "whiten", "AdaptiveKLController", "FixedKLController"]
+           "released_value_whitening", "gae_advantages", "compute_advantages", "masked_moments",
+           "whiten_with_moments", "whiten", "AdaptiveKLController", "FixedKLController"]
 
 ESTIMATORS = ("td", "q", "gae")
 
@@ -141,16 +141,33 @@ def _whiten_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, (x - mean) / (var.sqrt() + WHITEN_EPS), 0.0)
 
 
+def released_value_whitening(values: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """The released code's whitening of raw GVM outputs ``[B, S]``, one forward chunk of
+    ``chunk_rows`` rows at a time: TRL's ``whiten`` over every entry of the chunk (prompt
+    positions, padding and the last position included), mean and unbiased variance,
+    ``(v - mean) * rsqrt(var + 1e-8)``. The caller then reads ``V(s_t)`` from the result."""
+    if chunk_rows < 1 or values.dim() != 2:
+        raise ValueError(f"need [B, S] values and chunk_rows >= 1, got {tuple(values.shape)} "
+                         f"and {chunk_rows}")
+    out = []
+    for chunk in values.detach().to(torch.promote_types(values.dtype, torch.float32)).split(
+            chunk_rows):
+        mean, var = chunk.mean(), chunk.var(unbiased=True)
+        out.append((chunk - mean) * torch.rsqrt(var + WHITEN_EPS))
+    return torch.cat(out)
+
+
 def gae_advantages(q: torch.Tensor, q_prompt: torch.Tensor, mask: torch.Tensor,
                    rewards: torch.Tensor, gamma: float, lam: float,
                    whiten_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """DVPO's gae mode, the released code's estimator: GAE over the GVM's state values.
 
     ``V(s_t) = q_{t-1}`` (``V(s_0) = q_prompt``, ``V(s_1) = q_0``, ...), so a row of ``n`` tokens
-    uses ``q_{-1} .. q_{n-2}``. With ``whiten_values`` (the released behaviour) those ``n``
-    values are whitened per sequence, ``(V - mean) / (std + 1e-8)`` with the population std over
-    the row's valid positions, putting every prompt on the same scale before GAE. The caller
-    builds ``rewards`` (in DVPO only the KL penalty). Returns are ``A + V`` with the whitened V.
+    uses ``q_{-1} .. q_{n-2}``. With ``whiten_values`` (``dvpo.value_whitening=
+    per_sequence_states``; not the released code's, see ``released_value_whitening``) those
+    ``n`` values are whitened per sequence, ``(V - mean) / (std + 1e-8)`` with the population
+    std over the row's valid positions. The caller builds ``rewards`` (in DVPO only the KL
+    penalty). Returns are ``A + V`` with the values GAE ran on.
     """
     _check_shapes(mask, q=q, rewards=rewards)
     _prefix_lengths(mask)
@@ -165,14 +182,15 @@ def gae_advantages(q: torch.Tensor, q_prompt: torch.Tensor, mask: torch.Tensor,
 def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
                        mask: torch.Tensor, logp_old: torch.Tensor | None = None,
                        logp_ref: torch.Tensor | None = None, beta: float = 0.0,
-                       gamma: float = 1.0, lam: float = 0.95
+                       gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Advantages ``[B, T]`` of one rollout batch by ``estimator`` (``td``, ``q`` or ``gae``).
 
     The KL penalty ``-beta * (logp_old - logp_ref)_t`` applies only when ``beta > 0`` and a
-    reference is given (SPEC: no reference model is loaded when ``kl_coef = 0``). For ``td`` and
+    reference is given (no reference model is loaded when ``kl_coef = 0``). For ``td`` and
     ``q`` it is added to ``A_t``; for ``gae`` it is the whole reward (all zeros without it), and
-    ``gamma``/``lam`` matter only there. Global whitening is left to the caller (``whiten``).
+    ``gamma``/``lam``/``whiten_values`` (per-sequence state values) matter only there. Global
+    whitening is left to the caller (``whiten``).
 
     ``stats`` holds detached sums ready to stack and all-reduce: ``tokens``, ``rows``,
     ``adv_sum``, ``adv_sq_sum`` and ``final_value_sum`` (``q_{T-1}`` over rows); with a
@@ -188,7 +206,7 @@ def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
     shaping = -beta * kl if kl is not None and beta > 0 else None
     if estimator == "gae":
         rewards = shaping if shaping is not None else torch.zeros_like(q, dtype=torch.float32)
-        advantages, _ = gae_advantages(q, q_prompt, mask, rewards, gamma, lam)
+        advantages, _ = gae_advantages(q, q_prompt, mask, rewards, gamma, lam, whiten_values)
     else:
         advantages = (td_advantages(q, q_prompt, mask) if estimator == "td"
                       else q_advantages(q, mask))
@@ -246,14 +264,17 @@ def whiten_with_moments(x: torch.Tensor, mask: torch.Tensor, sum: torch.Tensor,
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Mean 0, std 1 (population, ``+1e-8``) over all valid entries of this batch; padding 0.
 
-    For the SPEC's global-batch whitening across ranks, all-reduce ``masked_moments`` and call
+    For the global-batch whitening of docs/algorithm.md across ranks, all-reduce ``masked_moments`` and call
     ``whiten_with_moments``; on one rank the two agree.
     """
     return whiten_with_moments(x, mask, *masked_moments(x, mask), shift_mean=shift_mean)
 
 
 class AdaptiveKLController:
-    """``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)`` (SPEC section 3).
+    """``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)`` (docs/algorithm.md section 2).
+
+    ``KL`` is the mean over the step's ``n`` sequences of each one's summed per-token KL, the
+    quantity the released code's (and TRL's) default target of 6 nats is defined on.
 
     The clip bounds the step whatever the KL spike, and ``n / horizon`` makes the rate
     proportional to the samples seen: over ``horizon`` samples at a steady clipped error ``e``,
@@ -272,7 +293,8 @@ class AdaptiveKLController:
         self.horizon = float(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        """Move beta toward the target after ``n_steps`` samples with mean KL ``current_kl``."""
+        """Move beta toward the target after ``n_steps`` sequences whose summed KL averages
+        ``current_kl``."""
         if not math.isfinite(current_kl):
             raise ValueError(f"current_kl must be finite, got {current_kl}")
         if n_steps < 0:

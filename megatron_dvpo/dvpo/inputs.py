@@ -68,6 +68,13 @@ def _check_value_model(key: str, path: str, value_cfg: RunConfig, policy: RunCon
         raise ConfigError(f"the policy's vocabulary ({policy.model.vocab_size} tokens) "
                           f"differs from {key}'s ({value_cfg.model.vocab_size}): they "
                           "must share one tokenizer")
+    reads_prompt_value = key == "dvpo.gvm" and cfg.dvpo.estimator in ("td", "gae")
+    gvm = value_cfg.gvm
+    if reads_prompt_value and gvm.alignment == "qview" and not gvm.train_prompt_value:
+        raise ConfigError(f"dvpo.estimator={cfg.dvpo.estimator} reads q_-1 = V(s_0), which "
+                          f"{key}={path} never trained (gvm.train_prompt_value=false): train "
+                          "the GVM with gvm.train_prompt_value=true or gvm.alignment=released, "
+                          "or use dvpo.estimator=q")
     context = value_cfg.data.trajectory_context_k
     if context:
         raise ConfigError(f"{key}={path} was trained with data.trajectory_context_k={context} "

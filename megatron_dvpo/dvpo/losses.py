@@ -1,9 +1,9 @@
-"""Policy, critic and reward-model losses for DVPO and the PPO baseline (SPEC sections 3-4).
+"""Policy, critic and reward-model losses for DVPO and the PPO baseline (docs/algorithm.md sections 2-3).
 
 Pure torch functions on one microbatch; nothing here communicates. Per-token tensors are
 response-aligned ``[B, T]`` next to a bool ``mask``. Token losses return the SUM over valid
 tokens divided by ``normalizer`` when given (the trainer passes the global minibatch token
-count, so microbatches and data-parallel ranks add up to the SPEC's mean) and the mean over
+count, so microbatches and data-parallel ranks add up to the documented mean) and the mean over
 this batch's valid tokens otherwise. Stats are detached sums, ready to stack and all-reduce.
 """
 
@@ -129,7 +129,7 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor
 
 
 def should_skip_minibatch(ratio_mean: float, threshold: float = 10.0) -> bool:
-    """SPEC: skip the update when the mean ``rho`` exceeds ``threshold``: the policy has drifted
+    """Skip the update when the mean ``rho`` exceeds ``threshold``: the policy has drifted
     too far from the rollout for the samples to be trusted. A NaN mean also skips."""
     _check_positive(threshold=threshold)
     ratio_mean = float(ratio_mean)  # also takes a 0-d tensor of all-reduced sums

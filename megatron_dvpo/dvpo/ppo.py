@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N -m megatron_dvpo.dvpo.ppo --config FILE ppo.reward_model=DIR
 
-For side-by-side comparison with DVPO only (SPEC.md section 4). It is the DVPO trainer with a
+For side-by-side comparison with DVPO only (docs/algorithm.md section 3). It is the DVPO trainer with a
 different scorer: a frozen Bradley-Terry reward model gives the reward at the last token, a
 critic (initialised from the reward model and trained online with the clipped value loss) gives
 the values, and GAE runs over rewards = per-token KL penalty + the final reward. Rollout, policy
@@ -24,6 +24,7 @@ from megatron_dvpo.checkpointing import find_latest_checkpoint, load_model
 from megatron_dvpo.config import ConfigError, RunConfig
 from megatron_dvpo.dvpo.advantages import gae
 from megatron_dvpo.dvpo.losses import value_loss_clipped
+from megatron_dvpo.dvpo.scoring import rollout_q_view
 from megatron_dvpo.dvpo.train import DVPOTrainer, frozen_model
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout
@@ -40,7 +41,7 @@ class PPOTrainer(DVPOTrainer):
 
     @staticmethod
     def needs_reference(cfg: RunConfig) -> bool:
-        return True  # SPEC.md section 4: PPO always has its reference policy
+        return True  # docs/algorithm.md section 3: PPO always has its reference policy
 
     def build_scorers(self, cfg: RunConfig, value_cfgs: dict[str, RunConfig]) -> None:
         self.reward_model = frozen_model(cfg, value_cfgs["ppo.reward_model"].model,
@@ -64,14 +65,16 @@ class PPOTrainer(DVPOTrainer):
         return super().resume()
 
     def _score(self, rollout: Rollout) -> dict:
-        mbs = self.cfg.data.micro_batch_size
-        q_rm, _ = forward.response_values(self.reward_model, rollout, mbs)
-        v, v_prompt = forward.response_values(self.critic, rollout, mbs)
+        mbs, width = self.cfg.data.micro_batch_size, rollout.prompt_width
+        rewards = forward.rollout_values(self.reward_model, rollout, mbs)
+        critic = forward.rollout_values(self.critic, rollout, mbs)
         scores = {"logp_ref": self._reference_logprobs(rollout)}
-        if q_rm is not None:
-            last = (rollout.response_lengths - 1)[:, None]
-            scores["reward"] = q_rm.gather(1, last).squeeze(1)
+        if rewards is not None:
+            lengths = rollout.response_lengths
+            q_rm, _ = rollout_q_view(rewards, width, lengths)
+            scores["reward"] = q_rm.gather(1, (lengths - 1)[:, None]).squeeze(1)
             # V(s_t) is the critic's output before token t: the prompt's, then y_0, y_1, ...
+            v, v_prompt = rollout_q_view(critic, width, lengths)
             scores["values"] = torch.cat([v_prompt[:, None], v[:, :-1]], 1) * rollout.response_mask
         return scores
 

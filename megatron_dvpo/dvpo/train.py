@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N -m megatron_dvpo.dvpo.train --config examples/dvpo_tiny.yaml
 
-Each step (SPEC.md section 3): sample one response per prompt from the policy; score it with one
+Each step (docs/algorithm.md section 2): sample one response per prompt from the policy; score it with one
 forward pass of the frozen Global Value Model, which lives on the same ranks, never trains and
 has no optimizer or DDP wrapper; optionally add a KL penalty against a frozen reference (loaded
 only when ``dvpo.kl_coef > 0``); turn values into advantages; and run ``ppo_epochs`` passes of
@@ -27,6 +27,7 @@ from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLControll
                                            compute_advantages, masked_moments,
                                            whiten_with_moments)
 from megatron_dvpo.dvpo.inputs import RLInputs, check_rl_inputs
+from megatron_dvpo.dvpo.scoring import estimator_inputs, rollout_q_view
 from megatron_dvpo.dvpo.losses import entropy_bonus, ppo_policy_loss, should_skip_minibatch
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
@@ -65,6 +66,7 @@ class DVPOTrainer(Trainer):
 
     def build_scorers(self, cfg: RunConfig, value_cfgs: dict[str, RunConfig]) -> None:
         self.gvm = frozen_model(cfg, value_cfgs["dvpo.gvm"].model, cfg.dvpo.gvm)
+        self.gvm_alignment = value_cfgs["dvpo.gvm"].gvm.alignment  # how to read its outputs
 
     @staticmethod
     def needs_reference(cfg: RunConfig) -> bool:
@@ -94,6 +96,8 @@ class DVPOTrainer(Trainer):
         self.scorer = self._true_reward_scorer(dvpo.true_reward)
         self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                                        cfg.rollout.top_p, cfg.rollout.top_k)
+        # logp_old, logp and logp_ref all come from the distribution the rollout samples from
+        self.temperature = forward.logit_temperature(cfg.rollout.temperature)
         distributed.print_rank0(
             f"DVPO: {len(self.prompts)} prompts ({self.prompt_counts}), estimator "
             f"{dvpo.estimator}, reference {'loaded' if self.reference else 'not loaded'}")
@@ -138,32 +142,36 @@ class DVPOTrainer(Trainer):
     # What scores a rollout is the one place DVPO and the PPO baseline differ: here one
     # forward pass of the frozen GVM; PPO overrides ``_score``/``_advantages``/``_after_update``.
     def _score(self, rollout: Rollout) -> dict:
-        """GVM values and reference log-probs (last stage), the GVM back on CPU after if asked."""
+        """GVM outputs and reference log-probs (last stage), the GVM back on CPU after if asked."""
         mbs = self.cfg.data.micro_batch_size
         if self.cfg.dvpo.gvm_offload and torch.cuda.is_available():
             for chunk in self.gvm:
                 chunk.cuda()
-        q, q_prompt = forward.response_values(self.gvm, rollout, mbs)
+        values = forward.rollout_values(self.gvm, rollout, mbs)
         if self.cfg.dvpo.gvm_offload and torch.cuda.is_available():
             for chunk in self.gvm:
                 chunk.cpu()
-        return {"q": q, "q_prompt": q_prompt, "logp_ref": self._reference_logprobs(rollout)}
+        return {"values": values, "logp_ref": self._reference_logprobs(rollout)}
 
     def _reference_logprobs(self, rollout: Rollout):
         if self.reference is None:
             return None
         return forward.response_logprobs(self.reference, rollout, self.cfg.model.vocab_size,
-                                         self.cfg.data.micro_batch_size)
+                                         self.cfg.data.micro_batch_size, self.temperature)
 
     def _advantages(self, rollout: Rollout, scores: dict, logp_old):
         """(advantages, each row's predicted final reward) on the last stage."""
-        dvpo = self.cfg.dvpo
-        mask = rollout.response_mask
-        advantages, _ = compute_advantages(dvpo.estimator, scores["q"], scores["q_prompt"], mask,
-                                           logp_old, scores["logp_ref"], self.kl.beta,
-                                           dvpo.gamma, dvpo.lam)
-        last = (rollout.response_lengths - 1)[:, None]
-        return advantages, scores["q"].gather(1, last).squeeze(1)
+        dvpo, lengths = self.cfg.dvpo, rollout.response_lengths
+        width, alignment = rollout.prompt_width, self.gvm_alignment
+        q, q_prompt = estimator_inputs(scores["values"], width, lengths, alignment,
+                                       dvpo.estimator, dvpo.value_whitening,
+                                       self.cfg.data.micro_batch_size)
+        advantages, _ = compute_advantages(
+            dvpo.estimator, q, q_prompt, rollout.response_mask, logp_old, scores["logp_ref"],
+            self.kl.beta, dvpo.gamma, dvpo.lam,
+            whiten_values=dvpo.value_whitening == "per_sequence_states")
+        q, _ = rollout_q_view(scores["values"], width, lengths, alignment)  # unwhitened
+        return advantages, q.gather(1, (lengths - 1)[:, None]).squeeze(1)
 
     def _after_update(self, rollout: Rollout, scores: dict, step_seed: int) -> dict:
         """Extra training after the policy update (PPO's critic); DVPO trains nothing else."""
@@ -188,11 +196,9 @@ class DVPOTrainer(Trainer):
         mask_full = rollout.attention_mask().expand(-1, -1, rollout.tokens.shape[1], -1)
         mask = rollout.response_mask
 
-        def head(logits, batch):
-            out = forward.policy_logprobs_head(vocab)(logits, batch)
-            with torch.set_grad_enabled(dvpo.entropy_coef > 0):  # else for logging only
-                out["entropy"] = forward.vocab_parallel_entropy(logits[:, :-1], vocab)
-            return out
+        # the entropy is logged always, and differentiated only for the entropy bonus
+        head = forward.policy_logprobs_head(vocab, self.temperature, entropy=True,
+                                            entropy_grad=dvpo.entropy_coef > 0)
 
         totals = {k: 0.0 for k in UPDATE_SUMS}
         grad_norms, skipped, generator = [], 0, np.random.default_rng([self.cfg.seed, step_seed])
@@ -252,7 +258,7 @@ class DVPOTrainer(Trainer):
         scores = self._score(rollout)
         scored = time.perf_counter()
         vocab, mbs = self.cfg.model.vocab_size, self.cfg.data.micro_batch_size
-        logp_old = forward.response_logprobs(self.chunks, rollout, vocab, mbs)
+        logp_old = forward.response_logprobs(self.chunks, rollout, vocab, mbs, self.temperature)
         on_last = logp_old is not None
         mask = rollout.response_mask
         shape = mask.shape
@@ -280,8 +286,10 @@ class DVPOTrainer(Trainer):
         trained = time.perf_counter()
 
         tokens, rows = rollout_sums["tokens"], rollout_sums["rows"]
-        kl_mean = rollout_sums["kl_sum"] / tokens
-        self.kl.update(kl_mean, int(rows))
+        # The controller's target is per sequence (docs/algorithm.md, section 2, step 6): feed
+        # it the mean over sequences of the summed per-token KL, never the per-token mean.
+        kl_per_sequence = rollout_sums["kl_sum"] / rows
+        self.kl.update(kl_per_sequence, int(rows))
         adv_mean = rollout_sums["adv_sum"] / tokens
         gen_tokens = distributed.all_reduce_data_parallel(float(mask.sum()))
         seq_tokens = distributed.all_reduce_data_parallel(float(
@@ -289,7 +297,8 @@ class DVPOTrainer(Trainer):
         metrics.update({
             "rollout/response_len_mean": tokens / rows,
             "rollout/gvm_final_value_mean": rollout_sums["final_value_sum"] / rows,
-            "rollout/kl_ref": kl_mean,
+            "rollout/kl_ref": kl_per_sequence,
+            "rollout/kl_ref_per_token": rollout_sums["kl_sum"] / tokens,
             "rollout/beta": self.kl.beta,
             "rollout/adv_mean": adv_mean,
             "rollout/adv_std": max(rollout_sums["adv_sq_sum"] / tokens - adv_mean ** 2, 0) ** 0.5,

@@ -1,4 +1,4 @@
-"""Pairwise accuracy of a Global Value Model on held-out preference pairs (SPEC.md section 2).
+"""Pairwise accuracy of a Global Value Model on held-out preference pairs (docs/algorithm.md section 1).
 
     torchrun --nproc-per-node N -m megatron_dvpo.gvm.evaluate --ckpt DIR --data PATH
         [--tokenizer PATH] [--out results.json] [key=value ...]
@@ -27,11 +27,13 @@ STATISTICS = ("last", "mean", "p1", "p5", "p10", "p90", "p95", "p99")
 
 
 def evaluate_pairs(chunks, dataset: ValueDataset, pairs: np.ndarray, seq_length: int,
-                   micro_batch_size: int, transform=None) -> dict[str, float]:
+                   micro_batch_size: int, transform=None,
+                   alignment: str = "qview") -> dict[str, float]:
     """Accuracy per statistic over ``pairs`` ([P, 2] chosen/rejected indices), on every rank.
 
     Pairs are split over data-parallel replicas; ties count half (see ``pairwise_accuracy``).
-    ``transform(index, sample)`` may rewrite each sample first (trajectory conditioning).
+    ``transform(index, sample)`` may rewrite each sample first (trajectory conditioning). The
+    statistics are of the Q-view as the GVM was trained to produce it (``alignment``).
     """
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -50,7 +52,7 @@ def evaluate_pairs(chunks, dataset: ValueDataset, pairs: np.ndarray, seq_length:
             chunks, forward.make_microbatches(micro_batch_size, tokens=batch["tokens"]))
         if on_last_stage:
             q, mask, _ = gather_response_values(values, batch["prompt_lengths"],
-                                                batch["response_lengths"])
+                                                batch["response_lengths"], alignment)
             stats = response_statistics(q, mask)
             n = 2 * len(chunk)
             for name in STATISTICS:
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
     if args.max_pairs:
         pairs = pairs[:args.max_pairs]
     accuracy = evaluate_pairs(chunks, dataset, pairs, cfg.data.seq_length,
-                              cfg.data.micro_batch_size)
+                              cfg.data.micro_batch_size, alignment=cfg.gvm.alignment)
     if distributed.is_rank0():
         print(format_accuracy_table(accuracy, len(pairs)))
         out = Path(args.out) if args.out else ckpt / "eval.json"

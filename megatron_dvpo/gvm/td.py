@@ -1,4 +1,4 @@
-"""TD(lambda) targets and the GVM loss on the Q-view of a value model's outputs (SPEC section 2).
+"""TD(lambda) targets and the GVM loss on the Q-view of a value model's outputs (docs/algorithm.md section 1).
 
 Pure torch functions on one microbatch; nothing here communicates. Layout: ``values[b, p]`` is the
 value-head output at position ``p`` of row ``b`` of a right-padded ``prompt + response`` batch.
@@ -12,7 +12,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["gather_response_values", "td_lambda_targets", "gvm_loss", "loss_token_count"]
+__all__ = ["ALIGNMENTS", "gather_response_values", "td_lambda_targets", "gvm_loss",
+           "loss_token_count"]
 
 
 def _lengths(name: str, lengths: torch.Tensor | Sequence[int], batch: int,
@@ -32,15 +33,14 @@ def _check_unit_interval(**params: float) -> None:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def gather_response_values(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
-                           response_lengths: torch.Tensor | Sequence[int]
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pick the Q-view out of a padded ``[B, S]`` value tensor.
+# Which outputs the GVM is trained on (docs/algorithm.md, section 1): ``qview`` fits
+# q_0 .. q_{T-1} (reward on q_{T-1}; q_{-1} too with train_prompt_value), ``released`` fits the
+# outputs one position earlier, q_{-1} .. q_{T-2} (reward on q_{T-2}), as the released code does.
+ALIGNMENTS = ("qview", "released")
 
-    Returns ``q [B, Tmax]`` (``q[b, t] = values[b, P_b + t]``, 0 past ``T_b``), the boolean
-    ``mask [B, Tmax]`` of real response tokens, and ``q_prompt [B]`` (``values[b, P_b - 1]``),
-    with ``Tmax = max(T_b)``. Built with ``gather`` so gradients reach exactly those positions.
-    """
+
+def _response_layout(values: torch.Tensor, prompt_lengths, response_lengths):
+    """Checked ``(prompt [B], response [B], mask [B, Tmax], steps [Tmax])`` of a batch."""
     if values.dim() != 2:
         raise ValueError(f"values must be [B, S], got shape {tuple(values.shape)}")
     batch, seq = values.shape
@@ -59,12 +59,40 @@ def gather_response_values(values: torch.Tensor, prompt_lengths: torch.Tensor | 
                          f"got response_lengths={response.tolist()}")
     if max_end > seq:
         raise ValueError(f"prompt + response length {max_end} exceeds the sequence length {seq}")
-    t_max = int(response.max())
-    steps = torch.arange(t_max, device=values.device)
-    mask = steps.unsqueeze(0) < response.unsqueeze(1)
-    # Padded slots point at a valid position; torch.where then drops them and their gradient.
-    index = (prompt.unsqueeze(1) + steps.unsqueeze(0)).clamp(max=seq - 1)
-    q = torch.where(mask, values.gather(1, index), values.new_zeros(()))
+    steps = torch.arange(int(response.max()), device=values.device)
+    return prompt, response, steps.unsqueeze(0) < response.unsqueeze(1), steps
+
+
+def _pick(values: torch.Tensor, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values[b, index[b, t]]`` where ``mask``, else 0; padded slots point at a valid position,
+    and ``torch.where`` drops them and their gradient."""
+    index = index.clamp(min=0, max=values.shape[1] - 1)
+    return torch.where(mask, values.gather(1, index), values.new_zeros(()))
+
+
+def _check_alignment(alignment: str) -> None:
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment {alignment!r}; choose one of {', '.join(ALIGNMENTS)}")
+
+
+def gather_response_values(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
+                           response_lengths: torch.Tensor | Sequence[int],
+                           alignment: str = "qview"
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Q-view of a padded ``[B, S]`` value tensor: what estimators and metrics read.
+
+    Returns ``q [B, Tmax]`` (``q[b, t] = values[b, P_b + t]``, 0 past ``T_b``), the boolean
+    ``mask [B, Tmax]`` of real response tokens, and ``q_prompt [B]`` (``values[b, P_b - 1]``),
+    with ``Tmax = max(T_b)``. Built with ``gather`` so gradients reach exactly those positions.
+    For a ``released``-aligned GVM the output at the last response token was never trained, so
+    ``q_{T-1}`` reads the last trained one, ``q_{T-2}`` (``q_{-1}`` for one-token responses).
+    """
+    _check_alignment(alignment)
+    prompt, response, mask, steps = _response_layout(values, prompt_lengths, response_lengths)
+    offset = steps.unsqueeze(0)
+    if alignment == "released":
+        offset = torch.minimum(offset, (response - 2).unsqueeze(1))
+    q = _pick(values, prompt.unsqueeze(1) + offset, mask)
     q_prompt = values.gather(1, (prompt - 1).unsqueeze(1)).squeeze(1)
     return q, mask, q_prompt
 
@@ -115,7 +143,7 @@ def loss_token_count(response_lengths: torch.Tensor | Sequence[int],
                      train_prompt_value: bool = False) -> int:
     """Number of squared-error terms ``gvm_loss`` sums: every response token, plus one per row
     for ``q_{-1}`` when it is trained. The trainer sums this over the global batch to get the
-    normaliser that turns the per-microbatch sums into the SPEC's mean."""
+    normaliser that turns the per-microbatch sums into the mean of docs/algorithm.md."""
     lengths = torch.as_tensor(response_lengths)
     if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(f"response_lengths must be a 1-D integer sequence, got {lengths}")
@@ -127,27 +155,39 @@ def loss_token_count(response_lengths: torch.Tensor | Sequence[int],
 def gvm_loss(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
              response_lengths: torch.Tensor | Sequence[int], rewards: torch.Tensor,
              gamma: float, lam: float, train_prompt_value: bool = False,
-             normalizer: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``0.5 * sum (q_t - G_t)^2`` over response tokens, divided by ``normalizer`` if given.
+             normalizer: float | None = None, alignment: str = "qview"
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``0.5 * sum (v_t - G_t)^2`` over the trained outputs, divided by ``normalizer`` if given.
 
-    A sum, not a mean, so microbatches and data-parallel ranks add up exactly once the trainer
-    divides by the global ``loss_token_count``. With ``train_prompt_value`` each row adds
-    ``0.5 * (q_{-1} - G_0)^2``, pulling ``V(s_0)`` toward the first token's target. Gradient
-    flows only through the predictions; the targets are constants.
+    The trained outputs ``v_0 .. v_{T-1}`` are ``q_0 .. q_{T-1}`` (``qview``) or
+    ``q_{-1} .. q_{T-2}`` (``released``), the reward on the last of them. A sum, not a mean, so
+    microbatches and data-parallel ranks add up exactly once the trainer divides by the global
+    ``loss_token_count``. With ``train_prompt_value`` (``qview`` only; ``released`` always
+    trains ``q_{-1}``) each row adds ``0.5 * (q_{-1} - G_0)^2``, pulling ``V(s_0)`` toward the
+    first token's target. Gradient flows only through the predictions; targets are constants.
 
     ``stats`` holds detached sums in the loss dtype, ready to stack and all-reduce: ``tokens``
-    (loss terms), ``sq_err_sum`` (over those terms), ``response_tokens``, ``rows``,
-    ``value_sum`` (q over response tokens) and ``final_value_sum`` (q_{T_b-1} over rows).
+    (loss terms), ``sq_err_sum`` (over those terms), ``response_sq_err_sum`` (over the trained
+    response outputs only, without the ``q_{-1}`` terms), ``response_tokens``, ``rows``,
+    ``value_sum`` (over the trained outputs) and ``final_value_sum`` (``v_{T_b-1}``, the
+    predicted reward, over rows).
     """
     if normalizer is not None and not normalizer > 0:
         raise ValueError(f"normalizer must be positive, got {normalizer}")
-    q, mask, q_prompt = gather_response_values(values, prompt_lengths, response_lengths)
+    _check_alignment(alignment)
+    if alignment == "released":
+        prompt, _, mask, steps = _response_layout(values, prompt_lengths, response_lengths)
+        q = _pick(values, (prompt - 1).unsqueeze(1) + steps.unsqueeze(0), mask)
+        train_prompt_value = False  # q_{-1} is the first trained output already
+        q_prompt = None
+    else:
+        q, mask, q_prompt = gather_response_values(values, prompt_lengths, response_lengths)
     if rewards.shape != (q.shape[0],):
         raise ValueError(f"rewards must have shape ({q.shape[0]},), got {tuple(rewards.shape)}")
     targets = td_lambda_targets(q, mask, rewards, gamma, lam)
     err = torch.where(mask, q - targets, 0.0)
-    sq_err = err.square().sum()
-    tokens = mask.sum()
+    response_sq_err = err.square().sum()
+    sq_err, tokens = response_sq_err, mask.sum()
     if train_prompt_value:
         sq_err = sq_err + (q_prompt - targets[:, 0]).square().sum()
         tokens = tokens + q.shape[0]
@@ -160,6 +200,8 @@ def gvm_loss(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
         stats = {
             "tokens": tokens,
             "sq_err_sum": sq_err.detach(),
+            # the documented loss is the mean over response tokens: the q_{-1} terms apart
+            "response_sq_err_sum": response_sq_err.detach(),
             "response_tokens": mask.sum(),
             "rows": torch.tensor(q.shape[0], device=q.device),
             "value_sum": q_det.sum(),

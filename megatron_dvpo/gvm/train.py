@@ -3,7 +3,7 @@
     torchrun --nproc-per-node N -m megatron_dvpo.gvm.train --config examples/gvm_tiny.yaml [k=v ...]
 
 Each preference row becomes two scored samples (chosen +1, rejected -1); the GVM fits the
-semi-gradient TD(lambda) targets of SPEC.md section 2 on the Q-view of its outputs. Any TP/PP/DP
+semi-gradient TD(lambda) targets of docs/algorithm.md section 1 on the Q-view of its outputs. Any TP/PP/DP
 layout; checkpoints hold everything needed to continue exactly, and a restarted run resumes from
 the latest one by itself.
 """
@@ -32,7 +32,8 @@ from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
 from megatron_dvpo.training import Trainer, run_trainer
 
-STEP_SUMS = ["sq_err_sum", "tokens", "value_sum", "response_tokens", "final_value_sum", "rows"]
+STEP_SUMS = ["sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response_tokens",
+             "final_value_sum", "rows"]
 
 
 def open_data(cfg: RunConfig, path: str) -> ValueDataset:
@@ -141,14 +142,15 @@ class GVMTrainer(Trainer):
         batch = self._next_batch()
         # Normalise by the loss tokens of the whole global batch, so the gradient is that of the
         # token mean however the batch is split over microbatches and replicas.
+        prompt_value = gvm.train_prompt_value and gvm.alignment == "qview"
         tokens = distributed.all_reduce_data_parallel(
-            loss_token_count(batch["response_lengths"], gvm.train_prompt_value))
+            loss_token_count(batch["response_lengths"], prompt_value))
         dp = parallel_state.get_data_parallel_world_size()
 
         def loss_fn(outputs, mb):
             loss, stats = gvm_loss(outputs["values"], mb["prompt_lengths"],
                                    mb["response_lengths"], mb["rewards"], gvm.gamma, gvm.lam,
-                                   gvm.train_prompt_value, normalizer=tokens)
+                                   prompt_value, normalizer=tokens, alignment=gvm.alignment)
             # megatron DDP averages gradients over replicas; scale back to the global sum.
             return loss * dp, {k: stats[k] for k in STEP_SUMS}
 
@@ -160,7 +162,10 @@ class GVMTrainer(Trainer):
         seq_tokens = distributed.all_reduce_data_parallel(
             float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         metrics = {
-            "gvm/loss": 0.5 * sums["sq_err_sum"] / sums["tokens"],
+            # docs/algorithm.md: half the mean squared TD error over response tokens; the objective adds
+            # the prompt-value terms (gvm.train_prompt_value), logged on their own
+            "gvm/loss": 0.5 * sums["response_sq_err_sum"] / sums["response_tokens"],
+            "gvm/objective": 0.5 * sums["sq_err_sum"] / sums["tokens"],
             "gvm/value_mean": sums["value_sum"] / sums["response_tokens"],
             "gvm/final_value_mean": sums["final_value_sum"] / sums["rows"],
             "gvm/grad_norm": float(grad_norm),
@@ -208,7 +213,8 @@ class GVMTrainer(Trainer):
             pairs = pairs[:self.cfg.gvm.eval_max_pairs]
         accuracy = evaluate_pairs(self.ddp, self.eval_data, pairs, self.cfg.data.seq_length,
                                   self.cfg.data.micro_batch_size,
-                                  self.with_context if self.cfg.data.trajectory_context_k else None)
+                                  self.with_context if self.cfg.data.trajectory_context_k else None,
+                                  self.cfg.gvm.alignment)
         return {f"gvm/pair_acc_{name}": value for name, value in accuracy.items()}
 
     def finish(self) -> None:

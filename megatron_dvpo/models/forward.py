@@ -62,12 +62,30 @@ def vocab_parallel_entropy(logits: torch.Tensor, vocab_size: int) -> torch.Tenso
     return total.log() - weighted / total
 
 
-def policy_logprobs_head(vocab_size: int) -> Head:
-    """Log-prob of each next token: ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``."""
+def logit_temperature(sampling_temperature: float) -> float:
+    """The temperature log-probs are computed at: the sampler's, or 1 for greedy decoding."""
+    return sampling_temperature if sampling_temperature > 0 else 1.0
+
+
+def policy_logprobs_head(vocab_size: int, temperature: float = 1.0,
+                         entropy: bool = False, entropy_grad: bool = False) -> Head:
+    """Log-prob of each next token under ``softmax(logits / temperature)``:
+    ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``; with ``entropy`` also the
+    entropy of that distribution at each position (differentiable with ``entropy_grad``).
+
+    RL log-probs use the temperature the rollout sampled with (docs/algorithm.md, section 2).
+    """
 
     def head(logits: torch.Tensor, batch: dict) -> dict:
+        logits = logits[:, :-1]
+        if temperature != 1.0:
+            logits = logits / temperature
         labels = batch["tokens"][:, 1:]
-        return {"logprobs": vocab_parallel_logprobs(logits[:, :-1], labels, vocab_size)}
+        out = {"logprobs": vocab_parallel_logprobs(logits, labels, vocab_size)}
+        if entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                out["entropy"] = vocab_parallel_entropy(logits, vocab_size)
+        return out
 
     return head
 
@@ -168,12 +186,13 @@ def concat_outputs(outputs: list[dict], key: str) -> Optional[torch.Tensor]:
 
 
 @torch.no_grad()
-def token_logprobs(model_chunks, microbatches: list[dict], vocab_size: int):
+def token_logprobs(model_chunks, microbatches: list[dict], vocab_size: int,
+                   temperature: float = 1.0):
     """[B, S-1] log-probs of each sequence's own next tokens (last stage; None elsewhere)."""
     for chunk in model_chunks:
         chunk.eval()
-    outputs = run_microbatches(model_chunks, microbatches, policy_logprobs_head(vocab_size),
-                               forward_only=True)
+    outputs = run_microbatches(model_chunks, microbatches,
+                               policy_logprobs_head(vocab_size, temperature), forward_only=True)
     return concat_outputs(outputs, "logprobs")
 
 
@@ -193,10 +212,12 @@ def rollout_microbatches(rollout, micro_batch_size: int) -> list[dict]:
                              attention_mask=mask.expand(-1, -1, rollout.tokens.shape[1], -1))
 
 
-def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int):
-    """[B, T] log-probs of each response token from a full forward pass (last stage)."""
+def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int,
+                      temperature: float = 1.0):
+    """[B, T] log-probs of each response token from a full forward pass (last stage), under
+    ``softmax(logits / temperature)``."""
     logprobs = token_logprobs(chunks, rollout_microbatches(rollout, micro_batch_size),
-                              vocab_size)
+                              vocab_size, temperature)
     if logprobs is None:
         return None
     width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
@@ -204,13 +225,7 @@ def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int):
     return logprobs[:, width - 1:width - 1 + steps] * rollout.response_mask
 
 
-def response_values(chunks, rollout, micro_batch_size: int):
-    """(q [B, T], q_prompt [B]) of a GVM over a rollout (last stage; (None, None) elsewhere).
-
-    q_t is the value at response token t; q_prompt = q_{-1} at the last prompt token.
-    """
-    values = token_values(chunks, rollout_microbatches(rollout, micro_batch_size))
-    if values is None:
-        return None, None
-    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
-    return values[:, width:width + steps] * rollout.response_mask, values[:, width - 1]
+def rollout_values(chunks, rollout, micro_batch_size: int):
+    """[B, P+T] value-model outputs at every position of a rollout (last stage; None
+    elsewhere). ``dvpo/scoring.py`` reads the Q-view from them."""
+    return token_values(chunks, rollout_microbatches(rollout, micro_batch_size))

@@ -9,8 +9,9 @@ cost grows linearly with the number of new tokens.
 
 The last stage gathers the vocabulary (as megatron-core's own inference does), samples with a
 generator seeded identically on every rank, and broadcasts the tokens to all ranks of its
-pipeline. Recorded log-probs are the policy's own (temperature 1, padded vocabulary masked), the
-quantity the training forward pass recomputes.
+pipeline. Recorded log-probs are those of the distribution sampled from before top-k/top-p
+truncation, ``softmax(logits / temperature)`` (temperature 1 for greedy decoding), padded
+vocabulary masked: the quantity the training forward pass recomputes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_dvpo.models.forward import logit_temperature
 from megatron_dvpo.models.precision import fp8_disabled
 
 
@@ -43,7 +45,7 @@ class Rollout:
     prompt_pad: torch.Tensor  # [B] left padding of each prompt
     prompt_width: int  # P
     response_mask: torch.Tensor  # [B, T] True for generated tokens (EOS included)
-    logprobs: torch.Tensor  # [B, T] policy log-prob of each generated token, 0 at padding
+    logprobs: torch.Tensor  # [B, T] tempered log-prob of each generated token, 0 at padding
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -156,7 +158,8 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
             if logits is not None:
                 last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
                 chosen = sample_tokens(last, cfg, generator)
-                chosen_logprob = F.log_softmax(last, -1).gather(-1, chosen[:, None]).squeeze(-1)
+                tempered = last / logit_temperature(cfg.temperature)
+                chosen_logprob = F.log_softmax(tempered, -1).gather(-1, chosen[:, None]).squeeze(-1)
             _broadcast_from_last_stage(chosen)
             _broadcast_from_last_stage(chosen_logprob)
             tokens[:, end] = torch.where(alive, chosen, torch.full_like(chosen, pad_id))

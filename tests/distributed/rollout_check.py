@@ -2,7 +2,8 @@
 
 Usage: torchrun --nproc-per-node N rollout_check.py OUT_JSON WORKDIR LAYOUT [LAYOUT ...]
 Rank 0 writes, per layout: whether greedy tokens equal TP=1's, the largest log-prob difference
-to TP=1, and the largest difference between sampled log-probs and a fresh forward pass.
+to TP=1, and the largest difference between sampled log-probs and a fresh forward pass (also at
+temperature 0.6, where the forward pass must score the tempered distribution).
 """
 
 import json
@@ -44,7 +45,16 @@ def rollouts(chunks):
                        EOS, PAD, VOCAB, seed=11)
     fresh = forward.response_logprobs(chunks, sampled, VOCAB, micro_batch_size=2)
     diff = -1.0 if fresh is None else (fresh - sampled.logprobs).abs().max().item()
-    return greedy, all_max(diff)
+    # at temperature 0.6 both the sampler and the forward pass score softmax(logits / 0.6)
+    tempered = generate(chunks, PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.6),
+                        EOS, PAD, VOCAB, seed=5)
+    fresh = forward.response_logprobs(chunks, tempered, VOCAB, 2, temperature=0.6)
+    plain = forward.response_logprobs(chunks, tempered, VOCAB, 2)
+    tempered_diff = -1.0 if fresh is None else (fresh - tempered.logprobs).abs().max().item()
+    untempered_gap = -1.0 if plain is None else (plain - tempered.logprobs).abs().max().item()
+    return greedy, {"fresh_forward_max_diff": all_max(diff),
+                    "tempered_fresh_forward_max_diff": all_max(tempered_diff),
+                    "untempered_gap": all_max(untempered_gap)}
 
 
 def main():
@@ -52,19 +62,17 @@ def main():
     distributed.init_distributed(ParallelConfig(), seed=7)
     reference = build(ParallelConfig())
     save_model(reference, workdir / "policy")
-    ref_greedy, ref_diff = rollouts(reference)
-    results = {"tp1pp1": {"fresh_forward_max_diff": ref_diff,
-                          "response_lengths": ref_greedy.response_lengths.tolist()}}
+    ref_greedy, ref_diffs = rollouts(reference)
+    results = {"tp1pp1": {**ref_diffs, "response_lengths": ref_greedy.response_lengths.tolist()}}
     for name in layouts:
         chunks = build(parse_layout(name))
         load_model(chunks, workdir / "policy")
-        greedy, diff = rollouts(chunks)
+        greedy, diffs = rollouts(chunks)
         same = (greedy.tokens.shape == ref_greedy.tokens.shape
                 and torch.equal(greedy.tokens, ref_greedy.tokens))
         results[name] = {"greedy_tokens_equal": bool(same),
                          "greedy_logprob_max_diff": (greedy.logprobs - ref_greedy.logprobs)
-                         .abs().max().item() if same else -1.0,
-                         "fresh_forward_max_diff": diff}
+                         .abs().max().item() if same else -1.0, **diffs}
     if distributed.is_rank0():
         Path(out_json).write_text(json.dumps(results, indent=2))
     distributed.shutdown()
