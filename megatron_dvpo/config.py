@@ -71,7 +71,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     # HF architecture this model round-trips to (used by the converters).
     hf_architecture: str = "LlamaForCausalLM"
-    # A Global Value Model: the LM head is replaced by a scalar value head (docs/algorithm.md section 1).
+    # A Global Value Model: the LM head is replaced by a scalar value head (docs/algorithm.md §1).
     value_head: bool = False
 
     @property
@@ -137,7 +137,7 @@ class DataConfig:
     length_mode: Literal["filter", "truncate"] = "filter"
     chosen_reward: float = 1.0
     rejected_reward: float = -1.0
-    # Trajectory conditioning (docs/algorithm.md section 1, off by default): prefix each GVM sample with K
+    # Trajectory conditioning (docs/algorithm.md §1, off by default): prefix each GVM sample with K
     # example (prompt, response) pairs of the judged policy, drawn from the training data.
     trajectory_context_k: int = _checked(0, NON_NEGATIVE)
 
@@ -166,9 +166,9 @@ class CheckpointConfig:
 
 @dataclass
 class GVMConfig:
-    """Global Value Model pretraining (docs/algorithm.md section 1), or reward-model training.
+    """Global Value Model pretraining (docs/algorithm.md §1), or reward-model training.
 
-    ``objective=bradley_terry`` trains the same model as PPO's reward model (docs/algorithm.md section 3):
+    ``objective=bradley_terry`` trains the same model as PPO's reward model (docs/algorithm.md §3):
     -log sigmoid(r_chosen - r_rejected) on the last-token values of whole pairs; then
     ``data.global_batch_size`` counts pairs.
     """
@@ -176,7 +176,7 @@ class GVMConfig:
     objective: Literal["td", "bradley_terry"] = "td"
     gamma: float = _checked(1.0, UNIT_INTERVAL)
     lam: float = _checked(0.95, UNIT_INTERVAL)
-    # Which outputs are trained (docs/algorithm.md, section 1): qview fits q_0 .. q_{T-1},
+    # Which outputs are trained (docs/algorithm.md §1): qview fits q_0 .. q_{T-1},
     # released (the released code) fits q_{-1} .. q_{T-2}.
     alignment: Literal["qview", "released"] = "qview"
     # qview: also fit q_{-1} (V(s_0), which DVPO's td and gae estimators read) toward q_0's
@@ -190,7 +190,7 @@ class GVMConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling from the policy (docs/algorithm.md section 2, step 1)."""
+    """Sampling from the policy (docs/algorithm.md §2, step 1)."""
 
     max_new_tokens: int = _checked(640, POSITIVE)
     temperature: float = _checked(1.0, NON_NEGATIVE)  # 0: greedy
@@ -201,7 +201,7 @@ class RolloutConfig:
 
 @dataclass
 class DVPOConfig:
-    """Policy optimisation guided by a frozen GVM (docs/algorithm.md section 2); released-code
+    """Policy optimisation guided by a frozen GVM (docs/algorithm.md §2); released-code
     defaults except the estimator (td)."""
 
     policy: Optional[str] = None  # initial policy: a converted or trained checkpoint directory
@@ -215,7 +215,7 @@ class DVPOConfig:
     kl_target: float = _checked(6.0, POSITIVE)
     kl_horizon: int = _checked(10000, POSITIVE)
     whiten_advantages: bool = True
-    # gae only: how the GVM's values are whitened before GAE (docs/algorithm.md, section 2):
+    # gae only: how the GVM's values are whitened before GAE (docs/algorithm.md §2):
     # released = the released code's whitening of each forward chunk's raw outputs.
     value_whitening: Literal["released", "per_sequence_states", "none"] = "released"
     ppo_epochs: int = _checked(4, POSITIVE)
@@ -232,7 +232,7 @@ class DVPOConfig:
 
 @dataclass
 class PPOConfig:
-    """The classic RLHF PPO baseline (docs/algorithm.md section 3); the rest comes from ``dvpo``."""
+    """The classic RLHF PPO baseline (docs/algorithm.md §3); the rest comes from ``dvpo``."""
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
     critic: Optional[str] = None  # the critic's initial weights; default: the reward model

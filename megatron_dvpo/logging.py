@@ -49,7 +49,7 @@ def peak_memory_gib() -> float:
 class MetricsLogger:
     """TensorBoard event files under ``directory`` plus a one-line summary per logged step.
 
-    Tag names follow docs/algorithm.md section 4 so that runs compare across versions.
+    Tag names follow docs/algorithm.md §4 so that runs compare across versions.
     """
 
     def __init__(self, directory: str | Path, total_steps: int, enabled: bool = True,

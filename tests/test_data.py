@@ -1,5 +1,5 @@
 """Tokenizer loading and JSONL parsing: exact BOS/EOS boundaries, every row form, bad rows,
-length handling and trajectory conditioning (docs/algorithm.md section 1)."""
+length handling and trajectory conditioning (docs/algorithm.md §1)."""
 
 import json
 from collections import Counter

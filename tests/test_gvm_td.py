@@ -240,7 +240,7 @@ def test_released_q_view_reads_the_last_trained_output():
 @pytest.mark.parametrize("alignment", ["qview", "released"])
 def test_the_default_objective_trains_every_output_the_estimators_read(alignment):
     """Whatever DVPO's estimators read (q_-1 for td and gae, q_t for all) must be trained by the
-    default GVM objective (docs/algorithm.md section 1)."""
+    default GVM objective (docs/algorithm.md §1)."""
     from megatron_dvpo.config import GVMConfig
 
     defaults = GVMConfig(alignment=alignment)

@@ -12,7 +12,7 @@ into generation, scoring and training (the first step, a warm-up, is left out), 
 analytic breakdown of model-state memory; then the two ratios DVPO/PPO.
 
 What DVPO saves by construction: no critic and its optimizer state, no reference when
-``dvpo.kl_coef=0`` (the default here; PPO keeps its reference as docs/algorithm.md section 3 has it), and
+``dvpo.kl_coef=0`` (the default here; PPO keeps its reference as docs/algorithm.md §3 has it), and
 one frozen scoring pass instead of reward model plus critic.
 """
 

@@ -60,7 +60,7 @@ def weight_rules(model: ModelConfig, value_head: tuple[str, ...] | None = None) 
     """Every megatron parameter of ``model`` with the HF tensors it comes from.
 
     For a GVM (``model.value_head``) ``value_head`` names the HF head to import; None leaves the
-    zero-initialised head of docs/algorithm.md section 1 (its rule lists no HF tensors).
+    zero-initialised head of docs/algorithm.md §1 (its rule lists no HF tensors).
     """
     rules = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
                   "vocab_rows")]

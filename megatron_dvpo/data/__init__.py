@@ -1,2 +1,2 @@
 """Data layer: tokenizers, JSONL preference/score parsing, the synthetic task, the memory-mapped
-value dataset and its resumable sampler (docs/algorithm.md section 1, "Training data")."""
+value dataset and its resumable sampler (docs/algorithm.md §1, "Training data")."""

@@ -1,4 +1,4 @@
-"""JSONL preference and scored rows -> tokenized GVM training samples (docs/algorithm.md section 1).
+"""JSONL preference and scored rows -> tokenized GVM training samples (docs/algorithm.md §1).
 
 Accepted rows, one JSON object per line (blank lines are ignored):
   preference  {prompt, chosen, rejected}
@@ -29,7 +29,7 @@ ACCEPTED_ROWS = ("{prompt, chosen, rejected}, {question, response_j, response_k}
                  "{chosen: [messages], rejected: [messages]}, {prompt, response, score} or "
                  "{value_question, value_response, rewards}")
 
-# Trajectory conditioning (docs/algorithm.md section 1, paper v2): a fixed template for K example
+# Trajectory conditioning (docs/algorithm.md §1, paper v2): a fixed template for K example
 # (prompt, response) pairs from the policy being judged, placed before the main prompt.
 CONTEXT_HEADER = "Examples of responses from the policy being judged:\n\n"
 CONTEXT_EXAMPLE = "Prompt: {prompt}\nResponse: {response}\n\n"

@@ -1,4 +1,5 @@
-"""Advantage estimators, whitening and KL control for DVPO and the PPO baseline (docs/algorithm.md sections 2-3).
+"""Advantage estimators, whitening and KL control for DVPO and the PPO baseline
+(docs/algorithm.md §2-3).
 
 Pure torch functions on response-aligned tensors; nothing here communicates. Every per-token
 tensor is ``[B, T]`` with position ``t`` holding response token ``y_t``, next to a bool
@@ -264,14 +265,15 @@ def whiten_with_moments(x: torch.Tensor, mask: torch.Tensor, sum: torch.Tensor,
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Mean 0, std 1 (population, ``+1e-8``) over all valid entries of this batch; padding 0.
 
-    For the global-batch whitening of docs/algorithm.md across ranks, all-reduce ``masked_moments`` and call
+    For the global-batch whitening of docs/algorithm.md across ranks, all-reduce
+    ``masked_moments`` and call
     ``whiten_with_moments``; on one rank the two agree.
     """
     return whiten_with_moments(x, mask, *masked_moments(x, mask), shift_mean=shift_mean)
 
 
 class AdaptiveKLController:
-    """``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)`` (docs/algorithm.md section 2).
+    """``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)`` (algorithm §2).
 
     ``KL`` is the mean over the step's ``n`` sequences of each one's summed per-token KL, the
     quantity the released code's (and TRL's) default target of 6 nats is defined on.

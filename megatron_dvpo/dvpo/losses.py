@@ -1,4 +1,4 @@
-"""Policy, critic and reward-model losses for DVPO and the PPO baseline (docs/algorithm.md sections 2-3).
+"""Policy, critic and reward-model losses for DVPO and the PPO baseline (docs/algorithm.md §2-3).
 
 Pure torch functions on one microbatch; nothing here communicates. Per-token tensors are
 response-aligned ``[B, T]`` next to a bool ``mask``. Token losses return the SUM over valid

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N -m megatron_dvpo.dvpo.ppo --config FILE ppo.reward_model=DIR
 
-For side-by-side comparison with DVPO only (docs/algorithm.md section 3). It is the DVPO trainer with a
+For side-by-side comparison with DVPO only (docs/algorithm.md §3). It is the DVPO trainer with a
 different scorer: a frozen Bradley-Terry reward model gives the reward at the last token, a
 critic (initialised from the reward model and trained online with the clipped value loss) gives
 the values, and GAE runs over rewards = per-token KL penalty + the final reward. Rollout, policy
@@ -41,7 +41,7 @@ class PPOTrainer(DVPOTrainer):
 
     @staticmethod
     def needs_reference(cfg: RunConfig) -> bool:
-        return True  # docs/algorithm.md section 3: PPO always has its reference policy
+        return True  # docs/algorithm.md §3: PPO always has its reference policy
 
     def build_scorers(self, cfg: RunConfig, value_cfgs: dict[str, RunConfig]) -> None:
         self.reward_model = frozen_model(cfg, value_cfgs["ppo.reward_model"].model,

@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N -m megatron_dvpo.dvpo.train --config examples/dvpo_tiny.yaml
 
-Each step (docs/algorithm.md section 2): sample one response per prompt from the policy; score it with one
+Each step (docs/algorithm.md §2): sample one response per prompt from the policy; score it with one
 forward pass of the frozen Global Value Model, which lives on the same ranks, never trains and
 has no optimizer or DDP wrapper; optionally add a KL penalty against a frozen reference (loaded
 only when ``dvpo.kl_coef > 0``); turn values into advantages; and run ``ppo_epochs`` passes of
@@ -286,7 +286,7 @@ class DVPOTrainer(Trainer):
         trained = time.perf_counter()
 
         tokens, rows = rollout_sums["tokens"], rollout_sums["rows"]
-        # The controller's target is per sequence (docs/algorithm.md, section 2, step 6): feed
+        # The controller's target is per sequence (docs/algorithm.md §2, step 6): feed
         # it the mean over sequences of the summed per-token KL, never the per-token mean.
         kl_per_sequence = rollout_sums["kl_sum"] / rows
         self.kl.update(kl_per_sequence, int(rows))

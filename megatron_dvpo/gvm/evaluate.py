@@ -1,4 +1,4 @@
-"""Pairwise accuracy of a Global Value Model on held-out preference pairs (docs/algorithm.md section 1).
+"""Pairwise accuracy of a Global Value Model on held-out preference pairs (docs/algorithm.md §1).
 
     torchrun --nproc-per-node N -m megatron_dvpo.gvm.evaluate --ckpt DIR --data PATH
         [--tokenizer PATH] [--out results.json] [key=value ...]

@@ -1,4 +1,4 @@
-"""Pairwise accuracy of a value model on held-out preference pairs (docs/algorithm.md section 1).
+"""Pairwise accuracy of a value model on held-out preference pairs (docs/algorithm.md §1).
 
 Each response is reduced to one number, a statistic of its per-token Q-values ``q_0 .. q_{T-1}``
 (response positions only); a pair counts as correct when the chosen response scores higher.

@@ -1,4 +1,5 @@
-"""TD(lambda) targets and the GVM loss on the Q-view of a value model's outputs (docs/algorithm.md section 1).
+"""TD(lambda) targets and the GVM loss on the Q-view of a value model's outputs
+(docs/algorithm.md §1).
 
 Pure torch functions on one microbatch; nothing here communicates. Layout: ``values[b, p]`` is the
 value-head output at position ``p`` of row ``b`` of a right-padded ``prompt + response`` batch.
@@ -33,7 +34,7 @@ def _check_unit_interval(**params: float) -> None:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-# Which outputs the GVM is trained on (docs/algorithm.md, section 1): ``qview`` fits
+# Which outputs the GVM is trained on (docs/algorithm.md §1): ``qview`` fits
 # q_0 .. q_{T-1} (reward on q_{T-1}; q_{-1} too with train_prompt_value), ``released`` fits the
 # outputs one position earlier, q_{-1} .. q_{T-2} (reward on q_{T-2}), as the released code does.
 ALIGNMENTS = ("qview", "released")

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node N -m megatron_dvpo.gvm.train --config examples/gvm_tiny.yaml [k=v ...]
 
 Each preference row becomes two scored samples (chosen +1, rejected -1); the GVM fits the
-semi-gradient TD(lambda) targets of docs/algorithm.md section 1 on the Q-view of its outputs. Any TP/PP/DP
+semi-gradient TD(lambda) targets of docs/algorithm.md §1 on the Q-view of its outputs. Any TP/PP/DP
 layout; checkpoints hold everything needed to continue exactly, and a restarted run resumes from
 the latest one by itself.
 """
@@ -162,8 +162,8 @@ class GVMTrainer(Trainer):
         seq_tokens = distributed.all_reduce_data_parallel(
             float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         metrics = {
-            # docs/algorithm.md: half the mean squared TD error over response tokens; the objective adds
-            # the prompt-value terms (gvm.train_prompt_value), logged on their own
+            # docs/algorithm.md: half the mean squared TD error over response tokens; the
+            # objective adds the prompt-value terms (gvm.train_prompt_value)
             "gvm/loss": 0.5 * sums["response_sq_err_sum"] / sums["response_tokens"],
             "gvm/objective": 0.5 * sums["sq_err_sum"] / sums["tokens"],
             "gvm/value_mean": sums["value_sum"] / sums["response_tokens"],

@@ -1,6 +1,6 @@
 """The Global Value Model: a GPTModel whose LM head is replaced by a scalar value head.
 
-The head is a replicated fp32 ``Linear(hidden, 1)`` (docs/algorithm.md section 1). It reads the full
+The head is a replicated fp32 ``Linear(hidden, 1)`` (docs/algorithm.md §1). It reads the full
 final-layernorm output on every TP rank, so each TP rank computes the same value and the same
 head gradient: no TP reduction is needed. Under sequence parallelism the hidden states are
 gathered first, with a backward that only splits (the head is replicated, not TP-partitioned).
