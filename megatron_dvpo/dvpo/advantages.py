@@ -266,8 +266,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
     """Mean 0, std 1 (population, ``+1e-8``) over all valid entries of this batch; padding 0.
 
     For the global-batch whitening of docs/algorithm.md across ranks, all-reduce
-    ``masked_moments`` and call
-    ``whiten_with_moments``; on one rank the two agree.
+    ``masked_moments`` and call ``whiten_with_moments``; on one rank the two agree.
     """
     return whiten_with_moments(x, mask, *masked_moments(x, mask), shift_mean=shift_mean)
 
