@@ -32,6 +32,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"iter_(\d{7})")
 
 PARTIAL_SUFFIX = ".partial"
+PRIMARY = "model"  # the subdirectory of a run's main model: the one every tool loads
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
@@ -56,12 +57,13 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / "metadata.json").is_file()
 
 
-def save_sharded(sharded_state_dict: dict, directory: str | Path, overwrite: bool = False,
-                 subdir: str = "", write_extras: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write a dist checkpoint atomically (all ranks call this).
+def save_sharded(parts: dict[str, dict], directory: str | Path, overwrite: bool = False,
+                 write_extras: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write dist checkpoints atomically (all ranks call this).
 
-    The dist checkpoint goes to ``directory/subdir``; ``write_extras(partial_dir)`` runs on every
-    rank before the rename, for files that must appear together with it.
+    ``parts`` maps a subdirectory ("" for ``directory`` itself) to the sharded state dict saved
+    there; ``write_extras(partial_dir)`` runs on every rank before the rename, for files that
+    must appear together with them.
     """
     directory = Path(directory)
     partial = directory.with_name(directory.name + PARTIAL_SUFFIX)
@@ -69,9 +71,11 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path, overwrite: boo
         if directory.exists() and not overwrite:
             raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
         shutil.rmtree(partial, ignore_errors=True)
-        (partial / subdir).mkdir(parents=True)
+        for subdir in parts:
+            (partial / subdir).mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(partial / subdir))
+    for subdir, sharded_state_dict in parts.items():
+        dist_checkpointing.save(sharded_state_dict, str(partial / subdir))
     if write_extras is not None:
         write_extras(partial)
     _barrier()
@@ -100,7 +104,7 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, partial: bool 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path,
                overwrite: bool = False) -> Path:
-    return save_sharded(model_sharded_state_dict(chunks), directory, overwrite=overwrite)
+    return save_sharded({"": model_sharded_state_dict(chunks)}, directory, overwrite=overwrite)
 
 
 def load_model(chunks: list[torch.nn.Module], directory: str | Path,
@@ -209,27 +213,40 @@ def _training_sharded_state_dict(chunks, optimizer, is_loading: bool,
     return state
 
 
-def save_training_checkpoint(save_dir: str | Path, step: int, chunks, optimizer, scheduler,
-                             train_state: dict, config_yaml: str, keep_last: int = 2,
+def _load_into_chunks(chunks, loaded: dict) -> None:
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+
+
+def _unit_state(unit) -> dict:
+    return {"scheduler": unit.scheduler.state_dict(), "adam_step": _adam_step(unit.optimizer)}
+
+
+def save_training_checkpoint(save_dir: str | Path, step: int, units: dict, train_state: dict,
+                             config_yaml: str, keep_last: int = 2,
                              optimizer_sharding: str = "dp_reshardable") -> Path:
-    """Save everything needed to continue exactly; then move the tracker and prune old ones."""
+    """Save every trained model of a run (``units``: name -> an object with ``chunks``,
+    ``optimizer`` and ``scheduler``; the policy or GVM is ``model``) with the trainer state, in
+    one directory, atomically; then move the tracker and prune old ones."""
     save_dir = Path(save_dir)
     target = iteration_dir(save_dir, step)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    primary, others = units[PRIMARY], {k: u for k, u in units.items() if k != PRIMARY}
 
     def extras(partial: Path) -> None:
         (partial / "rng").mkdir(exist_ok=True)
         torch.save(_rng_state(), partial / "rng" / f"rank_{_rank():05d}.pt")
         if _is_rank0():
             (partial / "config.yaml").write_text(config_yaml)
-            state = {"step": step, "world_size": world,
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "adam_step": _adam_step(optimizer) if optimizer is not None else None,
+            state = {"step": step, "world_size": world, **_unit_state(primary),
+                     "units": {name: _unit_state(unit) for name, unit in others.items()},
                      **train_state}
             (partial / "train_state.json").write_text(json.dumps(state, indent=2))
 
-    sharded = _training_sharded_state_dict(chunks, optimizer, False, optimizer_sharding)
-    save_sharded(sharded, target, overwrite=True, subdir="model", write_extras=extras)
+    parts = {name: _training_sharded_state_dict(unit.chunks, unit.optimizer, False,
+                                                optimizer_sharding)
+             for name, unit in units.items()}
+    save_sharded(parts, target, overwrite=True, write_extras=extras)
     if _is_rank0():
         tmp = save_dir / (TRACKER + ".tmp")
         tmp.write_text(f"{step}\n")
@@ -280,31 +297,53 @@ def resolve_checkpoint_dir(path: str | Path, key: str) -> Path:
     return latest
 
 
-def load_training_checkpoint(path: str | Path, chunks, optimizer, scheduler,
+def load_training_checkpoint(path: str | Path, units: dict,
                              optimizer_sharding: str = "dp_reshardable") -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the train state."""
+    """Restore every unit (model, optimizer, scheduler) and this rank's RNG; returns the train
+    state. A unit the checkpoint does not hold is an error naming it."""
     path = Path(path)
     train_state = json.loads((path / "train_state.json").read_text())
-    loaded = load_sharded(_training_sharded_state_dict(chunks, optimizer, True,
-                                                       optimizer_sharding), path / "model")
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
-    if optimizer is not None:
+    for name, unit in units.items():
+        if not is_checkpoint(path / name):
+            raise ConfigError(f"checkpoint {path} holds no {name!r}: it was saved by a run "
+                              "without that model; resume from a checkpoint of this kind of run")
+        loaded = load_sharded(_training_sharded_state_dict(unit.chunks, unit.optimizer, True,
+                                                           optimizer_sharding), path / name)
+        _load_into_chunks(unit.chunks, loaded)
+        state = train_state if name == PRIMARY else train_state["units"][name]
         with torch.no_grad():  # copies into the (leaf) fp32 main parameters in place
-            optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_step(optimizer, train_state.get("adam_step"))
-    if scheduler is not None and train_state.get("scheduler") is not None:
-        scheduler.load_state_dict(train_state["scheduler"])
+            unit.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step(unit.optimizer, state.get("adam_step"))
+        unit.scheduler.load_state_dict(state["scheduler"])
         # The optimizer's param groups carry their own max_lr/min_lr, restored from the
         # checkpoint above: give them the scheduler's (the config's under override_scheduler).
-        for group in optimizer.param_groups if optimizer is not None else []:
-            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
-        scheduler.step(increment=0)
+        for group in unit.optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = unit.scheduler.max_lr, unit.scheduler.min_lr
+        unit.scheduler.step(increment=0)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if train_state.get("world_size") == world and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return train_state
+
+
+class CheckpointManager:
+    """A run's checkpoints: all its trained models and the trainer's state, saved together in
+    one ``iter_N`` directory and restored together."""
+
+    def __init__(self, cfg, units: dict, config_yaml: Callable[[], str]):
+        self.cfg, self.units, self.config_yaml = cfg, units, config_yaml
+
+    def latest(self) -> Optional[Path]:
+        directory = self.cfg.load_dir or self.cfg.save_dir
+        return find_latest_checkpoint(directory) if directory else None
+
+    def save(self, step: int, train_state: dict) -> Optional[Path]:
+        if not self.cfg.save_dir:
+            return None
+        return save_training_checkpoint(self.cfg.save_dir, step, self.units, train_state,
+                                        self.config_yaml(), self.cfg.keep_last,
+                                        self.cfg.optimizer_sharding)
+
+    def restore(self, path: Path) -> dict:
+        return load_training_checkpoint(path, self.units, self.cfg.optimizer_sharding)

@@ -200,30 +200,24 @@ class RolloutConfig:
 
 
 @dataclass
-class DVPOConfig:
-    """Policy optimisation guided by a frozen GVM (docs/algorithm.md §2); released-code
-    defaults except the estimator (td)."""
+class RLConfig:
+    """What the RL algorithms share (docs/algorithm.md §2-3): the policy, its reference and KL
+    penalty, and the clipped policy update."""
 
     policy: Optional[str] = None  # initial policy: a converted or trained checkpoint directory
-    gvm: Optional[str] = None  # the trained Global Value Model's checkpoint directory
     reference: Optional[str] = None  # reference policy for the KL term; default: ``policy``
-    estimator: Literal["td", "q", "gae"] = "td"
-    gamma: float = _checked(1.0, UNIT_INTERVAL)
-    lam: float = _checked(0.95, UNIT_INTERVAL)
     kl_coef: float = _checked(0.2, NON_NEGATIVE)  # initial beta; 0: no reference model at all
     kl_adaptive: bool = True
-    kl_target: float = _checked(6.0, POSITIVE)
+    kl_target: float = _checked(6.0, POSITIVE)  # nats per sequence (the released default)
     kl_horizon: int = _checked(10000, POSITIVE)
+    gamma: float = _checked(1.0, UNIT_INTERVAL)  # GAE (DVPO's gae estimator, PPO)
+    lam: float = _checked(0.95, UNIT_INTERVAL)
     whiten_advantages: bool = True
-    # gae only: how the GVM's values are whitened before GAE (docs/algorithm.md §2):
-    # released = the released code's whitening of each forward chunk's raw outputs.
-    value_whitening: Literal["released", "per_sequence_states", "none"] = "released"
     ppo_epochs: int = _checked(4, POSITIVE)
     minibatches: int = _checked(1, POSITIVE)  # optimizer steps per PPO epoch
     clip_eps: float = _checked(0.2, POSITIVE)
     ratio_threshold: float = _checked(10.0, POSITIVE)
     entropy_coef: float = _checked(0.0, NON_NEGATIVE)
-    gvm_offload: bool = False  # keep the GVM on CPU during the policy update
     # Synthetic-task scorer for eval/true_reward_mean: "synthetic:<rule seed>", or None.
     true_reward: Optional[str] = None
     # steps between held-out true-reward evaluations; 0: at the start and the end
@@ -231,8 +225,21 @@ class DVPOConfig:
 
 
 @dataclass
+class DVPOConfig:
+    """DVPO's own knobs (docs/algorithm.md §2): the frozen GVM and how its values become
+    advantages; the shared policy-update knobs are in ``rl``."""
+
+    gvm: Optional[str] = None  # the trained Global Value Model's checkpoint directory
+    estimator: Literal["td", "q", "gae"] = "td"
+    # gae only: how the GVM's values are whitened before GAE (docs/algorithm.md §2):
+    # released = the released code's whitening of each forward chunk's raw outputs.
+    value_whitening: Literal["released", "per_sequence_states", "none"] = "released"
+    gvm_offload: bool = False  # keep the GVM on CPU during the policy update
+
+
+@dataclass
 class PPOConfig:
-    """The classic RLHF PPO baseline (docs/algorithm.md §3); the rest comes from ``dvpo``."""
+    """The classic RLHF PPO baseline (docs/algorithm.md §3); the shared knobs are in ``rl``."""
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
     critic: Optional[str] = None  # the critic's initial weights; default: the reward model
@@ -250,6 +257,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     gvm: GVMConfig = field(default_factory=GVMConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     dvpo: DVPOConfig = field(default_factory=DVPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     seed: int = _checked(1234, NON_NEGATIVE)
@@ -266,7 +274,16 @@ class RunConfig:
 # Building dataclasses from plain data, with errors that name the key.
 
 
-def _closest(key: str, valid: list[str]) -> str:
+# Keys that moved to another section, for the error message of an old config.
+MOVED = {f"dvpo.{name}": f"rl.{name}" for name in (
+    "policy", "reference", "kl_coef", "kl_adaptive", "kl_target", "kl_horizon", "gamma", "lam",
+    "whiten_advantages", "ppo_epochs", "minibatches", "clip_eps", "ratio_threshold",
+    "entropy_coef", "true_reward", "eval_interval")}
+
+
+def _closest(key: str, valid: list[str], dotted: str = "") -> str:
+    if dotted in MOVED:
+        return f"it moved to {MOVED[dotted]!r}"
     matches = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(repr(m) for m in matches)}? " if matches else ""
     return f"{hint}valid keys: {', '.join(sorted(valid))}"
@@ -341,7 +358,7 @@ def _build(cls, data: dict, path: str = ""):
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; {_closest(str(key), names)}")
+            raise ConfigError(f"unknown config key {full!r}; {_closest(str(key), names, full)}")
         kwargs[key] = _check_field(cls, key, full, value)
     return cls(**kwargs)
 
@@ -364,7 +381,8 @@ def _apply_override(tree: dict, keys: list[str], value: Any, cls, text: str) -> 
         names = [f.name for f in dataclasses.fields(node_cls)]
         dotted = ".".join(keys[: depth + 1])
         if key not in names:
-            raise ConfigError(f"unknown config key {dotted!r} in override; {_closest(key, names)}")
+            raise ConfigError(f"unknown config key {dotted!r} in override; "
+                              f"{_closest(key, names, dotted)}")
         if depth == len(keys) - 1:
             try:
                 _check_field(node_cls, key, dotted, value)

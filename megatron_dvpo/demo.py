@@ -68,14 +68,14 @@ def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: in
                                              "--overwrite"])
     sft = work / "sft"
     _run("3c. SFT warm start", [
-        "-m", "megatron_dvpo.dvpo.sft", "--config", "examples/sft_tiny.yaml",
+        "-m", "megatron_dvpo.sft", "--config", "examples/sft_tiny.yaml",
         f"data.train_path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer.model",
         f"checkpoint.init_from={policy}", f"logging.run_dir={sft}",
         f"checkpoint.save_dir={sft}/checkpoints", f"train_steps={sft_steps}"], nproc)
     policy = sft / "checkpoints" / f"iter_{sft_steps:07d}"
     for split, seed in (("train", 0), ("eval", 1)):
         _run(f"4. sample the policy into preference pairs ({split})",
-             ["-m", "megatron_dvpo.dvpo.sample", "--policy", str(policy), "--prompts",
+             ["-m", "megatron_dvpo.sample", "--policy", str(policy), "--prompts",
               str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
               "--pairs", "--true-reward", "synthetic:0", "--max-new-tokens", "12",
               "--seed", str(seed)], nproc)
@@ -90,9 +90,9 @@ def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: in
     gvm_ckpt = gvm_dir / "checkpoints" / f"iter_{gvm_steps:07d}"
     dvpo_dir = work / "dvpo"
     _run("6. DVPO", [
-        "-m", "megatron_dvpo.dvpo.train", "--config", "examples/dvpo_tiny.yaml",
+        "-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
         f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
-        f"dvpo.policy={policy}", f"dvpo.gvm={gvm_ckpt}", f"logging.run_dir={dvpo_dir}",
+        f"rl.policy={policy}", f"dvpo.gvm={gvm_ckpt}", f"logging.run_dir={dvpo_dir}",
         f"checkpoint.save_dir={dvpo_dir}/checkpoints", f"train_steps={dvpo_steps}"], nproc)
     final = dvpo_dir / "checkpoints" / f"iter_{dvpo_steps:07d}"
     _run("7. export the trained policy to HF", ["tools/convert_megatron_to_hf.py", "--ckpt",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from megatron_dvpo.config import ParallelConfig, validate_parallel
+from megatron_dvpo.device import device, process_group_backend
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ def launch_env() -> LaunchEnv:
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> LaunchEnv:
     """Create the default process group and megatron's TP/PP/CP/DP groups, then seed.
 
-    nccl when CUDA is available, gloo otherwise; on CPU the megatron-core CUDA accommodations of
-    ``megatron_dvpo.cpu_compat`` are installed here and nowhere else.
+    NCCL (with gloo for host metadata) when CUDA is available, gloo otherwise; on CPU the
+    megatron-core CUDA accommodations of ``megatron_dvpo.cpu_compat`` are installed here and
+    nowhere else.
     """
     env = launch_env()
     validate_parallel(parallel, env.world_size)
@@ -63,7 +65,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
         cpu_compat.install()
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=process_group_backend(use_cuda),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -134,7 +136,7 @@ def sum_over_replicas(keys: list[str], values: dict[str, float] | None) -> dict[
     contributes = (values is not None and parallel_state.is_pipeline_last_stage()
                    and parallel_state.get_tensor_model_parallel_rank() == 0)
     local = torch.tensor([float(values[k]) if contributes else 0.0 for k in keys],
-                         dtype=torch.float64)
+                         dtype=torch.float64, device=device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(local)
     return dict(zip(keys, local.tolist()))
@@ -143,6 +145,33 @@ def sum_over_replicas(keys: list[str], values: dict[str, float] | None) -> dict[
 def all_reduce_data_parallel(value: float) -> float:
     from megatron.core import parallel_state
 
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device())
     torch.distributed.all_reduce(t, group=parallel_state.get_data_parallel_group())
     return t.item()
+
+
+def all_reduce_max(value: float) -> float:
+    """The largest ``value`` over every rank (a flag: any rank's NaN, any rank's signal)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...],
+                              dtype: torch.dtype) -> torch.Tensor:
+    """A per-token tensor made on the last pipeline stage (None elsewhere), on every stage.
+
+    The RL algorithm code then runs the same on all ranks, with no branch on the stage.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if parallel_state.is_pipeline_last_stage():
+        tensor = tensor.to(dtype).contiguous()
+    else:
+        tensor = torch.empty(shape, dtype=dtype, device=device())
+    torch.distributed.broadcast(tensor, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor

@@ -11,4 +11,4 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
-launch megatron_dvpo.dvpo.train "$@"
+launch megatron_dvpo.rl.dvpo "$@"

@@ -162,8 +162,8 @@ def test_parallel_config_defaults_are_single_rank():
     ("train_steps=0", r"train_steps must be > 0, got 0"),
     ("logging.log_interval=0", r"logging.log_interval must be > 0, got 0"),
     ("rollout.top_p=0", r"rollout.top_p must be in \(0, 1\], got 0.0"),
-    ("dvpo.lam=1.5", r"dvpo.lam must be in \[0, 1\], got 1.5"),
-    ("dvpo.kl_coef=-0.1", r"dvpo.kl_coef must be >= 0"),
+    ("rl.lam=1.5", r"rl.lam must be in \[0, 1\], got 1.5"),
+    ("rl.kl_coef=-0.1", r"rl.kl_coef must be >= 0"),
 ])
 def test_impossible_values_are_rejected_on_load(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, torchrun
 from megatron_dvpo.config import ConfigError, load_config
 from megatron_dvpo.demo import run_pipeline, scalars
-from megatron_dvpo.dvpo.inputs import check_rl_inputs
+from megatron_dvpo.rl.inputs import check_rl_inputs
 
 SPEC_TAGS = {"policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio_mean",
              "policy/entropy", "policy/grad_norm", "policy/lr", "rollout/response_len_mean",
@@ -52,37 +52,41 @@ def test_exported_policy_loads_in_transformers(pipeline):
 def dvpo_overrides(work: Path, run: Path, *extra: str) -> list[str]:
     return [f"data.train_path={work}/synthetic/train.jsonl",
             f"data.eval_path={work}/synthetic/eval.jsonl",
-            f"dvpo.policy={work}/sft/checkpoints/iter_0000100",
+            f"rl.policy={work}/sft/checkpoints/iter_0000100",
             f"dvpo.gvm={work}/gvm/checkpoints/iter_0000300",
             f"logging.run_dir={run}", f"checkpoint.save_dir={run}/checkpoints",
-            "logging.log_interval=1", "dvpo.eval_interval=0", *extra]
+            "logging.log_interval=1", "rl.eval_interval=0", *extra]
 
 
 def test_frozen_gvm_and_no_reference_without_kl(pipeline, tmp_path, single_rank):
     from megatron.core.distributed import DistributedDataParallel
 
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    from megatron_dvpo.rl.dvpo import DVPO
+    from megatron_dvpo.training.loop import TrainingLoop
 
     work, _ = pipeline
     cfg = load_config(REPO / "examples/dvpo_tiny.yaml",
-                      dvpo_overrides(work, tmp_path, "train_steps=2", "dvpo.kl_coef=0.2",
+                      dvpo_overrides(work, tmp_path, "train_steps=2", "rl.kl_coef=0.2",
                                      "checkpoint.save_dir=null", "data.global_batch_size=32"))
-    trainer = DVPOTrainer(cfg)
+    trainer = DVPO(cfg)
     assert trainer.reference is not None  # kl_coef > 0 loads it
-    before = {n: p.detach().clone() for c in trainer.gvm for n, p in c.named_parameters()}
-    policy_before = [p.detach().clone() for p in trainer.chunks[0].parameters()]
-    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    trainer.run()
-    for chunk in trainer.gvm:
+    gvm = trainer.scorer.gvm
+    assert list(trainer.units) == ["model"]  # the GVM is not a trained unit
+    before = {n: p.detach().clone() for c in gvm for n, p in c.named_parameters()}
+    trainer.initialize()  # the policy's initial weights (the loop loads them again: no resume)
+    policy_before = [p.detach().clone() for p in trainer.policy.chunks[0].parameters()]
+    optimized = {id(p) for g in trainer.policy.optimizer.param_groups for p in g["params"]}
+    TrainingLoop(cfg, trainer, trainer.units).run()
+    for chunk in gvm:
         assert not isinstance(chunk, DistributedDataParallel)
         for name, param in chunk.named_parameters():
             assert not param.requires_grad and param.grad is None
             assert id(param) not in optimized
             assert torch.equal(param, before[name]), name  # bitwise unchanged
-    assert any(not torch.equal(p, q) for p, q in zip(trainer.chunks[0].parameters(),
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.policy.chunks[0].parameters(),
                                                      policy_before))  # the policy did train
-    cfg.dvpo.kl_coef = 0.0
-    assert DVPOTrainer(cfg).reference is None  # kl_coef = 0: nothing loaded
+    cfg.rl.kl_coef = 0.0
+    assert DVPO(cfg).reference is None  # kl_coef = 0: nothing loaded
 
 
 @pytest.mark.parametrize("target, rises", [(6.0, True), (1e4, False)])
@@ -91,16 +95,17 @@ def test_adaptive_kl_follows_the_per_sequence_kl(pipeline, tmp_path, single_rank
     """The reference is the random policy before SFT: about 3-5 nats per token, tens per
     sequence. Against the released default target of 6 nats per sequence beta must rise (a
     per-token KL fed to it would make it fall); against a huge target it falls."""
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    from megatron_dvpo.rl.dvpo import DVPO
 
     work, _ = pipeline
     cfg = load_config(REPO / "examples/dvpo_tiny.yaml",
-                      dvpo_overrides(work, tmp_path, "train_steps=1", "dvpo.kl_coef=0.2",
-                                     "dvpo.kl_adaptive=true", f"dvpo.kl_target={target}",
-                                     "dvpo.kl_horizon=100", f"dvpo.reference={work}/policy",
+                      dvpo_overrides(work, tmp_path, "train_steps=1", "rl.kl_coef=0.2",
+                                     "rl.kl_adaptive=true", f"rl.kl_target={target}",
+                                     "rl.kl_horizon=100", f"rl.reference={work}/policy",
                                      "checkpoint.save_dir=null", "data.global_batch_size=32"))
-    trainer = DVPOTrainer(cfg)
-    metrics = trainer.train_step()
+    trainer = DVPO(cfg)
+    trainer.initialize()
+    metrics = trainer.step(0).metrics
     per_sequence, per_token = metrics["rollout/kl_ref"], metrics["rollout/kl_ref_per_token"]
     assert per_sequence == pytest.approx(per_token * metrics["rollout/response_len_mean"])
     assert per_token < 6.0 < per_sequence < 1e4, metrics
@@ -111,12 +116,12 @@ def test_adaptive_kl_follows_the_per_sequence_kl(pipeline, tmp_path, single_rank
 
 def test_resume_continues_exactly(pipeline, tmp_path):
     work, _ = pipeline
-    common = ["train_steps=6", "data.global_batch_size=32", "dvpo.kl_coef=0.1",
+    common = ["train_steps=6", "data.global_batch_size=32", "rl.kl_coef=0.1",
               "checkpoint.save_interval=3"]
 
     def run(name, *extra):
         run_dir = tmp_path / name
-        torchrun(["-m", "megatron_dvpo.dvpo.train", "--config", "examples/dvpo_tiny.yaml",
+        torchrun(["-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
                   *dvpo_overrides(work, run_dir, *common, *extra)], nproc=1)
         return scalars(run_dir / "tensorboard")
 
@@ -145,16 +150,17 @@ def test_bad_inputs_fail_before_any_work(pipeline, tmp_path):
     base = load_config(REPO / "examples/dvpo_tiny.yaml", dvpo_overrides(work, tmp_path))
     gvm = Path(base.dvpo.gvm)
 
-    def expect(message, **dvpo):
+    def expect(message, section="dvpo", **values):
         cfg = load_config(REPO / "examples/dvpo_tiny.yaml", dvpo_overrides(work, tmp_path))
-        for key, value in dvpo.items():
-            setattr(cfg.dvpo, key, value)
+        for key, value in values.items():
+            assert hasattr(getattr(cfg, section), key), key
+            setattr(getattr(cfg, section), key, value)
         with pytest.raises(ConfigError, match=message):
             check_rl_inputs(cfg)
 
     expect(r"dvpo.gvm is required", gvm=None)
     expect(r"dvpo.gvm=/nonexistent is not a checkpoint directory", gvm="/nonexistent")
-    expect(r"dvpo.policy=.* holds a value model", policy=str(gvm))
+    expect(r"rl.policy=.* holds a value model", section="rl", policy=str(gvm))
     wide = fake_checkpoint(gvm, tmp_path / "wide_gvm", vocab_size=512)
     expect(r"the policy's vocabulary \(256 tokens\) differs from dvpo.gvm's \(512\)",
            gvm=str(wide))

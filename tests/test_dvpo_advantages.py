@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_dvpo.dvpo.advantages import (AdaptiveKLController, FixedKLController,
+from megatron_dvpo.rl.advantages import (AdaptiveKLController, FixedKLController,
                                            compute_advantages, gae, gae_advantages, kl_penalty,
                                            masked_moments, q_advantages, td_advantages, whiten,
                                            whiten_with_moments)
@@ -365,7 +365,7 @@ def test_gae_with_released_value_whitening_matches_the_released_recipe():
     """Raw GVM outputs of each forward chunk (prompt positions, padding and the last position
     included) whitened with TRL's whiten (unbiased variance, rsqrt(var + 1e-8)), the last column
     dropped, V(s_t) read at the position before y_t, then GAE over the KL-only rewards."""
-    from megatron_dvpo.dvpo.scoring import estimator_inputs
+    from megatron_dvpo.rl.scoring import estimator_inputs
 
     g = torch.Generator().manual_seed(3)
     width, lengths = 3, torch.tensor([4, 2, 3, 1])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from megatron_dvpo.dvpo.losses import (bradley_terry_loss, entropy_bonus, ppo_policy_loss,
+from megatron_dvpo.rl.losses import (bradley_terry_loss, entropy_bonus, ppo_policy_loss,
                                        should_skip_minibatch, value_loss_clipped)
 
 F64 = torch.float64

@@ -107,53 +107,116 @@ def test_kill_9_during_a_save_leaves_a_loadable_checkpoint(synthetic, tmp_path):
 
 
 class NaNAtSteps:
-    """A real Trainer on a tiny policy whose loss is NaN at chosen steps."""
+    """A real training job on a tiny policy whose loss is NaN at chosen updates."""
 
     @staticmethod
-    def build(tmp_path, bad_steps, max_bad_steps):
+    def build(tmp_path, bad_updates, max_bad_steps, updates_per_step=1):
         import torch
 
         from megatron_dvpo.config import load_config
         from megatron_dvpo.models import build_chunks, forward
-        from megatron_dvpo.training import Trainer
+        from megatron_dvpo.training.loop import StepResult, TrainingLoop
+        from megatron_dvpo.training.trained_model import TrainedModel
 
-        class Trainee(Trainer):
-            def train_step(self):
-                scale = float("nan") if self.step + 1 in bad_steps else 1.0
-                tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
-                outputs, grad_norm, _ = self.train_batch(
-                    forward.make_microbatches(2, tokens=tokens),
-                    forward.policy_logprobs_head(100),
-                    lambda out, batch: (-out["logprobs"].mean() * scale, {}))
-                return {"x/loss": sum(float(o["loss"]) for o in outputs)}
+        from megatron_dvpo.distributed import seed_everything
 
         cfg = load_config(None, ["model.num_layers=1", "model.vocab_size=100",
                                  "train_steps=8", f"max_bad_steps={max_bad_steps}",
-                                 f"logging.run_dir={tmp_path}", "data.global_batch_size=4"])
-        return Trainee(cfg, build_chunks(cfg))
+                                 f"logging.run_dir={tmp_path}", "data.global_batch_size=4",
+                                 "optimizer.lr_decay_style=constant"])
+        seed_everything(cfg.seed)  # the same initial weights in every build
+
+        class Trainee:
+            summary_tags = ()
+
+            def __init__(self):
+                self.cfg, self.updates = cfg, 0
+                self.model = TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel,
+                                          cfg.precision, cfg.train_steps * updates_per_step)
+                self.units = {"model": self.model}
+
+            def initialize(self):
+                pass
+
+            def state_dict(self):
+                return {}
+
+            def load_state_dict(self, state):
+                pass
+
+            def step(self, step):
+                results = []
+                for _ in range(updates_per_step):
+                    self.updates += 1
+                    scale = float("nan") if self.updates in bad_updates else 1.0
+                    tokens = torch.randint(0, 100, (4, 8),
+                                           generator=torch.Generator().manual_seed(self.updates))
+                    results.append(self.model.update(
+                        forward.make_microbatches(2, tokens=tokens),
+                        forward.policy_logprobs_head(100),
+                        lambda out, batch, s=scale: (-out["logprobs"].mean() * s, {})))
+                return StepResult({"x/loss": sum(float(o["loss"]) for r in results
+                                                 for o in r.outputs if r.applied)}, results)
+
+        trainee = Trainee()
+        return trainee, TrainingLoop(cfg, trainee, trainee.units)
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, single_rank):
     import torch
 
-    trainer = NaNAtSteps.build(tmp_path, bad_steps={3, 4}, max_bad_steps=3)
-    params = lambda: [p.detach().clone() for p in trainer.chunks[0].parameters()]  # noqa: E731
-    trainer.run()
-    assert trainer.skipped_steps == 2 and trainer.step == 8
+    trainee, loop = NaNAtSteps.build(tmp_path, bad_updates={3, 4}, max_bad_steps=3)
+    params = lambda: [p.detach().clone() for p in trainee.model.chunks[0].parameters()]  # noqa: E731
+    loop.run()
+    assert loop.skipped_steps == 2 and loop.step == 8
     logged = scalars(tmp_path / "tensorboard")["train/skipped_steps"]
     assert dict(logged)[8] == 2.0
     # a bad step leaves the weights untouched
-    trainer = NaNAtSteps.build(tmp_path / "again", bad_steps={1}, max_bad_steps=3)
+    trainee, loop = NaNAtSteps.build(tmp_path / "again", bad_updates={1}, max_bad_steps=3)
     before = params()
-    trainer.train_step()
-    assert trainer._bad_reason == "a NaN/Inf gradient"
+    result = trainee.step(0)
+    assert result.updates[0].skipped_for == "a NaN/Inf loss or gradient"
     assert all(torch.equal(a, b) for a, b in zip(before, params()))
 
 
-def test_consecutive_nan_steps_stop_with_a_report(tmp_path, single_rank):
-    from megatron_dvpo.training import NonFiniteError
+def test_a_nan_update_skips_only_itself(tmp_path, single_rank):
+    """Four updates a step, the second of step 1 NaN: that update is skipped, the other three
+    are applied (the weights equal a run that never had the second update), the step is not a
+    skipped step, and grad_norm-style means never see a NaN."""
+    import torch
 
-    trainer = NaNAtSteps.build(tmp_path, bad_steps=set(range(1, 9)), max_bad_steps=3)
-    with pytest.raises(NonFiniteError, match=r"stopping at step 3: 3 consecutive steps with a "
-                                             r"NaN/Inf gradient \(max_bad_steps=3\)"):
-        trainer.run()
+    trainee, loop = NaNAtSteps.build(tmp_path, bad_updates={2}, max_bad_steps=3,
+                                     updates_per_step=4)
+    result = trainee.step(0)
+    assert [u.applied for u in result.updates] == [True, False, True, True]
+    assert [u.grad_norm is not None for u in result.updates] == [True, False, True, True]
+    loop._account(result)
+    assert (loop.skipped_updates, loop.skipped_steps) == (1, 0)
+    # the same three updates without the bad one: equal weights
+    clean, _ = NaNAtSteps.build(tmp_path / "clean", bad_updates=set(), max_bad_steps=3,
+                                updates_per_step=3)
+    clean.updates = 0
+    from megatron_dvpo.models import forward
+
+    for seed in (1, 3, 4):
+        tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(seed))
+        clean.model.update(forward.make_microbatches(2, tokens=tokens),
+                           forward.policy_logprobs_head(100),
+                           lambda out, batch: (-out["logprobs"].mean(), {}))
+    for a, b in zip(trainee.model.chunks[0].parameters(), clean.model.chunks[0].parameters()):
+        assert torch.equal(a, b)
+    # a step whose every update is NaN is a skipped step
+    bad, loop = NaNAtSteps.build(tmp_path / "bad", bad_updates={1, 2}, max_bad_steps=3,
+                                 updates_per_step=2)
+    loop._account(bad.step(0))
+    assert (loop.skipped_updates, loop.skipped_steps) == (2, 1)
+
+
+def test_consecutive_nan_steps_stop_with_a_report(tmp_path, single_rank):
+    from megatron_dvpo.training.loop import NonFiniteError
+
+    _, loop = NaNAtSteps.build(tmp_path, bad_updates=set(range(1, 9)), max_bad_steps=3)
+    with pytest.raises(NonFiniteError, match=r"stopping at step 3: 3 consecutive bad steps, the "
+                                             r"last with 1 of 1 updates skipped for a NaN/Inf "
+                                             r"loss or gradient \(max_bad_steps=3\)"):
+        loop.run()

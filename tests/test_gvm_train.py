@@ -154,7 +154,9 @@ def test_trajectory_context_prefixes_examples_and_keeps_the_response(synthetic, 
         p, q = int(plain["prompt_lengths"][row]), int(framed["prompt_lengths"][row])
         assert torch.equal(plain["tokens"][row, p:p + n], framed["tokens"][row, q:q + n])
         assert torch.equal(plain["tokens"][row, 1:p], framed["tokens"][row, q - p + 1:q])
-    trainer.consumed_samples, trainer._batches = 0, None
-    trainer.run()
+    from megatron_dvpo.training.loop import TrainingLoop
+
+    trainer.batches.load_state_dict({"consumed_samples": 0})
+    TrainingLoop(trainer.cfg, trainer, trainer.units).run()
     losses = [v for _, v in scalars(tmp_path / "tensorboard")["gvm/loss"]]
     assert losses and all(math.isfinite(v) for v in losses)

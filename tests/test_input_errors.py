@@ -46,7 +46,7 @@ def gvm_args(work: Path, run: Path, *extra: str) -> list[str]:
 def dvpo_args(work: Path, run: Path, *extra: str) -> list[str]:
     return ["--config", "examples/dvpo_tiny.yaml",
             f"data.train_path={work}/synthetic/train.jsonl", "data.eval_path=null",
-            f"dvpo.policy={work}/policy", f"dvpo.gvm={work}/gvm_run/checkpoints",
+            f"rl.policy={work}/policy", f"dvpo.gvm={work}/gvm_run/checkpoints",
             f"logging.run_dir={run}", "checkpoint.save_dir=null", *extra]
 
 
@@ -68,11 +68,11 @@ def one_error_line(proc: subprocess.CompletedProcess, expected: str,
      "input file /nowhere/train.jsonl does not exist"),
     ("megatron_dvpo.gvm.train", ["parallel.tensor_model_parallel_size=3"],
      "world size 1 is not divisible by tensor_model_parallel_size=3"),
-    ("megatron_dvpo.dvpo.train", ["train_steps=abc"],
+    ("megatron_dvpo.rl.dvpo", ["train_steps=abc"],
      "command line 'train_steps=abc': train_steps: expected an integer"),
-    ("megatron_dvpo.dvpo.train", ["data.micro_batch_size=0"],
+    ("megatron_dvpo.rl.dvpo", ["data.micro_batch_size=0"],
      "data.micro_batch_size must be > 0, got 0"),
-    ("megatron_dvpo.dvpo.ppo", ["ppo.reward_model=/nowhere"],
+    ("megatron_dvpo.rl.ppo", ["ppo.reward_model=/nowhere"],
      "ppo.reward_model=/nowhere is not a checkpoint directory"),
 ])
 def test_trainer_input_errors_are_one_line_before_any_work(work, tmp_path, module, args,
@@ -87,7 +87,7 @@ def test_trainer_input_errors_are_one_line_before_any_work(work, tmp_path, modul
 
 @pytest.mark.multirank
 def test_under_torchrun_the_error_is_printed_once(work, tmp_path):
-    proc = cli("megatron_dvpo.dvpo.train", dvpo_args(work, tmp_path, "dvpo.estimator=qq"),
+    proc = cli("megatron_dvpo.rl.dvpo", dvpo_args(work, tmp_path, "dvpo.estimator=qq"),
                nproc=2)
     one_error_line(proc, "dvpo.estimator: 'qq' is not one of", torchrun=True)
 
@@ -106,8 +106,8 @@ def test_save_directories_stand_for_their_latest_checkpoint(work, tmp_path):
                                               f"logging.run_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"--ckpt={save_dir}: using its latest checkpoint, iter_0000004" in proc.stdout
-    # checkpoint.init_from and dvpo.policy/dvpo.gvm are resolved (and recorded) the same way
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    # checkpoint.init_from and rl.policy/dvpo.gvm are resolved (and recorded) the same way
+    from megatron_dvpo.rl.dvpo import DVPO
     from megatron_dvpo.gvm.train import check_training_inputs
 
     cfg = load_config(REPO / "examples/gvm_tiny.yaml",
@@ -115,7 +115,7 @@ def test_save_directories_stand_for_their_latest_checkpoint(work, tmp_path):
     check_training_inputs(cfg, [], value_model=True)
     assert cfg.checkpoint.init_from == str(save_dir / "iter_0000004")
     cfg = load_config(REPO / "examples/dvpo_tiny.yaml", dvpo_args(work, tmp_path)[2:])
-    DVPOTrainer.check_inputs(cfg)
+    DVPO.check_inputs(cfg)
     assert cfg.dvpo.gvm == str(save_dir / "iter_0000004")
 
 
@@ -187,16 +187,16 @@ def fake_checkpoint(src: Path, dst: Path, section: str = "model", **changes) -> 
 
 def test_tokenizer_larger_than_the_model_is_refused(work, tmp_path):
     from megatron_dvpo.data.tokenizer import TokenizerError
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    from megatron_dvpo.rl.dvpo import DVPO
 
     gvm = work / "gvm_run" / "checkpoints" / "iter_0000004"
     policy = fake_checkpoint(work / "policy", tmp_path / "policy", vocab_size=200)
     small_gvm = fake_checkpoint(gvm, tmp_path / "gvm", vocab_size=200)
-    args = dvpo_args(work, tmp_path, f"dvpo.policy={policy}", f"dvpo.gvm={small_gvm}")
-    with pytest.raises(TokenizerError, match=r"has 256 tokens but dvpo.policy=.* has "
+    args = dvpo_args(work, tmp_path, f"rl.policy={policy}", f"dvpo.gvm={small_gvm}")
+    with pytest.raises(TokenizerError, match=r"has 256 tokens but rl.policy=.* has "
                                              r"model.vocab_size=200"):
-        DVPOTrainer.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args[2:]))
-    proc = cli("megatron_dvpo.dvpo.sample", ["--policy", str(policy), "--prompts",
+        DVPO.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args[2:]))
+    proc = cli("megatron_dvpo.sample", ["--policy", str(policy), "--prompts",
                                              f"{work}/synthetic/eval.jsonl", "--out",
                                              str(tmp_path / "out.jsonl")])
     one_error_line(proc, "has 256 tokens but --policy")
@@ -204,19 +204,19 @@ def test_tokenizer_larger_than_the_model_is_refused(work, tmp_path):
 
 
 def test_prompt_plus_new_tokens_must_fit_the_context(work, tmp_path):
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    from megatron_dvpo.rl.dvpo import DVPO
 
     args = dvpo_args(work, tmp_path, "rollout.max_new_tokens=60")[2:]
     with pytest.raises(ConfigError, match=r"rollout.max_prompt_length=16 \+ "
                                           r"rollout.max_new_tokens=60 = 76 exceeds "
-                                          r"model.max_position_embeddings=64 of dvpo.policy="):
-        DVPOTrainer.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args))
+                                          r"model.max_position_embeddings=64 of rl.policy="):
+        DVPO.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args))
 
 
 def test_an_estimator_never_reads_an_untrained_output(work, tmp_path):
     """td and gae read q_-1 = V(s_0): a qview GVM trained without gvm.train_prompt_value is
     refused for them, and accepted for q (which reads q_t only) or when released-aligned."""
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    from megatron_dvpo.rl.dvpo import DVPO
 
     gvm = work / "gvm_run" / "checkpoints" / "iter_0000004"
     untrained = fake_checkpoint(gvm, tmp_path / "no_prompt_value", "gvm",
@@ -226,7 +226,7 @@ def test_an_estimator_never_reads_an_untrained_output(work, tmp_path):
 
     def check(gvm_dir, estimator):
         args = dvpo_args(work, tmp_path, f"dvpo.gvm={gvm_dir}", f"dvpo.estimator={estimator}")
-        DVPOTrainer.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args[2:]))
+        DVPO.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args[2:]))
 
     for estimator in ("td", "gae"):
         with pytest.raises(ConfigError, match=rf"dvpo.estimator={estimator} reads q_-1 = V\(s_0\)"

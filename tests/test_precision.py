@@ -232,7 +232,7 @@ def test_fp8_example_plans_on_hopper_with_the_1b_policy():
     from megatron_dvpo.config import validate
 
     cfg = load_config("examples/llama3.2_1b_dvpo_fp8.yaml")
-    cfg.model = load_config("examples/llama3.2_1b.yaml").model  # what dvpo.policy would hold
+    cfg.model = load_config("examples/llama3.2_1b.yaml").model  # what rl.policy would hold
     validate(cfg, 8)
     got = plan_precision(cfg.precision, cfg.parallel, cfg.model, H100)
     assert (got.fp8, got.fp8_recipe, got.fp8_param_gather) == ("hybrid", "tensorwise", True)

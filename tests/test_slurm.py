@@ -55,7 +55,7 @@ def test_gvm_and_dvpo_jobs_complete(cluster, inputs, tmp_path):
     job = cluster.sbatch(
         "--output", str(tmp_path / "dvpo.out"), "slurm/train_dvpo.sh", "--config",
         "examples/dvpo_tiny.yaml", f"data.train_path={inputs}/synthetic/train.jsonl",
-        "data.eval_path=null", f"dvpo.policy={inputs}/policy", f"dvpo.gvm={inputs}/gvm",
+        "data.eval_path=null", f"rl.policy={inputs}/policy", f"dvpo.gvm={inputs}/gvm",
         f"logging.run_dir={run}", f"checkpoint.save_dir={run}/checkpoints", "train_steps=3",
         "data.global_batch_size=16", "data.micro_batch_size=8", cwd=REPO,
         env={**PYTHON, "RUN_DIR": str(run), "MASTER_PORT": "29612"})

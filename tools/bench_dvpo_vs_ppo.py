@@ -12,7 +12,7 @@ into generation, scoring and training (the first step, a warm-up, is left out), 
 analytic breakdown of model-state memory; then the two ratios DVPO/PPO.
 
 What DVPO saves by construction: no critic and its optimizer state, no reference when
-``dvpo.kl_coef=0`` (the default here; PPO keeps its reference as docs/algorithm.md §3 has it), and
+``rl.kl_coef=0`` (the default here; PPO keeps its reference as docs/algorithm.md §3 has it), and
 one frozen scoring pass instead of reward model plus critic.
 """
 
@@ -64,12 +64,12 @@ def run_method(name: str, module: str, work: Path, models: dict, args, extra: li
     _run(f"{name}: {args.steps} steps", [
         "-m", module, "--config", "examples/dvpo_tiny.yaml",
         f"data.train_path={models['prompts']}", "data.eval_path=null",
-        f"dvpo.policy={models['policy']}", f"logging.run_dir={run_dir}",
+        f"rl.policy={models['policy']}", f"logging.run_dir={run_dir}",
         "checkpoint.save_dir=null", f"train_steps={args.steps}", "logging.log_interval=1",
         f"data.global_batch_size={args.batch}", f"data.micro_batch_size={args.micro_batch}",
         f"rollout.max_new_tokens={args.max_new_tokens}", "rollout.max_prompt_length=32",
-        "data.seq_length=256", "dvpo.true_reward=null", "dvpo.eval_interval=0",
-        "dvpo.ppo_epochs=1", "dvpo.minibatches=1", *extra, *args.overrides], args.nproc)
+        "data.seq_length=256", "rl.true_reward=null", "rl.eval_interval=0",
+        "rl.ppo_epochs=1", "rl.minibatches=1", *extra, *args.overrides], args.nproc)
     logs = scalars(run_dir / "tensorboard")
     measured = {}
     for tag in PHASES + ("perf/gen_tokens_per_s", "perf/train_tokens_per_s"):
@@ -108,10 +108,10 @@ def main(argv=None) -> None:
         params = json.loads((models["policy"] / "conversion.json").read_text())["parameters"]
         value_params = json.loads((models["value"] / "conversion.json").read_text())["parameters"]
         width = 4 if policy_cfg.precision.params_dtype == "fp32" else 2
-        dvpo = run_method("dvpo", "megatron_dvpo.dvpo.train", work, models, args,
-                          [f"dvpo.gvm={models['value']}", "dvpo.kl_coef=0"])
-        ppo = run_method("ppo", "megatron_dvpo.dvpo.ppo", work, models, args,
-                         [f"ppo.reward_model={models['value']}", "dvpo.kl_coef=0.05"])
+        dvpo = run_method("dvpo", "megatron_dvpo.rl.dvpo", work, models, args,
+                          [f"dvpo.gvm={models['value']}", "rl.kl_coef=0"])
+        ppo = run_method("ppo", "megatron_dvpo.rl.ppo", work, models, args,
+                         [f"ppo.reward_model={models['value']}", "rl.kl_coef=0.05"])
     dvpo["model_state_bytes"] = {"policy": state_breakdown(params, width, True),
                                  "gvm": state_breakdown(value_params, width, False)}
     ppo["model_state_bytes"] = {"policy": state_breakdown(params, width, True),

@@ -100,7 +100,7 @@ def bench_training(policy_dir: Path, overrides: list[str], args, peak_tflops) ->
     from megatron_dvpo.logging import peak_memory_gib
     from megatron_dvpo.models import forward
     from megatron_dvpo.models.gpt import build_model_chunks, training_flops_per_token
-    from megatron_dvpo.training import build_optimizer, wrap_ddp
+    from megatron_dvpo.training.trained_model import build_optimizer, wrap_ddp
 
     cfg = load_config(policy_dir / "config.yaml", overrides)
     chunks = build_model_chunks(cfg)
@@ -283,10 +283,10 @@ def main(argv=None) -> None:
         for name, overrides in step_variants.items():
             reason = skip_reason(models["policy"], overrides)
             for method, module, extra in (
-                    ("dvpo_step", "megatron_dvpo.dvpo.train",
-                     [f"dvpo.gvm={models['value']}", "dvpo.kl_coef=0"]),
-                    ("ppo_step", "megatron_dvpo.dvpo.ppo",
-                     [f"ppo.reward_model={models['value']}", "dvpo.kl_coef=0.05"])):
+                    ("dvpo_step", "megatron_dvpo.rl.dvpo",
+                     [f"dvpo.gvm={models['value']}", "rl.kl_coef=0"]),
+                    ("ppo_step", "megatron_dvpo.rl.ppo",
+                     [f"ppo.reward_model={models['value']}", "rl.kl_coef=0.05"])):
                 result[method][name] = ({"skipped": reason} if reason else run_method(
                     f"{method}-{name}", module, work, models, step_args, extra + overrides))
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
+import numpy as np
+
 from megatron_dvpo.data.tokenizer import ChatTemplateError, Tokenizer
 from megatron_dvpo.errors import InputError
 
@@ -324,3 +326,23 @@ def add_trajectory_context(sample: Sample, examples: Sequence[tuple[str, str]],
     if tokenizer.bos_id is not None and prompt[:1] == [tokenizer.bos_id]:
         prompt = prompt[1:]
     return replace(sample, prompt_ids=context + prompt, context_len=len(context))
+
+
+class TrajectoryContext:
+    """Trajectory conditioning for a dataset: K other (prompt, response) pairs of the data before
+    each sample, chosen by a generator seeded with the sample's index (the same every epoch)."""
+
+    def __init__(self, dataset, tokenizer: Tokenizer, k: int, seed: int):
+        self.dataset, self.tokenizer, self.k, self.seed = dataset, tokenizer, k, seed
+
+    def _text(self, ids: Sequence[int]) -> str:
+        special = {self.tokenizer.bos_id, self.tokenizer.eos_id}
+        return self.tokenizer.decode([t for t in ids if t not in special])
+
+    def __call__(self, index: int, sample: Sample) -> Sample:
+        rng = np.random.default_rng([self.seed, index])
+        examples = [(self._text(other.prompt_ids), self._text(other.response_ids))
+                    for other in (self.dataset[int(i)]
+                                  for i in rng.choice(len(self.dataset), size=self.k,
+                                                      replace=False))]
+        return add_trajectory_context(sample, examples, self.tokenizer)

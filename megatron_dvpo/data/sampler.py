@@ -49,3 +49,35 @@ class DistributedBatchSampler:
                 start = step * self.global_batch_size + self.dp_rank * per_rank
                 self.consumed_samples += self.global_batch_size
                 yield order[start:start + per_rank].tolist()
+
+
+class BatchSource:
+    """This data-parallel rank's share of each next global batch of a dataset, resumable.
+
+    The sampler is built on first use, after a resume has restored ``consumed_samples`` (the
+    data position), so a restarted run sees exactly the batches an unbroken one would have.
+    """
+
+    def __init__(self, global_batch_size: int, dp_rank: int, dp_size: int, seed: int):
+        self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
+        self.seed = seed
+        self.consumed_samples = 0
+        self._sampler: DistributedBatchSampler | None = None
+        self._batches: Iterator[list[int]] | None = None
+
+    def next_indices(self, num_samples: int) -> list[int]:
+        if self._batches is None:
+            self._sampler = DistributedBatchSampler(num_samples, self.global_batch_size,
+                                                    self.dp_rank, self.dp_size, self.seed,
+                                                    consumed_samples=self.consumed_samples)
+            self._batches = iter(self._sampler)
+        indices = next(self._batches)
+        self.consumed_samples = self._sampler.consumed_samples
+        return indices
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = state["consumed_samples"]
+        self._sampler = self._batches = None

@@ -207,9 +207,8 @@ def token_values(model_chunks, microbatches: list[dict]):
 
 def rollout_microbatches(rollout, micro_batch_size: int) -> list[dict]:
     """A rollout's sequences as microbatches, its left padding masked out of attention."""
-    mask = rollout.attention_mask()
     return make_microbatches(micro_batch_size, tokens=rollout.tokens,
-                             attention_mask=mask.expand(-1, -1, rollout.tokens.shape[1], -1))
+                             attention_mask=rollout.full_attention_mask())
 
 
 def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int,

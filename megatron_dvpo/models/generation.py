@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_dvpo.device import device as current_device
 from megatron_dvpo.models.forward import logit_temperature
 from megatron_dvpo.models.precision import fp8_disabled
 
@@ -57,11 +58,17 @@ class Rollout:
 
     def attention_mask(self) -> torch.Tensor:
         """[B, 1, 1, P+T] True where a key is left padding (megatron: True = masked)."""
-        columns = torch.arange(self.tokens.shape[1])
+        columns = torch.arange(self.tokens.shape[1], device=self.tokens.device)
         return (columns[None, :] < self.prompt_pad[:, None])[:, None, None, :]
+
+    def full_attention_mask(self) -> torch.Tensor:
+        """[B, 1, P+T, P+T]: the padding mask for every query (causality is the model's)."""
+        width = self.tokens.shape[1]
+        return self.attention_mask().expand(-1, -1, width, -1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host tensors ``(tokens [B, P], left padding [B])``; ``generate`` moves them."""
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     pads = torch.tensor([width - len(p) for p in prompts])
@@ -133,10 +140,11 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
     prompt_tokens, pads = left_pad(prompts, pad_id)
     batch, width = prompt_tokens.shape
     total = width + cfg.max_new_tokens
-    device = next(chunks[0].parameters()).device
+    device = current_device()
+    pads = pads.to(device)
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
-    tokens[:, :width] = prompt_tokens
-    key_pad = (torch.arange(total, device=device)[None, :] < pads.to(device)[:, None])
+    tokens[:, :width] = prompt_tokens.to(device)
+    key_pad = (torch.arange(total, device=device)[None, :] < pads[:, None])
     context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
     logprobs = torch.zeros(batch, cfg.max_new_tokens, device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -171,6 +179,6 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
                 break
     steps = int(lengths.max())
     response_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]
-    return Rollout(tokens=tokens[:, :width + steps], prompt_pad=pads.to(device),
+    return Rollout(tokens=tokens[:, :width + steps], prompt_pad=pads,
                    prompt_width=width, response_mask=response_mask,
                    logprobs=logprobs[:, :steps])

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dvpo.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_dvpo.device import device
 from megatron_dvpo.models.precision import Hardware, PrecisionPlan, plan_precision
 from megatron_dvpo.models.spec import decoder_spec
 
@@ -128,7 +129,7 @@ def count_parameters(chunks: list[torch.nn.Module]) -> tuple[int, int]:
                 continue
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
                 unique += p.numel()
-    total = torch.tensor([unique], dtype=torch.int64)
+    total = torch.tensor([unique], dtype=torch.int64, device=device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return local, int(total.item())

@@ -26,7 +26,7 @@ from megatron_dvpo.config import ParallelConfig, load_config
 from megatron_dvpo.models import forward as fw
 from megatron_dvpo.models.gpt import build_model_chunks
 from megatron_dvpo.models.gvm import build_gvm_chunks
-from megatron_dvpo.training import build_optimizer, wrap_ddp
+from megatron_dvpo.training.trained_model import build_optimizer, wrap_ddp
 
 VOCAB = 250  # padded to 256: exercises the masking of padded vocabulary columns
 MODEL = ["model.tie_embeddings=true", "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",

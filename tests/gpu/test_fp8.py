@@ -49,7 +49,7 @@ def sft_losses(work, name: str, overrides: list[str]) -> list[float]:
     from megatron_dvpo.demo import scalars
 
     run = work / name
-    torchrun(["-m", "megatron_dvpo.dvpo.sft", "--config", "examples/sft_tiny.yaml",
+    torchrun(["-m", "megatron_dvpo.sft", "--config", "examples/sft_tiny.yaml",
               f"data.train_path={work}/synthetic/train.jsonl",
               f"data.tokenizer={work}/synthetic/tokenizer.model",
               f"checkpoint.init_from={work}/policy", "checkpoint.save_dir=null",
@@ -87,14 +87,14 @@ def test_fp8_training_tracks_bf16(models, bf16_losses, extra):
 def test_fp8_dvpo_keeps_the_gvm_bf16_and_frozen(models, tmp_path, single_rank):
     from megatron_dvpo.config import load_config
     from megatron_dvpo.demo import scalars
-    from megatron_dvpo.dvpo.train import DVPOTrainer
+    from megatron_dvpo.rl.dvpo import DVPOTrainer
 
     overrides = FP8 + ["precision.fp8_recipe=tensorwise"]
     require(overrides, models)
     cfg = load_config(REPO / "examples/dvpo_tiny.yaml", [
-        f"dvpo.policy={models}/policy", f"dvpo.gvm={models}/gvm", "dvpo.kl_coef=0.1",
+        f"rl.policy={models}/policy", f"dvpo.gvm={models}/gvm", "rl.kl_coef=0.1",
         f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-        "dvpo.true_reward=null", "dvpo.eval_interval=0", f"logging.run_dir={tmp_path}",
+        "rl.true_reward=null", "rl.eval_interval=0", f"logging.run_dir={tmp_path}",
         "logging.log_interval=1", "checkpoint.save_dir=null", "train_steps=3",
         "data.global_batch_size=32", *overrides])
     trainer = DVPOTrainer(cfg)

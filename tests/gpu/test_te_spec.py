@@ -51,7 +51,7 @@ def test_tp1_training_step_on_one_gpu(single_rank):
     from megatron_dvpo.config import load_config
     from megatron_dvpo.models import forward
     from megatron_dvpo.models.gpt import build_model_chunks
-    from megatron_dvpo.training import build_optimizer, wrap_ddp
+    from megatron_dvpo.training.trained_model import build_optimizer, wrap_ddp
 
     cfg = load_config(None, MODEL + ["optimizer.lr=1e-3"])
     chunks = build_model_chunks(cfg)

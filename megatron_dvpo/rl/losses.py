@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from megatron_dvpo.dvpo.advantages import _check_shapes
+from megatron_dvpo.rl.advantages import _check_shapes
 
 __all__ = ["ppo_policy_loss", "entropy_bonus", "value_loss_clipped", "bradley_terry_loss",
            "should_skip_minibatch"]

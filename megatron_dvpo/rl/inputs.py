@@ -100,26 +100,25 @@ def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
                     needs_reference: bool | None = None) -> RLInputs:
     """Check (and resolve into ``cfg``) the inputs of an RL job; ``value_keys`` are the config
     keys of its scoring models (DVPO: the GVM). The reference is checked when it will be
-    loaded: ``dvpo.kl_coef > 0`` unless ``needs_reference`` says otherwise."""
-    dvpo = cfg.dvpo
-    reference = dvpo.kl_coef > 0 if needs_reference is None else needs_reference
-    keys = ["dvpo.policy", *value_keys] + (["dvpo.reference"] if reference and dvpo.reference
-                                           else [])
+    loaded: ``rl.kl_coef > 0`` unless ``needs_reference`` says otherwise."""
+    rl = cfg.rl
+    reference = rl.kl_coef > 0 if needs_reference is None else needs_reference
+    keys = ["rl.policy", *value_keys] + (["rl.reference"] if reference and rl.reference else [])
     for key in keys:
         value = _get(cfg, key)
         if not value:
             raise ConfigError(f"{key} is required")
         _set(cfg, key, str(resolve_checkpoint_dir(value, key)))
-    policy = load_config(Path(dvpo.policy) / "config.yaml")
+    policy = load_config(Path(rl.policy) / "config.yaml")
     if policy.model.value_head:
-        raise ConfigError(f"dvpo.policy={dvpo.policy} holds a value model, not a policy")
-    model_from_checkpoint(cfg, dvpo.policy, "dvpo.policy", overrides)
+        raise ConfigError(f"rl.policy={rl.policy} holds a value model, not a policy")
+    model_from_checkpoint(cfg, rl.policy, "rl.policy", overrides)
     value_cfgs = {key: load_config(Path(_get(cfg, key)) / "config.yaml") for key in value_keys}
     for key, value_cfg in value_cfgs.items():
         _check_value_model(key, _get(cfg, key), value_cfg, policy, cfg)
-    _check_lengths(cfg, {"dvpo.policy": policy, **value_cfgs})
+    _check_lengths(cfg, {"rl.policy": policy, **value_cfgs})
     tokenizers = {"data.tokenizer": Path(cfg.data.tokenizer) if cfg.data.tokenizer else None,
-                  "dvpo.policy": checkpoint_tokenizer(Path(dvpo.policy)),
+                  "rl.policy": checkpoint_tokenizer(Path(rl.policy)),
                   **{key: checkpoint_tokenizer(Path(_get(cfg, key))) for key in value_keys}}
     known = {k: v for k, v in tokenizers.items() if v is not None}
     if not known:
@@ -130,7 +129,7 @@ def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
                           f"{', '.join(f'{k}={v}' for k, v in known.items())}")
     tokenizer_path = next(iter(known.values()))
     tokenizer = load_tokenizer(str(tokenizer_path))
-    check_vocab(tokenizer, policy.model.vocab_size, f"dvpo.policy={dvpo.policy}")
+    check_vocab(tokenizer, policy.model.vocab_size, f"rl.policy={rl.policy}")
     if not cfg.data.train_path:
         raise ConfigError("data.train_path (the prompts) is required")
     for path in (cfg.data.train_path, cfg.data.eval_path):

@@ -1,6 +1,6 @@
 """Sample a policy's responses to prompts; optionally score them into preference pairs.
 
-    torchrun --nproc-per-node N -m megatron_dvpo.dvpo.sample --policy DIR --prompts FILE
+    torchrun --nproc-per-node N -m megatron_dvpo.sample --policy DIR --prompts FILE
         --out rows.jsonl [--pairs --true-reward synthetic:0] [--max-new-tokens 16 ...]
 
 With ``--pairs``, two responses per prompt are scored by the hidden rule and written as
@@ -21,7 +21,7 @@ from megatron_dvpo.checkpointing import load_model, resolve_checkpoint_dir
 from megatron_dvpo.config import ConfigError, load_config, validate_parallel
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
-from megatron_dvpo.dvpo.inputs import checkpoint_tokenizer
+from megatron_dvpo.rl.inputs import checkpoint_tokenizer
 from megatron_dvpo.errors import input_errors_exit
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.generation import SamplingConfig, generate

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dvpo.dvpo.advantages import released_value_whitening
+from megatron_dvpo.rl.advantages import released_value_whitening
 from megatron_dvpo.gvm.td import gather_response_values
 
 

@@ -1,0 +1,34 @@
+"""DVPO policy training: rollout -> frozen colocated GVM -> advantages -> clipped PPO update.
+
+    torchrun --nproc-per-node N -m megatron_dvpo.rl.dvpo --config examples/dvpo_tiny.yaml
+
+Each step (docs/algorithm.md §2): sample one response per prompt from the policy; score it with
+one forward pass of the frozen Global Value Model, which lives on the same ranks, never trains
+and has no optimizer or DDP wrapper; optionally add a KL penalty against a frozen reference
+(loaded only when ``rl.kl_coef > 0``); turn values into advantages (``dvpo.estimator``); and
+run ``rl.ppo_epochs`` passes of the clipped policy loss. No critic is trained and no reward
+model is run.
+"""
+
+from __future__ import annotations
+
+from megatron_dvpo.rl.scorers import GVMScorer
+from megatron_dvpo.rl.trainer import RLAlgorithm
+from megatron_dvpo.training.cli import run_trainer
+
+DVPO = RLAlgorithm(
+    name="DVPO",
+    value_keys=("dvpo.gvm",),
+    make_scorer=lambda cfg, value_cfgs, total: GVMScorer(cfg, value_cfgs["dvpo.gvm"]),
+    estimator=lambda cfg: cfg.dvpo.estimator,
+    needs_reference=lambda cfg: cfg.rl.kl_coef > 0,
+    whiten_state_values=lambda cfg: cfg.dvpo.value_whitening == "per_sequence_states",
+)
+
+
+def main(argv=None) -> None:
+    run_trainer(DVPO, __doc__.splitlines()[0], argv, DVPO.check_inputs)
+
+
+if __name__ == "__main__":
+    main()

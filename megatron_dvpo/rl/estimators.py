@@ -1,0 +1,79 @@
+"""Advantage estimators by name: the one place a new estimator is added (as verl's core_algos).
+
+Each takes what the scorer said about a rollout (``Scores``) and the per-token inputs shared by
+every estimator (``EstimatorInputs``), and returns ``Advantages``. The maths is the pure
+functions of ``rl/advantages.py``; docs/algorithm.md §2-3 states each convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from megatron_dvpo.rl.advantages import compute_advantages, gae, kl_penalty
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a scorer says about a rollout, identical on every rank of a model-parallel group.
+
+    ``final_value [B]`` is the scorer's (unwhitened) prediction of each response's reward, for
+    ``rollout/gvm_final_value_mean``. A GVM gives its Q-view ``q [B, T]`` and ``q_prompt [B]``
+    (read as its estimator needs them); a reward model and critic give ``sequence_rewards [B]``
+    and ``state_values [B, T]`` (``V(s_t)``).
+    """
+
+    final_value: torch.Tensor
+    q: Optional[torch.Tensor] = None
+    q_prompt: Optional[torch.Tensor] = None
+    sequence_rewards: Optional[torch.Tensor] = None
+    state_values: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class EstimatorInputs:
+    mask: torch.Tensor  # [B, T] response tokens
+    logp_old: torch.Tensor  # [B, T] rollout policy's log-probs (tempered)
+    logp_ref: Optional[torch.Tensor]  # [B, T] reference's, None without a reference
+    beta: float  # KL coefficient
+    gamma: float
+    lam: float
+    whiten_state_values: bool = False  # gae: per-sequence whitening of V(s_t)
+
+
+@dataclass(frozen=True)
+class Advantages:
+    advantages: torch.Tensor  # [B, T], 0 at padding
+    returns: Optional[torch.Tensor] = None  # [B, T] GAE's A + V, what a critic is fitted to
+
+
+def _gvm(estimator: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
+    """DVPO's estimators over a frozen GVM's Q-view (td, q, gae)."""
+
+    def estimate(scores: Scores, x: EstimatorInputs) -> Advantages:
+        advantages, _ = compute_advantages(estimator, scores.q, scores.q_prompt, x.mask,
+                                           x.logp_old, x.logp_ref, x.beta, x.gamma, x.lam,
+                                           x.whiten_state_values)
+        return Advantages(advantages)
+
+    return estimate
+
+
+def gae_with_critic(scores: Scores, x: EstimatorInputs) -> Advantages:
+    """PPO's: GAE over the critic's ``V(s_t)``, rewards = per-token KL penalty plus the reward
+    model's score at the last token."""
+    rewards = torch.zeros_like(x.logp_old, dtype=torch.float32)
+    if x.logp_ref is not None and x.beta > 0:
+        rewards = -x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask)
+    last = (x.mask.sum(1) - 1).unsqueeze(1)
+    rewards = rewards.scatter_add(1, last, scores.sequence_rewards.unsqueeze(1).to(rewards.dtype))
+    advantages, returns = gae(scores.state_values, rewards, x.mask, x.gamma, x.lam)
+    return Advantages(advantages, returns)
+
+
+ESTIMATORS: dict[str, Callable[[Scores, EstimatorInputs], Advantages]] = {
+    "td": _gvm("td"), "q": _gvm("q"), "gae": _gvm("gae"),
+    "gae_critic": gae_with_critic,
+}

@@ -1,0 +1,124 @@
+"""Scorers: what judges a rollout. One small protocol, two implementations.
+
+- ``GVMScorer`` (DVPO): one forward pass of the frozen Global Value Model.
+- ``RewardCriticScorer`` (the PPO baseline): a frozen reward model for the final reward and a
+  critic for ``V(s_t)``, trained online after each policy update.
+
+``score`` returns ``Scores`` on every pipeline stage (per-token outputs are made on the last
+stage and broadcast once), so the RL step has no branch on the stage. ``learn`` trains what the
+scorer trains (nothing for the GVM), and ``units`` are those trained models, checkpointed with
+the policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Protocol
+
+import torch
+
+from megatron_dvpo import distributed
+from megatron_dvpo.checkpointing import load_model
+from megatron_dvpo.config import ModelConfig, RunConfig
+from megatron_dvpo.models import build_chunks, forward
+from megatron_dvpo.models.generation import Rollout
+from megatron_dvpo.models.precision import inference_precision
+from megatron_dvpo.rl.estimators import Advantages, Scores
+from megatron_dvpo.rl.scoring import estimator_inputs, rollout_q_view
+from megatron_dvpo.rl.updates import UpdateSummary, update_critic
+from megatron_dvpo.training.trained_model import TrainedModel
+
+
+class Scorer(Protocol):
+    units: dict[str, TrainedModel]
+
+    def score(self, rollout: Rollout) -> Scores: ...
+
+    def learn(self, rollout: Rollout, scores: Scores, advantages: Advantages,
+              seed: list[int]) -> Optional[UpdateSummary]: ...
+
+
+def frozen_model(cfg: RunConfig, model: ModelConfig, directory: str) -> list[torch.nn.Module]:
+    """A forward-only model at this run's layout, in bf16 even when the policy trains in FP8:
+    no gradients, no optimizer, no DDP."""
+    frozen_cfg = RunConfig(model=model, parallel=cfg.parallel,
+                           precision=inference_precision(cfg.precision), seed=cfg.seed)
+    chunks = build_chunks(frozen_cfg, initialize=False)
+    load_model(chunks, Path(directory) / "model")
+    for chunk in chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    return chunks
+
+
+def rollout_values(chunks, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
+    """A value model's ``[B, P+T]`` outputs over a rollout, on every pipeline stage."""
+    values = forward.rollout_values(chunks, rollout, micro_batch_size)
+    return distributed.broadcast_from_last_stage(values, tuple(rollout.tokens.shape),
+                                                 torch.float32)
+
+
+class GVMScorer:
+    """The frozen GVM, read as it was trained (``alignment``) and as the estimator needs
+    (``value_whitening`` for gae; docs/algorithm.md §1-2)."""
+
+    def __init__(self, cfg: RunConfig, gvm_cfg: RunConfig):
+        self.units: dict[str, TrainedModel] = {}  # nothing of it trains
+        self.gvm = frozen_model(cfg, gvm_cfg.model, cfg.dvpo.gvm)
+        self.alignment = gvm_cfg.gvm.alignment
+        self.estimator, self.value_whitening = cfg.dvpo.estimator, cfg.dvpo.value_whitening
+        self.micro_batch_size, self.offload = cfg.data.micro_batch_size, cfg.dvpo.gvm_offload
+
+    def score(self, rollout: Rollout) -> Scores:
+        offload = self.offload and torch.cuda.is_available()
+        if offload:  # the GVM lives on the host between scorings
+            for chunk in self.gvm:
+                chunk.cuda()
+        values = rollout_values(self.gvm, rollout, self.micro_batch_size)
+        if offload:
+            for chunk in self.gvm:
+                chunk.cpu()
+        width, lengths = rollout.prompt_width, rollout.response_lengths
+        q, q_prompt = estimator_inputs(values, width, lengths, self.alignment, self.estimator,
+                                       self.value_whitening, self.micro_batch_size)
+        plain, _ = rollout_q_view(values, width, lengths, self.alignment)
+        return Scores(final_value=plain.gather(1, (lengths - 1)[:, None]).squeeze(1),
+                      q=q, q_prompt=q_prompt)
+
+    def learn(self, rollout, scores, advantages, seed) -> None:
+        return None  # the GVM never trains during RL
+
+
+class RewardCriticScorer:
+    """PPO's frozen Bradley-Terry reward model and its online critic (docs/algorithm.md §3)."""
+
+    def __init__(self, cfg: RunConfig, reward_cfg: RunConfig, critic_cfg: RunConfig,
+                 total_updates: int):
+        self.cfg = cfg
+        self.reward_model = frozen_model(cfg, reward_cfg.model, cfg.ppo.reward_model)
+        critic_run = RunConfig(model=critic_cfg.model, parallel=cfg.parallel,
+                               precision=cfg.precision, optimizer=cfg.optimizer, seed=cfg.seed)
+        self.critic = TrainedModel(build_chunks(critic_run, initialize=False), cfg.optimizer,
+                                   cfg.parallel, cfg.precision, total_updates,
+                                   cfg.checkpoint.override_scheduler)
+        self.units = {"critic": self.critic}
+
+    def initialize(self) -> None:
+        load_model(self.critic.chunks, Path(self.cfg.ppo.critic) / "model")
+
+    def score(self, rollout: Rollout) -> Scores:
+        mbs, width = self.cfg.data.micro_batch_size, rollout.prompt_width
+        lengths = rollout.response_lengths
+        q_rm, _ = rollout_q_view(rollout_values(self.reward_model, rollout, mbs), width, lengths)
+        reward = q_rm.gather(1, (lengths - 1)[:, None]).squeeze(1)
+        # V(s_t) is the critic's output before token t: the prompt's, then y_0, y_1, ...
+        v, v_prompt = rollout_q_view(rollout_values(self.critic.chunks, rollout, mbs), width,
+                                     lengths)
+        values = torch.cat([v_prompt[:, None], v[:, :-1]], 1) * rollout.response_mask
+        return Scores(final_value=reward, sequence_rewards=reward, state_values=values)
+
+    def learn(self, rollout: Rollout, scores: Scores, advantages: Advantages,
+              seed: list[int]) -> UpdateSummary:
+        return update_critic(self.critic, rollout, scores.state_values, advantages.returns,
+                             self.cfg.rl, self.cfg.ppo.value_clip_eps,
+                             self.cfg.data.micro_batch_size, seed)

@@ -1,0 +1,152 @@
+"""The update loop every RL model shares: ``epochs`` passes over shuffled minibatches of a
+rollout, one ``TrainedModel.update`` each (the policy's clipped surrogate, PPO's critic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from megatron_dvpo import distributed
+from megatron_dvpo.config import ConfigError, RLConfig
+from megatron_dvpo.device import device
+from megatron_dvpo.models import forward
+from megatron_dvpo.models.forward import Head, LossFn
+from megatron_dvpo.models.generation import Rollout
+from megatron_dvpo.rl.losses import (entropy_bonus, ppo_policy_loss, should_skip_minibatch,
+                                     value_loss_clipped)
+from megatron_dvpo.training.trained_model import TrainedModel, UpdateResult
+
+POLICY_SUMS = ("tokens", "loss_sum", "clipfrac_sum", "approx_kl_sum", "ratio_sum", "entropy_sum")
+CRITIC_SUMS = ("tokens", "loss_sum", "clipfrac_sum")
+
+
+@dataclass(frozen=True)
+class MinibatchUpdate:
+    update: UpdateResult
+    sums: dict[str, float]  # the loss's statistics over the minibatch, summed over replicas
+
+
+@dataclass(frozen=True)
+class UpdateSummary:
+    """A model's updates of one step and their metrics (applied updates only)."""
+
+    metrics: dict[str, float]
+    updates: list[UpdateResult]
+
+
+def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str, torch.Tensor],
+                     rl: RLConfig, micro_batch_size: int, seed: list[int], head: Head,
+                     loss_for: Callable[[int, float], LossFn], keys: tuple[str, ...],
+                     accept: Optional[Callable[[dict[str, float]], bool]] = None
+                     ) -> list[MinibatchUpdate]:
+    """``rl.ppo_epochs`` x ``rl.minibatches`` updates of ``model`` on the rollout's rows.
+
+    ``loss_for(dp, tokens)`` builds the loss of a minibatch with ``tokens`` response tokens over
+    all replicas; ``accept(sums)`` may refuse an update (the ratio threshold).
+    """
+    rows = rollout.tokens.shape[0]
+    if rows % (rl.minibatches * micro_batch_size):
+        raise ConfigError(f"{rows} rollouts per data-parallel rank do not split into "
+                          f"rl.minibatches={rl.minibatches} of whole microbatches of "
+                          f"data.micro_batch_size={micro_batch_size}")
+    tensors = {"tokens": rollout.tokens, "attention_mask": rollout.full_attention_mask(),
+               "mask": rollout.response_mask, **per_token}
+    dp = parallel_state.get_data_parallel_world_size()
+    generator = np.random.default_rng(seed)
+    done = []
+    for _ in range(rl.ppo_epochs):
+        for chosen in np.array_split(generator.permutation(rows), rl.minibatches):
+            index = torch.as_tensor(chosen, device=device())
+            tokens = distributed.all_reduce_data_parallel(float(rollout.response_mask[index].sum()))
+            sums: dict[str, float] = {}
+
+            def check(outputs: list[dict]) -> bool:
+                local = ({k: sum(float(o[k]) for o in outputs) for k in keys}
+                         if outputs else None)
+                sums.update(distributed.sum_over_replicas(list(keys), local))
+                return accept is None or accept(sums)
+
+            microbatches = forward.make_microbatches(
+                micro_batch_size, **{k: v[index] for k, v in tensors.items()})
+            update = model.update(microbatches, head, loss_for(dp, tokens), check)
+            done.append(MinibatchUpdate(update, sums))
+    return done
+
+
+def _means(done: list[MinibatchUpdate], prefix: str, names: dict[str, str]) -> dict[str, float]:
+    """Token means of the applied updates' sums, and their mean gradient norm."""
+    applied = [d for d in done if d.update.applied]
+    tokens = max(sum(d.sums["tokens"] for d in applied), 1.0)
+    metrics = {f"{prefix}/{tag}": sum(d.sums[key] for d in applied) / tokens
+               for tag, key in names.items()}
+    norms = [d.update.grad_norm for d in applied]
+    metrics[f"{prefix}/grad_norm"] = float(np.mean(norms)) if norms else 0.0
+    return metrics
+
+
+def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor,
+                  advantages: torch.Tensor, rl: RLConfig, micro_batch_size: int,
+                  vocab_size: int, temperature: float, seed: list[int]) -> UpdateSummary:
+    """The clipped surrogate (docs/algorithm.md §2, step 7), minibatches skipped past the ratio
+    threshold."""
+    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
+    # the entropy is logged always, and differentiated only for the entropy bonus
+    head = forward.policy_logprobs_head(vocab_size, temperature, entropy=True,
+                                        entropy_grad=rl.entropy_coef > 0)
+
+    def loss_for(dp: int, tokens: float) -> LossFn:
+        def loss_fn(outputs, batch):
+            m = batch["mask"]
+            logp = outputs["logprobs"][:, width - 1:width - 1 + steps]
+            entropy = outputs["entropy"][:, width - 1:width - 1 + steps]
+            loss, stats = ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], m,
+                                          rl.clip_eps, normalizer=tokens)
+            if rl.entropy_coef > 0:
+                loss = loss + entropy_bonus(entropy, m, rl.entropy_coef, tokens)
+            return loss * dp, {"tokens": stats["tokens"], "loss_sum": loss.detach() * tokens,
+                               "clipfrac_sum": stats["clipfrac_sum"],
+                               "approx_kl_sum": stats["approx_kl_sum"],
+                               "ratio_sum": stats["ratio_sum"],
+                               "entropy_sum": (entropy.detach() * m).sum()}
+        return loss_fn
+
+    def accept(sums: dict[str, float]) -> bool:
+        return not should_skip_minibatch(sums["ratio_sum"] / sums["tokens"], rl.ratio_threshold)
+
+    done = minibatch_epochs(policy, rollout, {"logp_old": logp_old, "advantages": advantages},
+                            rl, micro_batch_size, seed, head, loss_for, POLICY_SUMS, accept)
+    metrics = _means(done, "policy", {"loss": "loss_sum", "clipfrac": "clipfrac_sum",
+                                      "approx_kl": "approx_kl_sum", "ratio_mean": "ratio_sum",
+                                      "entropy": "entropy_sum"})
+    metrics["policy/lr"] = policy.lr
+    metrics["policy/skipped_minibatches"] = float(sum(
+        d.update.skipped_for == "the ratio threshold" for d in done))
+    return UpdateSummary(metrics, [d.update for d in done])
+
+
+def update_critic(critic: TrainedModel, rollout: Rollout, old_values: torch.Tensor,
+                  returns: torch.Tensor, rl: RLConfig, value_clip_eps: float,
+                  micro_batch_size: int, seed: list[int]) -> UpdateSummary:
+    """PPO's clipped value loss toward the GAE returns (docs/algorithm.md §3)."""
+    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
+
+    def loss_for(dp: int, tokens: float) -> LossFn:
+        def loss_fn(outputs, batch):
+            # V(s_t) is the output before token t: the last prompt token's, then y_0, y_1, ...
+            values = outputs["values"][:, width - 1:width - 1 + steps]
+            loss, stats = value_loss_clipped(values, batch["old_values"], batch["returns"],
+                                             batch["mask"], value_clip_eps, tokens)
+            return loss * dp, {"tokens": stats["tokens"], "loss_sum": loss.detach() * tokens,
+                               "clipfrac_sum": stats["clipfrac_sum"]}
+        return loss_fn
+
+    done = minibatch_epochs(critic, rollout, {"old_values": old_values, "returns": returns},
+                            rl, micro_batch_size, seed, forward.gvm_values_head, loss_for,
+                            CRITIC_SUMS)
+    return UpdateSummary(_means(done, "critic", {"loss": "loss_sum",
+                                                 "clipfrac": "clipfrac_sum"}),
+                         [d.update for d in done])

@@ -1,0 +1,87 @@
+"""Supervised warm start of a policy: next-token loss on the responses of prompt/response data.
+
+    torchrun --nproc-per-node N -m megatron_dvpo.sft --config FILE checkpoint.init_from=DIR
+
+Reads the same JSONL forms as GVM pretraining (preference rows contribute both responses); only
+response tokens are scored. Used by the demo to give a random policy the task's word-level
+language before preference data is sampled from it.
+"""
+
+from __future__ import annotations
+
+
+from megatron.core import parallel_state
+
+from megatron_dvpo import distributed
+from megatron_dvpo.config import RunConfig
+from megatron_dvpo.data.dataset import collate
+from megatron_dvpo.data.inputs import check_training_inputs, open_data
+from megatron_dvpo.data.sampler import BatchSource
+from megatron_dvpo.device import to_device
+from megatron_dvpo.models import build_chunks, forward
+from megatron_dvpo.training.cli import run_trainer
+from megatron_dvpo.training.loop import StepResult
+from megatron_dvpo.training.trained_model import TrainedModel
+
+
+class SFTTrainer:
+    summary_tags = ("sft/loss", "perf/train_tokens_per_s")
+
+    @staticmethod
+    def updates_per_step(cfg: RunConfig) -> int:
+        return 1
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.model = TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel, cfg.precision,
+                                  cfg.train_steps, cfg.checkpoint.override_scheduler)
+        self.units = {"model": self.model}
+        self.batches = BatchSource(cfg.data.global_batch_size,
+                                   parallel_state.get_data_parallel_rank(),
+                                   parallel_state.get_data_parallel_world_size(), cfg.seed)
+        self.data = open_data(cfg, cfg.data.train_path)
+
+    def initialize(self) -> None:
+        if self.cfg.checkpoint.init_from:
+            self.model.load_weights(self.cfg.checkpoint.init_from)
+            distributed.print_rank0(f"initialised weights from {self.cfg.checkpoint.init_from}")
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+
+    def step(self, step: int) -> StepResult:
+        batch = collate([self.data[i] for i in self.batches.next_indices(len(self.data))],
+                        self.cfg.data.seq_length, self.data.pad_id)
+        # logprobs[:, p] scores token p + 1: response tokens are scored where the mask, shifted
+        # left by one, is set
+        scored = batch["response_mask"][:, 1:]
+        tokens = distributed.all_reduce_data_parallel(float(scored.sum()))
+        dp = parallel_state.get_data_parallel_world_size()
+
+        def loss_fn(outputs, mb):
+            nll = -(outputs["logprobs"] * mb["scored"]).sum()
+            return nll / tokens * dp, {"nll_sum": nll.detach()}
+
+        microbatches = forward.make_microbatches(
+            self.cfg.data.micro_batch_size, **to_device({"tokens": batch["tokens"],
+                                                         "scored": scored}))
+        update = self.model.update(microbatches,
+                                   forward.policy_logprobs_head(self.cfg.model.vocab_size),
+                                   loss_fn)
+        local = ({"nll_sum": sum(float(o["nll_sum"]) for o in update.outputs)}
+                 if update.outputs else None)
+        nll = distributed.sum_over_replicas(["nll_sum"], local)["nll_sum"]
+        return StepResult({"sft/loss": nll / tokens, "sft/grad_norm": update.grad_norm or 0.0,
+                           "sft/lr": self.model.lr}, [update])
+
+
+def main(argv=None) -> None:
+    run_trainer(SFTTrainer, __doc__.splitlines()[0], argv,
+                lambda cfg, overrides: check_training_inputs(cfg, overrides, value_model=False))
+
+
+if __name__ == "__main__":
+    main()

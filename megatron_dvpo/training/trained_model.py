@@ -1,0 +1,164 @@
+"""A model being trained: its chunks, megatron DDP, optimizer and LR schedule, and one update.
+
+Every trained model in the project is one of these: the GVM and the reward model, the SFT and
+RL policies, the PPO critic. ``update`` is the only place an optimizer steps, so the NaN/Inf
+guard, the gradient norm and the LR schedule behave the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+
+from megatron_dvpo import distributed
+from megatron_dvpo.checkpointing import load_model
+from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+from megatron_dvpo.models.forward import Head, LossFn, run_microbatches
+from megatron_dvpo.models.gpt import DTYPES
+
+NON_FINITE = "a NaN/Inf loss or gradient"
+
+
+def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig
+             ) -> list[DistributedDataParallel]:
+    """Megatron DDP around each chunk; gradients land in ``param.main_grad`` (fp32).
+
+    The schedule then calls ``finalize_model_grads`` after the last microbatch: the DP reduction,
+    plus the all-reduce of tied embedding gradients between the first and last pipeline stages.
+    """
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        # FP8 parameters (precision.fp8_param_gather): the optimizer's updated shards are
+        # quantized and all-gathered in FP8.
+        fp8_param_gather=chunks[0].config.fp8_param,
+    )
+    wrapped = [DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                       disable_bucketing=i > 0)
+               for i, chunk in enumerate(chunks)]
+    config = chunks[0].config
+    config.no_sync_func = ([w.no_sync for w in wrapped] if len(wrapped) > 1
+                           else wrapped[0].no_sync)
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_optimizer(chunks: list[DistributedDataParallel], optim: OptimizerConfig,
+                    parallel: ParallelConfig, precision: PrecisionConfig):
+    dtype = DTYPES[precision.params_dtype]
+    model_config = chunks[0].config
+    config = MegatronOptimizerConfig(
+        optimizer=optim.optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+        fp8_recipe=model_config.fp8_recipe if model_config.fp8 else None,
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+def schedule_settings(optim: OptimizerConfig, total_updates: int) -> dict:
+    """megatron's LR/weight-decay schedule for ``total_updates`` optimizer steps: linear warmup
+    from 0, then the configured decay. Also what a resumed run is checked against."""
+    decay_steps = max(total_updates, optim.lr_warmup_steps + 1)
+    return dict(init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr,
+                lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=decay_steps,
+                lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay,
+                end_wd=optim.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")
+
+
+def build_scheduler(optimizer, optim: OptimizerConfig, total_updates: int,
+                    override: bool = False):
+    """The schedule of ``schedule_settings``. On resume megatron asserts that a checkpoint's
+    schedule equals this one, unless ``override`` (checkpoint.override_scheduler) makes this
+    config's values win, as Megatron-LM's --override-opt_param-scheduler does."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(optimizer, **schedule_settings(optim, total_updates),
+                                   use_checkpoint_opt_param_scheduler=False,
+                                   override_opt_param_scheduler=override)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """One update: the microbatch outputs (last pipeline stage; empty elsewhere), whether the
+    optimizer stepped, why not if it did not, and the gradient norm of an applied step."""
+
+    outputs: list[dict]
+    applied: bool
+    skipped_for: Optional[str] = None
+    grad_norm: Optional[float] = None
+
+    @property
+    def non_finite(self) -> bool:
+        return self.skipped_for == NON_FINITE
+
+
+class TrainedModel:
+    """Chunks + DDP + optimizer + LR schedule of one model, updated one minibatch at a time."""
+
+    def __init__(self, chunks: list[torch.nn.Module], optim: OptimizerConfig,
+                 parallel: ParallelConfig, precision: PrecisionConfig, total_updates: int,
+                 override_scheduler: bool = False):
+        self.chunks = chunks
+        self.ddp = wrap_ddp(chunks, parallel)
+        self.optimizer = build_optimizer(self.ddp, optim, parallel, precision)
+        self.scheduler = build_scheduler(self.optimizer, optim, total_updates, override_scheduler)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def load_weights(self, directory: str | Path, skip: tuple[str, ...] = ()) -> None:
+        """Initial weights from a checkpoint's ``model/``; the optimizer's fp32 main copy of
+        bf16/fp16 parameters, made when it was built, is refreshed from them."""
+        load_model(self.chunks, Path(directory) / "model", skip)
+        self.optimizer.reload_model_params()
+
+    def update(self, microbatches: list[dict], head: Head, loss_fn: LossFn,
+               accept: Optional[Callable[[list[dict]], bool]] = None) -> UpdateResult:
+        """Gradients of ``sum(loss_fn)`` over ``microbatches``, then one optimizer step, unless
+        a loss or gradient is NaN/Inf on any rank (no weight changes then) or ``accept``,
+        called with the outputs on every rank, says no (the ratio-threshold rule)."""
+        for chunk in self.ddp:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_microbatches(self.ddp, microbatches, head, loss_fn)
+        if not self._all_finite(outputs):
+            return UpdateResult(outputs, False, NON_FINITE)
+        if accept is not None and not accept(outputs):
+            return UpdateResult(outputs, False, "the ratio threshold")
+        success, grad_norm, _ = self.optimizer.step()
+        if not success:  # megatron's own fp16 loss-scale check
+            return UpdateResult(outputs, False, NON_FINITE)
+        self.scheduler.step(increment=1)
+        return UpdateResult(outputs, True, None, float(grad_norm or 0.0))
+
+    def _all_finite(self, outputs: list[dict]) -> bool:
+        """Every rank's losses and gradients are finite (megatron checks only under fp16)."""
+        bad = any(not math.isfinite(float(o["loss"])) for o in outputs)
+        for chunk in self.ddp:
+            for param in chunk.module.parameters():
+                grad = getattr(param, "main_grad", None)
+                if bad or (grad is not None and not torch.isfinite(grad).all()):
+                    bad = True
+                    break
+        return distributed.all_reduce_max(float(bad)) == 0.0
