@@ -27,6 +27,8 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_dvpo.config import ConfigError
+from megatron_dvpo.mcore_compat import (EXTRA_STATE, StrictHandling, adam_step, init_adam_state,
+                                        restore_adam_step)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER = re.compile(r"iter_(\d{7})")
@@ -93,13 +95,35 @@ def save_sharded(parts: dict[str, dict], directory: str | Path, overwrite: bool 
 
 def load_sharded(sharded_state_dict: dict, directory: str | Path, partial: bool = False) -> dict:
     """Load ``sharded_state_dict`` from ``directory``; ``partial`` allows a subset of a key's
-    shards (one layer of a layer-stacked tensor, say), which megatron otherwise rejects."""
+    shards (one layer of a layer-stacked tensor, say), which megatron otherwise rejects.
+
+    Transformer Engine modules carry ``_extra_state`` (FP8 scaling history) that a checkpoint
+    made with the local layer spec (or on a CPU) does not hold, and the other way round. Such
+    entries are skipped (the module keeps its fresh state, as at the start of training); any
+    other key the model asks for and the checkpoint lacks is an error naming it.
+    """
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron dist checkpoint "
                                 "(no metadata.json)")
-    return dist_checkpointing.load(sharded_state_dict, str(directory),
-                                   validate_access_integrity=not partial)
+    loaded, _, absent = dist_checkpointing.load(sharded_state_dict, str(directory),
+                                                validate_access_integrity=not partial,
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    missing = sorted(k for k in absent if not k.split("/")[0].endswith(EXTRA_STATE))
+    if missing:
+        raise ConfigError(f"{directory} lacks {len(missing)} entries the model needs: "
+                          f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return loaded
+
+
+def _load_state(chunk: torch.nn.Module, state: dict, skip: tuple[str, ...] = ()) -> None:
+    """``load_state_dict`` that tolerates exactly the absences ``load_sharded`` allows: the
+    ``skip`` prefixes and ``_extra_state`` entries."""
+    missing, unexpected = chunk.load_state_dict(state, strict=False)
+    wrong = [n for n in missing if not n.startswith(skip) and not n.endswith(EXTRA_STATE)]
+    if wrong or unexpected:
+        raise RuntimeError(f"the checkpoint does not fit the model: missing {wrong}, "
+                           f"unexpected {list(unexpected)}")
 
 
 def save_model(chunks: list[torch.nn.Module], directory: str | Path,
@@ -120,11 +144,7 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path,
             del state[name]
     loaded = load_sharded(requested, directory)
     for i, chunk in enumerate(chunks):
-        missing, unexpected = chunk.load_state_dict(
-            loaded["model" if len(chunks) == 1 else f"model{i}"], strict=not skip)
-        wrong = [n for n in missing if not n.startswith(skip)] + list(unexpected)
-        if wrong:
-            raise RuntimeError(f"{directory}: the checkpoint does not fit the model: {wrong}")
+        _load_state(chunk, loaded["model" if len(chunks) == 1 else f"model{i}"], skip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,52 +181,12 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _torch_adams(optimizer) -> list:
-    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    return [o for o in inner if isinstance(o, (torch.optim.Adam, torch.optim.AdamW))]
-
-
-def _adam_step(optimizer) -> Optional[float]:
-    for adam in _torch_adams(optimizer):
-        for state in adam.state.values():
-            return float(state["step"])
-    return None
-
-
-def _restore_adam_step(optimizer, step: Optional[float]) -> None:
-    """Undo megatron-core 0.16's no-apex ``DistributedOptimizer.load_state_dict``, which gives
-    every parameter one shared ``step`` tensor (torch's Adam then advances it once per
-    parameter per update) holding the wrong value; each parameter gets its own, correct one."""
-    if step is None:
-        return
-    for adam in _torch_adams(optimizer):
-        for state in adam.state.values():
-            state["step"] = torch.tensor(step)
-
-
-def _init_adam_state(optimizer) -> None:
-    """Give every parameter Adam state (zeros, replaced in place by the load).
-
-    Without apex/TE, megatron wraps torch's Adam, which keeps a per-parameter ``step`` that
-    megatron's ``init_state_fn`` does not create, and ``DistributedOptimizer.state_dict``
-    asserts on it: a freshly built optimizer cannot describe the state it is about to load.
-    """
-    for adam in _torch_adams(optimizer):
-        for group in adam.param_groups:
-            for param in group["params"]:
-                state = adam.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param.data)
-                    state["exp_avg_sq"] = torch.zeros_like(param.data)
-
-
 def _training_sharded_state_dict(chunks, optimizer, is_loading: bool,
                                  optimizer_sharding: str) -> dict:
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         if is_loading:
-            _init_adam_state(optimizer)
+            init_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": optimizer_sharding})
@@ -215,11 +195,11 @@ def _training_sharded_state_dict(chunks, optimizer, is_loading: bool,
 
 def _load_into_chunks(chunks, loaded: dict) -> None:
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        _load_state(chunk, loaded["model" if len(chunks) == 1 else f"model{i}"])
 
 
 def _unit_state(unit) -> dict:
-    return {"scheduler": unit.scheduler.state_dict(), "adam_step": _adam_step(unit.optimizer)}
+    return {"scheduler": unit.scheduler.state_dict(), "adam_step": adam_step(unit.optimizer)}
 
 
 def save_training_checkpoint(save_dir: str | Path, step: int, units: dict, train_state: dict,
@@ -313,7 +293,7 @@ def load_training_checkpoint(path: str | Path, units: dict,
         state = train_state if name == PRIMARY else train_state["units"][name]
         with torch.no_grad():  # copies into the (leaf) fp32 main parameters in place
             unit.optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_step(unit.optimizer, state.get("adam_step"))
+        restore_adam_step(unit.optimizer, state.get("adam_step"))
         unit.scheduler.load_state_dict(state["scheduler"])
         # The optimizer's param groups carry their own max_lr/min_lr, restored from the
         # checkpoint above: give them the scheduler's (the config's under override_scheduler).

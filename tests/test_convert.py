@@ -319,3 +319,93 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
                                              rf".*config.json has model.vocab_size={model_vocab}"):
         import_hf(hf_dir, tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists()
+
+
+# --- the Transformer Engine layer spec: names and _extra_state --------------------------------
+
+
+def test_te_names_are_megatrons_own():
+    """Our local -> TE renames are exactly the keys map megatron-core's local spec writes dist
+    checkpoints with, and its TE spec fuses the input norm into linear_qkv (read from its
+    source: the TE spec cannot be built without Transformer Engine)."""
+    import inspect
+
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_dvpo.conversion.mapping import TE_NAMES
+
+    local = gpt_layer_specs.get_gpt_layer_local_spec()
+    assert local.submodules.sharded_state_dict_keys_map == TE_NAMES
+    source = inspect.getsource(gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
+    assert "linear_qkv=backend.column_parallel_layer_norm_linear()" in source
+    assert "pre_mlp_layernorm=backend.layer_norm() if num_experts else IdentityOp" in source
+
+
+def test_te_rules_differ_only_in_the_fused_norm_names():
+    from megatron_dvpo.conversion.mapping import weight_rules
+    from megatron_dvpo.config import ModelConfig
+
+    model = ModelConfig(num_layers=2, add_qkv_bias=True)
+    local, te = weight_rules(model), weight_rules(model, spec="te")
+    assert [(r.hf, r.kind) for r in local] == [(r.hf, r.kind) for r in te]
+    renamed = {a.megatron: b.megatron for a, b in zip(local, te) if a.megatron != b.megatron}
+    assert renamed == {
+        f"decoder.layers.{i}.{old}weight": f"decoder.layers.{i}.{new}weight"
+        for i in range(2) for old, new in (("input_layernorm.", "self_attention.linear_qkv."
+                                            "layer_norm_"),
+                                           ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))}
+
+
+def test_checkpoints_hold_the_te_names(converted):
+    """A local-spec (CPU) checkpoint stores its norms under the TE names, so a TE-spec model
+    finds every weight it asks for; export reads the same keys from either."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    keys = set(load_tensors_metadata(str(converted["llama"] / "model")))
+    assert "decoder.layers.self_attention.linear_qkv.layer_norm_weight" in keys
+    assert "decoder.layers.mlp.linear_fc1.layer_norm_weight" in keys
+    assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in keys)
+
+
+def test_te_extra_state_absent_from_a_checkpoint_is_skipped(converted, single_rank):
+    """A model with a TE-like module (one carrying _extra_state, as TE's norms and linears do)
+    loads a checkpoint made without it, keeping its fresh state; a checkpoint made with it
+    loads into the plain model; a real weight the checkpoint lacks is still an error."""
+    import torch
+
+    from megatron_dvpo.checkpointing import load_model, save_model
+    from megatron_dvpo.config import ConfigError, load_config
+    from megatron_dvpo.models import build_chunks
+
+    cfg = load_config(converted["llama"] / "config.yaml")
+    cfg.parallel.tensor_model_parallel_size = 1
+
+    def te_like(chunks):
+        norm = chunks[0].decoder.final_layernorm
+
+        class WithExtraState(type(norm)):
+            def get_extra_state(self):
+                return torch.tensor([7.0])
+
+            def set_extra_state(self, state):
+                self.loaded_extra_state = state
+
+        norm.__class__ = WithExtraState
+        return norm
+
+    chunks = build_chunks(cfg, initialize=False)
+    norm = te_like(chunks)
+    load_model(chunks, converted["llama"] / "model")  # made without the extra state
+    assert not hasattr(norm, "loaded_extra_state")
+    plain = build_chunks(cfg, initialize=False)
+    load_model(plain, converted["llama"] / "model")
+    for a, b in zip(chunks[0].parameters(), plain[0].parameters()):
+        assert torch.equal(a, b)
+    save_model(chunks, converted["llama"].parent / "with_extra_state")
+    load_model(build_chunks(cfg, initialize=False), converted["llama"].parent / "with_extra_state")
+    untied = load_config(converted["qwen2"] / "config.yaml")  # a tied checkpoint
+    untied.model.tie_embeddings = False  # asks for an output_layer.weight it does not hold
+    untied.parallel.tensor_model_parallel_size = 1
+    with pytest.raises(ConfigError, match=r"lacks 1 entries the model needs: "
+                                          r"\['output_layer.weight'\]"):
+        load_model(build_chunks(untied, initialize=False), converted["qwen2"] / "model")

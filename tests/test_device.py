@@ -13,7 +13,7 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", 
 # Host-only tensors, by file and function: they never reach a model or a collective as made
 # (host batches move to the device in ``to_device``; module parameters move with the module).
 HOST_ONLY = {
-    "checkpointing.py": {"_restore_adam_step", "_init_adam_state"},  # optimizer state on file
+    "mcore_compat.py": {"restore_adam_step", "init_adam_state"},  # torch Adam state, on host
     "conversion/safetensors_io.py": {"read", "read_rows_into"},  # staging from disk
     "data/dataset.py": {"collate"},  # a host batch
     "models/generation.py": {"left_pad"},  # moved by generate()

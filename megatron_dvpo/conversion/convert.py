@@ -34,6 +34,7 @@ from megatron_dvpo.conversion.streaming import OnDemandSaveStrategy, SkeletonPar
 from megatron_dvpo.logging import Progress
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.gpt import DTYPES
+from megatron_dvpo.models.precision import Hardware, plan_precision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -151,10 +152,12 @@ class _Staged:
 
 
 def _skeleton(model, precision: PrecisionConfig):
-    """A TP=1/PP=1 model whose parameters are allocated but never written."""
+    """A TP=1/PP=1 model whose parameters are allocated but never written, and the layer spec
+    it was built with (Transformer Engine's on a GPU with TE, else the local one)."""
     _single_process_world()
     (chunk,) = build_chunks(RunConfig(model=model, precision=precision), initialize=False)
-    return chunk
+    plan = plan_precision(precision, ParallelConfig(), model, Hardware.detect())
+    return chunk, "te" if plan.use_te else "local"
 
 
 def _write_megatron(directory: Path, chunk, rules, reader: SafetensorsReader, model,
@@ -217,15 +220,15 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
             ignorable.add("lm_head.weight")  # the LM head has no place in a value model
     validate_model(model, parallel)
     _check_tokenizer_fits(hf_dir, model)
-    rules = weight_rules(model, value_head)
-    check_keys(rules, reader, ignorable)
+    check_keys(weight_rules(model, value_head), reader, ignorable)
     torch_dtype = DTYPES[dtype] if dtype else reader.dtype("model.embed_tokens.weight")
     cfg = RunConfig(model=model, parallel=parallel,
                     precision=PrecisionConfig(params_dtype=DTYPE_NAMES[torch_dtype]))
 
     with _Staged(out, overwrite, "hf_to_megatron") as partial:
-        chunk = _skeleton(model, cfg.precision)
-        parameters = _write_megatron(partial / "model", chunk, rules, reader, model,
+        chunk, spec = _skeleton(model, cfg.precision)
+        parameters = _write_megatron(partial / "model", chunk,
+                                     weight_rules(model, value_head, spec), reader, model,
                                      f"converting {hf_dir.name}", verbose)
         save_config(cfg, partial / "config.yaml")
         shutil.copy2(config_path, partial / "hf_config.json")
@@ -237,8 +240,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
     return out
 
 
-def _write_hf_weights(directory: Path, chunk, ckpt: Path, model, max_shard_bytes: int,
-                      progress: Progress) -> None:
+def _write_hf_weights(directory: Path, chunk, spec: str, ckpt: Path, model,
+                      max_shard_bytes: int, progress: Progress) -> None:
     """Load one checkpoint key at a time and queue its HF tensors.
 
     A key is one parameter across all layers: megatron cannot load a subset of a key's shards in
@@ -246,7 +249,7 @@ def _write_hf_weights(directory: Path, chunk, ckpt: Path, model, max_shard_bytes
     """
     writer = ShardedSafetensorsWriter(directory, max_shard_bytes)
     groups: dict[str, list] = {}
-    for rule in weight_rules(model):
+    for rule in weight_rules(model, spec=spec):
         groups.setdefault(re.sub(r"layers\.\d+\.", "layers.*.", rule.megatron), []).append(rule)
     for group in groups.values():
         sharded = model_sharded_state_dict([chunk])["model"]
@@ -282,10 +285,10 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
         hf[key] = dtype_name
 
     with _Staged(out, overwrite, "megatron_to_hf") as partial:
-        chunk = _skeleton(model, cfg.precision)
+        chunk, spec = _skeleton(model, cfg.precision)
         progress = Progress(f"exporting {ckpt.name}", len(weight_rules(model)),
                             unit="tensors", enabled=verbose)
-        _write_hf_weights(partial, chunk, ckpt, model, max_shard_bytes, progress)
+        _write_hf_weights(partial, chunk, spec, ckpt, model, max_shard_bytes, progress)
         (partial / "config.json").write_text(json.dumps(hf, indent=2))
         _export_tokenizer(ckpt, cfg, partial)
         (partial / MARKER).write_text(json.dumps({

@@ -1,7 +1,8 @@
 """Which HF tensors make up each megatron parameter, and how, in both directions.
 
-Names are those of a TP=1, PP=1 megatron model with the local layer spec; dist checkpoints map
-them to layout-independent keys, so the same table serves any TP/PP on load.
+Names are those of a TP=1, PP=1 megatron model with the local or the Transformer Engine layer
+spec; dist checkpoints map them to layout-independent keys, so the same table serves any TP/PP
+on load. The two specs differ only in the norms: TE fuses each into the linear after it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ from megatron_dvpo.conversion.safetensors_io import CheckpointError, Safetensors
 VALUE_HEADS = [("v_head.summary.weight", "v_head.summary.bias"), ("score.weight", None),
                ("reward_head.weight", None), ("lm_head.weight", None)]
 TRL_VALUE_HEAD = VALUE_HEADS[0]
+
+
+# Local-spec name -> TE-spec name (prefix rewrites). megatron-core's local spec writes its dist
+# checkpoints under the TE names (its ``sharded_state_dict_keys_map``, tested to equal this), so
+# a checkpoint of either spec holds the same keys and loads into the other.
+TE_NAMES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+SPECS = ("local", "te")
+
+
+def spec_name(local_name: str, spec: str) -> str:
+    """A parameter's name in a model built with ``spec`` (``local`` or ``te``)."""
+    if spec == "te":
+        for old, new in TE_NAMES.items():
+            local_name = local_name.replace(f".{old}", f".{new}")
+    return local_name
 
 
 @dataclass(frozen=True)
@@ -56,12 +73,21 @@ def find_value_head(keys: set[str], shapes: dict[str, list[int]]) -> tuple[str, 
     return None
 
 
-def weight_rules(model: ModelConfig, value_head: tuple[str, ...] | None = None) -> list[Rule]:
-    """Every megatron parameter of ``model`` with the HF tensors it comes from.
+def weight_rules(model: ModelConfig, value_head: tuple[str, ...] | None = None,
+                 spec: str = "local") -> list[Rule]:
+    """Every megatron parameter of ``model`` (built with layer ``spec``) with the HF tensors it
+    comes from.
 
     For a GVM (``model.value_head``) ``value_head`` names the HF head to import; None leaves the
     zero-initialised head of docs/algorithm.md §1 (its rule lists no HF tensors).
     """
+    if spec not in SPECS:
+        raise ValueError(f"spec must be one of {SPECS}, got {spec!r}")
+    rules = _local_rules(model, value_head)
+    return [Rule(spec_name(r.megatron, spec), r.hf, r.kind) for r in rules]
+
+
+def _local_rules(model: ModelConfig, value_head: tuple[str, ...] | None) -> list[Rule]:
     rules = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
                   "vocab_rows")]
     for i in range(model.num_layers):
