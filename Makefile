@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; any other torch spec pulls GBs of CUDA wheels.
 TORCH_CPU := torch==2.13.0
 NPROC ?= 2
+# The compatibility job (README, "Supported versions"): the newest megatron-core release's
+# pure-Python files, from its Python 3.12 wheel, on this Python 3.11 venv, with the triton its
+# pipeline schedules import. Nothing of it enters .venv.
+MCORE_NEWEST := 0.19.2
+TRITON := triton==3.6.0
+COMPAT := .compat
 
-.PHONY: .venv demo test test-gpu bench-gpu clean
+.PHONY: .venv demo test test-compat test-gpu bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,11 +29,26 @@ demo: .venv
 test: .venv
 	$(BIN)/python -m pytest -q tests
 
-test-gpu: .venv
-	$(BIN)/python -m pytest -q -s tests/gpu
+$(COMPAT)/.installed: $(VENV)/.installed
+	rm -rf $(COMPAT) && mkdir -p $(COMPAT)/wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 -d $(COMPAT)/wheels \
+	    megatron-core==$(MCORE_NEWEST)
+	$(BIN)/python -m zipfile -e $(COMPAT)/wheels/megatron_core-$(MCORE_NEWEST)-*.whl $(COMPAT)/site
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COMPAT)/site $(TRITON)
+	touch $@
 
-bench-gpu: .venv
-	$(BIN)/python tools/bench_gpu.py --out bench_gpu.json
+test-compat: $(COMPAT)/.installed
+	MEGATRON_DVPO_EXPECT_MCORE=$(MCORE_NEWEST) PYTHONPATH=$(COMPAT)/site \
+	    $(BIN)/python -m pytest -q -m compat tests
+
+# GPU targets run in the environment they are called from (an NGC container: its CUDA torch,
+# Transformer Engine and megatron-core), after `pip install -e .` there; they build no venv.
+test-gpu:
+	$(PYTHON) -m pytest -q -s tests/gpu
+
+bench-gpu:
+	$(PYTHON) tools/bench_gpu.py --out bench_gpu.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(COMPAT) runs .pytest_cache

@@ -10,6 +10,7 @@ from megatron_dvpo.models.generation import SamplingConfig, left_pad, sample_tok
 
 
 @pytest.mark.multirank
+@pytest.mark.compat
 def test_rollout_tp2_pp2_equal_tp1_and_match_fresh_forward(tmp_path):
     out = tmp_path / "rollout.json"
     torchrun([str(REPO / "tests/distributed/rollout_check.py"), str(out), str(tmp_path),

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, torchrun
 
+pytestmark = pytest.mark.compat  # also run against the newest megatron-core (make test-compat)
+
 TOL = 1e-5  # fp32
 SCRIPT = str(REPO / "tests" / "distributed" / "equivalence.py")
 TWO_RANK_LAYOUTS = ["tp2pp1", "tp1pp2", "tp1pp2vpp2", "tp2pp1spdopt"]

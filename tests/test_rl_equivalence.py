@@ -22,6 +22,7 @@ def diffs(tmp_path_factory):
 
 
 @pytest.mark.multirank
+@pytest.mark.compat
 @pytest.mark.parametrize("layout", ["dp2pp1", "dp1pp2"])
 def test_one_step_of_each_job_equals_dp1(diffs, layout):
     d = diffs[layout]
