@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -231,10 +232,18 @@ def save_training_checkpoint(save_dir: str | Path, step: int, units: dict, train
         tmp = save_dir / (TRACKER + ".tmp")
         tmp.write_text(f"{step}\n")
         os.replace(tmp, save_dir / TRACKER)
-        for old in complete_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        old = complete_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []
+        # Deleting large checkpoints can take minutes on a parallel file system: in the
+        # background, so that no rank waits for it in a collective (Python joins the thread
+        # before the process exits).
+        threading.Thread(target=_remove, args=(old,), name="prune-checkpoints").start()
     _barrier()
     return target
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_complete(path: Path) -> bool:

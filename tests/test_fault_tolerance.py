@@ -80,6 +80,29 @@ def test_signal_saves_exits_and_resumes_exactly(synthetic, unbroken, tmp_path, s
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
+def test_sigterm_to_the_launcher_waits_for_a_save_slower_than_30s(synthetic, tmp_path):
+    """torchrun alone kills its workers about 30 s after a SIGTERM; through our launcher the
+    signal reaches the trainer, which finishes its step and saves (here in 40 s), and the job
+    exits 0 with the checkpoint complete."""
+    launcher = [sys.executable, "-m", "megatron_dvpo.launch", "--standalone",
+                "--nproc-per-node", "1", str(REPO / "tests/distributed/slow_save.py")]
+    args = command(synthetic, tmp_path, "train_steps=200", "checkpoint.save_interval=0")[3:]
+    proc = subprocess.Popen(launcher + args, cwd=REPO, env={**env(), "SLOW_SAVE_S": "40"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, output[-3000:]
+    assert time.monotonic() - signalled > 40
+    assert "saving slowly" in output and "SIGTERM received: saved step" in output, output[-3000:]
+    latest = find_latest_checkpoint(tmp_path / "checkpoints")
+    assert latest is not None and 3 <= json.loads((latest / "train_state.json").read_text())[
+        "step"] < 200
+
+
 def test_kill_9_during_a_save_leaves_a_loadable_checkpoint(synthetic, tmp_path):
     args = command(synthetic, tmp_path, "train_steps=400", "checkpoint.save_interval=1",
                    "checkpoint.keep_last=3")

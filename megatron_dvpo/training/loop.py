@@ -28,6 +28,7 @@ from megatron_dvpo.training.trained_model import UpdateResult, schedule_settings
 
 # Each makes a job finish its step, save and exit cleanly (Ctrl-C as a preemption does).
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+DUPLICATE_SIGNAL_S = 2.0  # a signal again within this is the same one, delivered twice
 
 
 class NonFiniteError(RuntimeError):
@@ -87,6 +88,7 @@ class TrainingLoop:
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
         self._bad_in_a_row = 0
         self._signal: int | None = None
+        self._signal_time = 0.0
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -136,9 +138,14 @@ class TrainingLoop:
 
     # -- signals ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
-        self._signal = signum  # acted on between steps, never inside one
-        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        """Acted on between steps, never inside one. A second Ctrl-C interrupts at once, but
+        not the copy the launcher forwards right after the terminal's own."""
+        now = time.monotonic()
+        if (signum == signal.SIGINT and self._signal == signal.SIGINT
+                and now - self._signal_time > DUPLICATE_SIGNAL_S):
+            raise KeyboardInterrupt
+        if self._signal is None:
+            self._signal, self._signal_time = signum, now
 
     def _stop_requested(self) -> int:
         """The signal any rank received (0 if none), agreed by all ranks."""
