@@ -49,3 +49,21 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
         assert result["generation"][sampler]["new_tokens"] == 4 * 8  # no early stop
     assert result["targets"]["fp8_training_mfu"]["met"] is None
     assert result["targets"]["generation_over_hf_generate"]["value"] > 0
+
+
+def test_gpu_smoke_dry_run_runs_every_phase(tmp_path):
+    """The one-shot GPU smoke script, on tiny shapes on this CPU, so that it cannot rot."""
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, "tools/gpu_smoke.py", "--out", str(out), "--dry-run",
+                           "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    failed = {k: v for k, v in report["phases"].items() if v["status"] != "ok"}
+    assert not failed, failed
+    phases = report["phases"]
+    assert phases["env"]["fp8"].startswith("not run: ")  # no TE here, and it says why
+    assert phases["checkpoint"]["weights_equal"] and phases["nccl"]["device_all_reduce_ok"]
+    assert phases["sampler"]["ours_over_hf"] > 0 and phases["training"]["tokens_per_s"] > 0
+    for step in ("dvpo_step", "ppo_step"):
+        assert phases[step]["gen_time_s"] > 0 and phases[step]["peak_mem_gib"] > 0
