@@ -239,3 +239,20 @@ def test_fp8_example_plans_on_hopper_with_the_1b_policy():
     assert (got.bf16_layers_at_start, got.bf16_layers_at_end) == (1, 1)
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         plan_precision(cfg.precision, cfg.parallel, cfg.model, CPU)
+
+
+@pytest.mark.parametrize("module", ["transformer_engine.pytorch.quantization",
+                                    "transformer_engine.pytorch.fp8"])
+def test_te_block_scaling_verdict_is_found_where_each_te_keeps_it(module, monkeypatch):
+    import sys
+    import types
+
+    from megatron_dvpo.models.precision import _te_block_scaling_verdict
+
+    fake = types.ModuleType(module)
+    fake.check_fp8_block_scaling_support = lambda: (False, "CUDA 12.4 < 12.9")
+    for name in ("transformer_engine", "transformer_engine.pytorch",
+                 "transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module, fake)
+    assert _te_block_scaling_verdict() == (False, "CUDA 12.4 < 12.9")

@@ -57,15 +57,23 @@ class Hardware:
         version = _te_version()
         if not torch.cuda.is_available():
             return Hardware(te_version=version)
-        block = None
-        if version is not None:
-            try:  # TE >= 2.3 knows the CUDA and driver conditions of blockwise scaling
-                from transformer_engine.pytorch.fp8 import check_fp8_block_scaling_support
-                block = tuple(check_fp8_block_scaling_support())
-            except ImportError:
-                pass
+        block = _te_block_scaling_verdict() if version is not None else None
         return Hardware(cuda=True, capability=torch.cuda.get_device_capability(),
                         te_version=version, block_scaling=block)
+
+
+def _te_block_scaling_verdict() -> Optional[tuple[bool, str]]:
+    """TE's own (supported, reason) for blockwise FP8 scaling, which knows the CUDA and driver
+    conditions: ``check_fp8_block_scaling_support`` lives in ``transformer_engine.pytorch.fp8``
+    in earlier TE 2.x releases and in ``transformer_engine.pytorch.quantization`` in later ones.
+    None where neither has it (TE < 2.3): the plan then requires sm_90."""
+    for module in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        try:
+            check = importlib.import_module(module).check_fp8_block_scaling_support
+        except (ImportError, AttributeError):
+            continue
+        return tuple(check())
+    return None
 
 
 def _te_version() -> Optional[str]:
@@ -225,7 +233,13 @@ def fp8_disabled(model_chunks: list[torch.nn.Module]):
     """Forward passes in bf16 on a model built for FP8 training: rollout generation.
 
     megatron enters FP8 autocast per forward from ``config.fp8``, which every layer of a model
-    shares; TE modules outside autocast run their GEMMs in the parameters' dtype.
+    shares; with it off, TE's linear modules (TE 2.x ``Linear``/``LayerNormLinear``/
+    ``LayerNormMLP``) take the non-FP8 branch, ``cast_if_needed(weight, activation_dtype)``,
+    and run bf16 GEMMs. With FP8 primary weights (``precision.fp8_param_gather``) the weight is
+    a ``Float8Tensor`` and that cast dequantizes it: the rollout computes in bf16 over the
+    FP8-rounded weights the training forward also uses (the bf16 master copy lives in the
+    distributed optimizer), so ``rollout/logprob_diff`` measures the FP8 activations and GEMMs
+    of training, not a weight mismatch.
     """
     configs = {id(chunk.config): chunk.config for chunk in model_chunks}.values()
     saved = [(config, config.fp8) for config in configs]
