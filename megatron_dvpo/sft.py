@@ -39,7 +39,7 @@ class SFTTrainer:
         self.batches = BatchSource(cfg.data.global_batch_size,
                                    parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size(), cfg.seed)
-        self.data = open_data(cfg, cfg.data.train_path)
+        self.data = open_data(cfg, cfg.data.train_path, allow_unscored=True)
 
     def initialize(self) -> None:
         if self.cfg.checkpoint.init_from:

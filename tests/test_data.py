@@ -242,3 +242,15 @@ def test_trajectory_context(tok):
     assert conditioned.response_start == len(conditioned.prompt_ids)
     assert all(w in tok.decode(context) for w in ("kite", "lemon", "nut", "pear rose"))
     assert add_trajectory_context(sample, [], tok) is sample
+
+
+def test_demonstration_rows_are_for_sft_only(tok, tmp_path):
+    from megatron_dvpo.data.preference import load_jsonl
+
+    path = tmp_path / "demos.jsonl"
+    path.write_text(json.dumps({"prompt": "apple", "response": "egg fig"}) + "\n")
+    with pytest.raises(DataError, match=r"demos.jsonl:1: a \{prompt, response\} row has no "
+                                        r"'score'"):
+        load_jsonl([path], tok)
+    (sample,) = load_jsonl([path], tok, ReadOptions(allow_unscored=True)).samples
+    assert sample.response_ids == tok.encode("egg fig") + [tok.eos_id]

@@ -14,13 +14,15 @@ from megatron_dvpo.data.preprocess import open_dataset
 from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
 
 
-def open_data(cfg: RunConfig, path: str) -> ValueDataset:
+def open_data(cfg: RunConfig, path: str, allow_unscored: bool = False) -> ValueDataset:
     """The dataset at ``path`` (a .jsonl is tokenized on first use), checked against the
-    tokenizer and the model's vocabulary."""
+    tokenizer and the model's vocabulary; ``allow_unscored`` takes ``{prompt, response}`` rows
+    (SFT)."""
     data = cfg.data
     options = ReadOptions(max_length=data.max_length or data.seq_length,
                           length_mode=data.length_mode, chosen_reward=data.chosen_reward,
-                          rejected_reward=data.rejected_reward, skip_bad_rows=data.skip_bad_rows)
+                          rejected_reward=data.rejected_reward, skip_bad_rows=data.skip_bad_rows,
+                          allow_unscored=allow_unscored)
     dataset = open_dataset(path, data.tokenizer, Path(cfg.logging.run_dir) / "data", options)
     if data.tokenizer:
         tokenizer = load_tokenizer(data.tokenizer)
@@ -53,4 +55,4 @@ def check_training_inputs(cfg: RunConfig, overrides: list[str], value_model: boo
                           "(whole pairs per microbatch)")
     for path in (cfg.data.train_path, cfg.data.eval_path):
         if path:
-            open_data(cfg, path)
+            open_data(cfg, path, allow_unscored=not value_model)

@@ -6,6 +6,7 @@ Accepted rows, one JSON object per line (blank lines are ignored):
               {chosen: [messages], rejected: [messages]} (chat; shared prefix, final assistant turn)
   scored      {prompt, response, score}
               {value_question, value_response, rewards} (rewards: a number or a 1-element list)
+  response    {prompt, response}                        (demonstrations: SFT only)
 
 A preference row becomes two independent samples (chosen with ``chosen_reward``, rejected with
 ``rejected_reward``) that share a ``pair_id``; a scored row becomes one sample. Prompt and
@@ -30,6 +31,12 @@ from megatron_dvpo.errors import InputError
 ACCEPTED_ROWS = ("{prompt, chosen, rejected}, {question, response_j, response_k}, "
                  "{chosen: [messages], rejected: [messages]}, {prompt, response, score} or "
                  "{value_question, value_response, rewards}")
+
+# Every key an accepted row form (or a prompt row) reads: a tool copying a row's other fields
+# (an id, metadata) leaves these out, so that the copy cannot read as another row form.
+DATA_KEYS = frozenset({"prompt", "chosen", "rejected", "question", "response_j", "response_k",
+                       "response", "score", "value_question", "value_response", "rewards",
+                       "messages"})
 
 # Trajectory conditioning (docs/algorithm.md §1, paper v2): a fixed template for K example
 # (prompt, response) pairs from the policy being judged, placed before the main prompt.
@@ -83,6 +90,7 @@ class ReadOptions:
     chosen_reward: float = 1.0
     rejected_reward: float = -1.0
     skip_bad_rows: bool = False
+    allow_unscored: bool = False  # {prompt, response} rows (demonstrations, for SFT)
 
     def __post_init__(self):
         if self.length_mode not in ("filter", "truncate"):
@@ -206,6 +214,11 @@ def _parse_row(obj, tokenizer: Tokenizer, options: ReadOptions) -> _Row:
                     pair_rewards)
     if {"prompt", "response", "score"} <= keys:
         return _Row(_text(obj, "prompt"), (_text(obj, "response"),), (_number(obj, "score"),))
+    if {"prompt", "response"} <= keys:  # a demonstration (``sample`` writes these)
+        if not options.allow_unscored:
+            raise _BadRow("missing_keys", "a {prompt, response} row has no 'score': a value "
+                                          "model needs one (SFT reads such rows as they are)")
+        return _Row(_text(obj, "prompt"), (_text(obj, "response"),), (0.0,))
     if {"value_question", "value_response", "rewards"} <= keys:
         return _Row(_text(obj, "value_question"), (_text(obj, "value_response"),),
                     (_number(obj, "rewards"),))

@@ -7,7 +7,7 @@ a GVM was trained on can also drive the policy.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_dvpo.data.preference import DataError, is_message_list, with_bos
@@ -18,8 +18,13 @@ PROMPT_KEYS = ("prompt", "question", "value_question")
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt's rendered text and token ids, with the row it came from and its position
+    among the file's usable rows (so that outputs can keep the row's other fields and order)."""
+
     text: str
     ids: list[int]
+    row: dict = field(default_factory=dict, compare=False)
+    index: int = 0
 
 
 def _prompt_text(row, tokenizer: Tokenizer) -> str:
@@ -56,7 +61,8 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
             if not line.strip():
                 continue
             try:
-                text = _prompt_text(json.loads(line), tokenizer)
+                row = json.loads(line)
+                text = _prompt_text(row, tokenizer)
             except (ValueError, TypeError, AttributeError) as e:
                 if not skip_bad_rows:
                     raise DataError(f"{path}:{number}: {e} (set data.skip_bad_rows=true to skip "
@@ -68,7 +74,7 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_prompt_length: int,
             if len(ids) > max_prompt_length:
                 counts["too_long"] += 1
                 continue
-            prompts.append(Prompt(text, ids))
+            prompts.append(Prompt(text, ids, row, len(prompts)))
     if not prompts:
         raise DataError(f"{path}: no usable prompts ({counts})")
     return prompts, counts

@@ -58,6 +58,39 @@ class SyntheticRule:
         return raw / (self.good_window + 1)
 
 
+@dataclass(frozen=True)
+class BigramRule:
+    """A compositional hidden rule: a word's worth depends on the word before it.
+
+    ``seed`` picks ``num_good`` good and ``num_bad`` bad ordered word pairs; the raw score is
+    the number of good adjacent pairs in the response (the prompt's last word counts as the
+    word before the first) minus the bad ones, divided by 4. No single word is good or bad on
+    its own, so a value model must read pairs of tokens to rank responses.
+    """
+
+    seed: int = 0
+    num_good: int = 150
+    num_bad: int = 150
+    good: frozenset = field(init=False)
+    bad: frozenset = field(init=False)
+
+    def __post_init__(self):
+        pairs = [(a, b) for a in WORDS for b in WORDS]
+        if self.num_good + self.num_bad > len(pairs):
+            raise ValueError(f"num_good + num_bad exceeds the {len(pairs)} word pairs")
+        picked = random.Random(f"bigram-{self.seed}").sample(pairs, self.num_good + self.num_bad)
+        object.__setattr__(self, "good", frozenset(picked[:self.num_good]))
+        object.__setattr__(self, "bad", frozenset(picked[self.num_good:]))
+
+    def score(self, prompt: str, response: str) -> float:
+        words = prompt.split()[-1:] + response.split()
+        pairs = list(zip(words, words[1:]))
+        return (sum(p in self.good for p in pairs) - sum(p in self.bad for p in pairs)) / 4
+
+
+RULES = {"synthetic": SyntheticRule, "bigram": BigramRule}  # the built-in scorers, by name
+
+
 def _words(rng: random.Random, bounds: tuple[int, int]) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(*bounds)))
 
@@ -131,18 +164,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--train-rows", type=int, default=8000)
     parser.add_argument("--eval-rows", type=int, default=400)
+    parser.add_argument("--rule", choices=sorted(RULES), default="synthetic",
+                        help="the hidden rule: word-level (synthetic) or word-pair (bigram)")
     parser.add_argument("--rule-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    rule = SyntheticRule(seed=args.rule_seed)
+    rule = RULES[args.rule](seed=args.rule_seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     train_tokenizer(args.out_dir, seed=args.seed)
     rows = generate_preference_rows(rule, args.train_rows + args.eval_rows, seed=args.seed)
     write_jsonl(rows[:args.train_rows], args.out_dir / "train.jsonl")
     write_jsonl(rows[args.train_rows:], args.out_dir / "eval.jsonl")
     print(f"wrote tokenizer.model, train.jsonl ({args.train_rows} rows), eval.jsonl "
-          f"({args.eval_rows} rows) to {args.out_dir}; good={sorted(rule.good)} "
-          f"bad={sorted(rule.bad)}")
+          f"({args.eval_rows} rows) to {args.out_dir}; rule {args.rule}:{args.rule_seed} "
+          f"({len(rule.good)} good, {len(rule.bad)} bad)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from megatron_dvpo.checkpointing import resolve_checkpoint_dir
 from megatron_dvpo.config import ConfigError, RunConfig, load_config, model_from_checkpoint
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
+from megatron_dvpo.rl.rewards import load_scorer
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
     tokenizer_path = next(iter(known.values()))
     tokenizer = load_tokenizer(str(tokenizer_path))
     check_vocab(tokenizer, policy.model.vocab_size, f"rl.policy={rl.policy}")
+    load_scorer(rl.true_reward)  # imported and probed now: a wrong spec fails at once
     if not cfg.data.train_path:
         raise ConfigError("data.train_path (the prompts) is required")
     for path in (cfg.data.train_path, cfg.data.eval_path):

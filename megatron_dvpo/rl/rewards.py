@@ -1,21 +1,70 @@
-"""The true reward of a response, for tasks that have one (``eval/true_reward_mean``)."""
+"""Scorers of (prompt, response) text: the true reward of a task that has one, or the user's own.
+
+One spec names a scorer everywhere one is used (``rl.true_reward``, ``sample --scorer``, GVM
+refresh labelling):
+
+- ``synthetic:<seed>`` / ``bigram:<seed>``: the hidden rules of the built-in synthetic tasks;
+- ``package.module:function``: a function importable from the working directory or
+  ``PYTHONPATH``;
+- ``path/to/file.py:function``: a function in a Python file.
+
+The function takes ``(prompt: str, response: str)`` and returns a number. It is imported and
+called once on a probe at start-up, so that a wrong spec fails at once with one line.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_dvpo.config import ConfigError
 
 TrueReward = Callable[[str, str], float]  # (prompt text, response text) -> reward
+FORMS = "'synthetic:<seed>', 'bigram:<seed>', 'module:function' or 'file.py:function'"
 
 
-def true_reward_scorer(spec: Optional[str], key: str = "rl.true_reward") -> Optional[TrueReward]:
-    """``synthetic:<rule seed>``: the hidden rule of the built-in synthetic task."""
+def _module(name: str, spec: str, key: str):
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"{key}={spec!r}: no file {path}")
+        loader = importlib.util.spec_from_file_location(f"_scorer_{path.stem}", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        return module
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ConfigError(f"{key}={spec!r}: cannot import module {name!r} ({e}); expected "
+                          f"{FORMS}") from None
+
+
+def load_scorer(spec: Optional[str], key: str = "rl.true_reward") -> Optional[TrueReward]:
+    """The scorer ``spec`` names (None for None), checked by one probe call."""
     if not spec:
         return None
-    kind, _, seed = spec.partition(":")
-    if kind != "synthetic" or not seed.isdigit():
-        raise ConfigError(f"{key}={spec!r}: expected 'synthetic:<rule seed>'")
-    from megatron_dvpo.data.synthetic import SyntheticRule
+    from megatron_dvpo.data.synthetic import RULES
 
-    return SyntheticRule(seed=int(seed)).score
+    name, sep, attr = spec.rpartition(":")
+    if not sep or not name or not attr:
+        raise ConfigError(f"{key}={spec!r}: expected {FORMS}")
+    if name in RULES and attr.isdigit():
+        return RULES[name](seed=int(attr)).score
+    fn = getattr(_module(name, spec, key), attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{key}={spec!r}: {name} has no function {attr!r}")
+    try:
+        probe = float(fn("a probe prompt", "a probe response"))
+    except Exception as e:  # the user's code: whatever it raises, say what and where
+        raise ConfigError(f"{key}={spec!r}: calling {attr}(prompt, response) failed: "
+                          f"{type(e).__name__}: {e}") from None
+    if not math.isfinite(probe):
+        raise ConfigError(f"{key}={spec!r}: {attr}(prompt, response) returned {probe}, not a "
+                          "finite number")
+    return fn

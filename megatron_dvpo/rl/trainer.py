@@ -21,7 +21,7 @@ from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
-from megatron_dvpo.rl.rewards import true_reward_scorer
+from megatron_dvpo.rl.rewards import load_scorer
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
 from megatron_dvpo.rl.step import rl_step
 from megatron_dvpo.rl.updates import UpdateSummary, update_policy
@@ -92,7 +92,7 @@ class RLTrainer:
         self.prompts = PromptSource(prompts, cfg.data.global_batch_size, cfg.seed)
         self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit, skip)[0]
                              if cfg.data.eval_path else None)
-        self.true_reward = true_reward_scorer(rl.true_reward)
+        self.true_reward = load_scorer(rl.true_reward)
         self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                                        cfg.rollout.top_p, cfg.rollout.top_k)
         # logp_old, logp and logp_ref all come from the distribution the rollout samples from

@@ -1,0 +1,83 @@
+"""The user's own scorer wherever one is used, and the sampling tool's rows (K samples per
+prompt, input fields and order kept) that SFT and the GVM read back."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, tiny_policy_and_gvm
+from megatron_dvpo.config import ConfigError
+from megatron_dvpo.rl.rewards import load_scorer
+
+
+def test_scorer_specs(tmp_path, monkeypatch):
+    from megatron_dvpo.data.synthetic import BigramRule, SyntheticRule
+
+    assert load_scorer("synthetic:3")("a b", "apple") == SyntheticRule(seed=3).score("a b", "apple")
+    assert load_scorer("bigram:1")("a", "x y") == BigramRule(seed=1).score("a", "x y")
+    (tmp_path / "my_scores.py").write_text(
+        "def length(prompt, response):\n    return float(len(response.split()))\n"
+        "def broken(prompt, response):\n    raise RuntimeError('no model loaded')\n"
+        "def text(prompt, response):\n    return 'high'\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_scorer("my_scores:length")("p", "one two") == 2.0  # module:function
+    assert load_scorer(f"{tmp_path}/my_scores.py:length")("p", "x") == 1.0  # file.py:function
+    for spec, message in (("heldout:0", r"cannot import module 'heldout'"),
+                          ("my_scores:missing", r"my_scores has no function 'missing'"),
+                          ("my_scores:broken", r"calling broken\(prompt, response\) failed: "
+                                               r"RuntimeError: no model loaded"),
+                          ("my_scores:text", r"calling text.* failed: ValueError"),
+                          ("nothing", r"expected 'synthetic:<seed>'"),
+                          ("/no/such.py:f", r"no file /no/such.py")):
+        with pytest.raises(ConfigError, match=rf"rl.true_reward={spec!r}: {message}"):
+            load_scorer(spec)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tiny_policy_and_gvm(tmp_path_factory.mktemp("sample"), train_rows=200, eval_rows=10)
+
+
+def sample(work, out, *args):
+    proc = subprocess.run([sys.executable, "-m", "megatron_dvpo.sample", "--policy",
+                           f"{work}/policy", "--out", str(out), "--max-new-tokens", "6", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return proc
+
+
+def test_k_samples_keep_fields_and_order_and_feed_sft(work, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": w, "chosen": "x",
+                                           "rejected": "y"}) + "\n"
+                               for i, w in enumerate(["apple dog", "sun tree", "red gold"])))
+    (tmp_path / "scores.py").write_text("def n(prompt, response):\n    return len(response)\n")
+    out = tmp_path / "samples.jsonl"
+    proc = sample(work, out, "--prompts", str(prompts), "--n", "3", "--scorer",
+                  f"{tmp_path}/scores.py:n", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["sample"]) for r in rows] == [(f"q{i}", k) for i in range(3)
+                                                      for k in range(3)]
+    assert all(r["score"] == len(r["response"]) for r in rows)
+    assert all("chosen" not in r for r in rows)  # the input's data keys do not leak
+    # SFT reads {prompt, response} rows (without the score too)
+    plain = tmp_path / "demos.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"] or
+                                         "apple"}) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, "-m", "megatron_dvpo.sft", "--config",
+                           "examples/sft_tiny.yaml", f"data.train_path={plain}",
+                           f"checkpoint.init_from={work}/policy", f"logging.run_dir={tmp_path}/sft",
+                           "checkpoint.save_dir=null", "train_steps=2",
+                           "data.global_batch_size=8", "data.micro_batch_size=8",
+                           f"data.tokenizer={work}/synthetic/tokenizer.model"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_bad_scorer_fails_at_start_up(work, tmp_path):
+    proc = sample(work, tmp_path / "x.jsonl", "--prompts", f"{work}/synthetic/eval.jsonl",
+                  "--pairs", "--scorer", "heldout:0")
+    assert proc.returncode == 2 and "error: --scorer='heldout:0': cannot import" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.jsonl").exists()
