@@ -218,8 +218,16 @@ class RLConfig:
     clip_eps: float = _checked(0.2, POSITIVE)
     ratio_threshold: float = _checked(10.0, POSITIVE)
     entropy_coef: float = _checked(0.0, NON_NEGATIVE)
-    # Synthetic-task scorer for eval/true_reward_mean: "synthetic:<rule seed>", or None.
+    # The task's scorer for eval/true_reward_mean: synthetic:<seed>, bigram:<seed>,
+    # module:function or file.py:function (megatron_dvpo/rl/rewards.py), or None.
     true_reward: Optional[str] = None
+    # Signs of a gamed scorer (megatron_dvpo/rl/gaming.py): a warning on rank 0 past each
+    # threshold; with stop_on_gaming the run saves and stops instead.
+    gaming_max_repeat_rate: float = _checked(0.5, UNIT_INTERVAL)
+    gaming_max_truncated_rate: float = _checked(0.5, UNIT_INTERVAL)
+    gaming_max_value_ood_rate: float = _checked(0.2, UNIT_INTERVAL)
+    gaming_min_entropy: float = _checked(0.05, NON_NEGATIVE)
+    stop_on_gaming: bool = False
     # steps between held-out true-reward evaluations; 0: at the start and the end
     eval_interval: int = _checked(0, NON_NEGATIVE)
 

@@ -178,3 +178,65 @@ def test_bad_inputs_fail_before_any_work(pipeline, tmp_path):
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
     expect(r"the tokenizers differ", gvm=str(other))
     shutil.rmtree(other)
+
+
+def test_gaming_detectors():
+    import torch
+
+    from megatron_dvpo.rl.gaming import gaming_warnings, out_of_range, repeat_counts, truncated
+
+    tokens = torch.tensor([[5, 6, 5, 6, 5], [7, 8, 9, 3, 0], [4, 4, 4, 4, 4]])
+    lengths = torch.tensor([5, 4, 5])
+    # bigrams: (5,6)(6,5)(5,6)(6,5): 2 repeated of 4; (7,8)(8,9)(9,3): 0 of 3; (4,4) x4: 3 of 4
+    assert repeat_counts(tokens, lengths) == (5.0, 11.0)
+    assert truncated(tokens, lengths, eos_id=3, max_new_tokens=5).tolist() == [True, False, True]
+    assert out_of_range(torch.tensor([-2.0, 0.0, 3.0]), -1.0, 2.0).tolist() == [True, False, True]
+    assert gaming_warnings({"r": 0.7, "e": 0.01, "ok": 0.1},
+                           {"r": ("max", 0.5), "e": ("min", 0.05), "ok": ("max", 0.5)}) == [
+        "r 0.7 > 0.5", "e 0.01 < 0.05"]
+
+
+def test_a_gvm_that_rewards_repetition_is_caught(pipeline, tmp_path):
+    """A GVM trained to prefer one word repeated over varied words: DVPO learns to repeat, the
+    repetition detector warns, and with rl.stop_on_gaming the run saves and stops (exit 3)."""
+    import json
+    import random
+    import subprocess
+    import sys
+
+    from megatron_dvpo.data.synthetic import WORDS
+
+    work, _ = pipeline
+    rng = random.Random(0)
+    rows = []
+    for i in range(3000):  # rejected: as many distinct words, or one (short is not a way out)
+        n = rng.randint(3, 10)
+        rows.append({"prompt": " ".join(rng.sample(WORDS, 4)),
+                     "chosen": " ".join([rng.choice(WORDS)] * n),
+                     "rejected": " ".join(rng.sample(WORDS, n)) if i % 2 else rng.choice(WORDS)})
+    (tmp_path / "repeat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gvm = tmp_path / "gvm"
+    torchrun(["-m", "megatron_dvpo.gvm.train", "--config", "examples/gvm_tiny.yaml",
+              f"data.train_path={tmp_path}/repeat.jsonl", "data.eval_path=null",
+              f"data.tokenizer={work}/synthetic/tokenizer.model",
+              f"checkpoint.init_from={work}/gvm_init", f"logging.run_dir={gvm}",
+              f"checkpoint.save_dir={gvm}/checkpoints", "train_steps=150",
+              "logging.log_interval=50", "gvm.eval_interval=0"], nproc=1)
+    run = tmp_path / "dvpo"
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "megatron_dvpo.rl.dvpo", "--config",
+                           "examples/dvpo_tiny.yaml",
+                           *dvpo_overrides(work, run, f"dvpo.gvm={gvm}/checkpoints",
+                                           "train_steps=40", "data.global_batch_size=32",
+                                           "dvpo.estimator=q", "rl.gaming_max_repeat_rate=0.3",
+                                           "rl.gaming_max_truncated_rate=1.0",
+                                           "rl.stop_on_gaming=true")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the policy may be gaming its scorer: rollout/repeat_rate" in proc.stdout
+    assert "stopped: stopped at step" in proc.stdout
+    repeat = dict(scalars(run / "tensorboard")["rollout/repeat_rate"])
+    assert repeat[1] < 0.3 < max(repeat.values()), repeat
+    assert "rollout/gvm_value_ood_rate" in scalars(run / "tensorboard")
+    stopped_at = max(repeat)
+    assert (run / "checkpoints" / f"iter_{stopped_at:07d}" / "train_state.json").is_file()

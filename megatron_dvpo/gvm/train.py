@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
@@ -26,11 +27,16 @@ from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.device import to_device
 from megatron_dvpo.gvm.evaluate import evaluate_pairs
 from megatron_dvpo.gvm.objectives import OBJECTIVES
+from megatron_dvpo.gvm.td import gather_response_values
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
 from megatron_dvpo.training.cli import run_trainer
 from megatron_dvpo.training.loop import StepResult
 from megatron_dvpo.training.trained_model import TrainedModel
+
+
+RANGE_SAMPLES = 256  # training samples the saved value range is measured on
+RANGE_QUANTILES = (0.005, 0.995)
 
 
 def data_metrics(dataset: ValueDataset) -> dict[str, float]:
@@ -80,7 +86,9 @@ class GVMTrainer:
             distributed.print_rank0(f"initialised weights from {self.cfg.checkpoint.init_from}")
 
     def state_dict(self) -> dict:
-        return self.batches.state_dict()
+        """The data position, and the range of the model's values on its own training data,
+        which DVPO compares its rollouts' values with (``rollout/gvm_value_ood_rate``)."""
+        return {**self.batches.state_dict(), "value_range": self.value_range()}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
@@ -121,6 +129,23 @@ class GVMTrainer:
         return self.final_accuracy
 
     # -- pieces -----------------------------------------------------------------------------
+    def value_range(self) -> list[float]:
+        """The 0.5th and 99.5th percentiles of the Q-view over the first ``RANGE_SAMPLES``
+        training samples, the same on every rank."""
+        mbs = self.cfg.data.micro_batch_size
+        count = min(RANGE_SAMPLES, len(self.train_data)) // mbs * mbs or mbs
+        batch = collate([self._sample(i % len(self.train_data)) for i in range(count)],
+                        self.cfg.data.seq_length, self.train_data.pad_id)
+        values = forward.token_values(self.model.ddp, forward.make_microbatches(
+            mbs, tokens=to_device(batch)["tokens"]))
+        quantiles = None
+        if values is not None:
+            q, mask, _ = gather_response_values(values, batch["prompt_lengths"],
+                                                batch["response_lengths"], self.cfg.gvm.alignment)
+            quantiles = torch.quantile(q[mask].float(), torch.tensor(
+                RANGE_QUANTILES, device=q.device))
+        return distributed.broadcast_from_last_stage(quantiles, (2,), torch.float32).tolist()
+
     def _sample(self, index: int):
         sample = self.train_data[index]
         return self.context(index, sample) if self.context else sample

@@ -30,6 +30,8 @@ class Scores:
     q_prompt: Optional[torch.Tensor] = None
     sequence_rewards: Optional[torch.Tensor] = None
     state_values: Optional[torch.Tensor] = None
+    # [B, T] bool: values outside the range the scorer produced on its own training data
+    out_of_range: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

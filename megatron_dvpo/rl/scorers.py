@@ -12,6 +12,7 @@ the policy.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -24,6 +25,7 @@ from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.rl.estimators import Advantages, Scores
+from megatron_dvpo.rl.gaming import out_of_range
 from megatron_dvpo.rl.scoring import estimator_inputs, rollout_q_view
 from megatron_dvpo.rl.updates import UpdateSummary, update_critic
 from megatron_dvpo.training.trained_model import TrainedModel
@@ -68,6 +70,12 @@ class GVMScorer:
         self.alignment = gvm_cfg.gvm.alignment
         self.estimator, self.value_whitening = cfg.dvpo.estimator, cfg.dvpo.value_whitening
         self.micro_batch_size, self.offload = cfg.data.micro_batch_size, cfg.dvpo.gvm_offload
+        state = Path(cfg.dvpo.gvm) / "train_state.json"  # absent for a converted GVM
+        self.value_range = (json.loads(state.read_text()).get("value_range")
+                            if state.is_file() else None)
+        if self.value_range is None:
+            distributed.print_rank0(f"dvpo.gvm={cfg.dvpo.gvm} records no value range (not "
+                                    "trained here): rollout/gvm_value_ood_rate is not logged")
 
     def score(self, rollout: Rollout) -> Scores:
         offload = self.offload and torch.cuda.is_available()
@@ -82,8 +90,10 @@ class GVMScorer:
         q, q_prompt = estimator_inputs(values, width, lengths, self.alignment, self.estimator,
                                        self.value_whitening, self.micro_batch_size)
         plain, _ = rollout_q_view(values, width, lengths, self.alignment)
+        ood = (out_of_range(plain, *self.value_range) & rollout.response_mask
+               if self.value_range else None)
         return Scores(final_value=plain.gather(1, (lengths - 1)[:, None]).squeeze(1),
-                      q=q, q_prompt=q_prompt)
+                      q=q, q_prompt=q_prompt, out_of_range=ood)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None  # the GVM never trains during RL

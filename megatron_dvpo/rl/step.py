@@ -18,6 +18,7 @@ from megatron_dvpo.models import forward
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.rl.advantages import masked_moments, whiten_with_moments
 from megatron_dvpo.rl.estimators import ESTIMATORS, Advantages, EstimatorInputs, Scores
+from megatron_dvpo.rl.gaming import repeat_counts, truncated
 from megatron_dvpo.training.loop import StepResult
 
 
@@ -38,20 +39,33 @@ def whiten_globally(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
-                    advantages: torch.Tensor) -> dict[str, float]:
+                    advantages: torch.Tensor, eos_id: int, max_new_tokens: int
+                    ) -> dict[str, float]:
     """docs/algorithm.md §4's rollout tags over the global batch."""
     mask = rollout.response_mask
     kl = ((estimate.logp_old - estimate.logp_ref) * mask if estimate.logp_ref is not None
           else torch.zeros_like(estimate.logp_old))
     # rollout numerics (bf16 sampler) against the training forward (FP8 with precision.fp8)
     drift = (estimate.logp_old - rollout.logprobs).abs() * mask
+    lengths = rollout.response_lengths
+    repeated, grams = repeat_counts(rollout.responses, lengths)
+    cut = truncated(rollout.responses, lengths, eos_id, max_new_tokens)
+    ood = scores.out_of_range
     local = torch.stack([mask.sum(), torch.tensor(mask.shape[0], device=mask.device),
                          kl.sum(), scores.final_value.sum(), (advantages * mask).sum(),
-                         (advantages.square() * mask).sum(), drift.sum()]).double()
+                         (advantages.square() * mask).sum(), drift.sum(),
+                         torch.tensor(repeated, device=mask.device),
+                         torch.tensor(grams, device=mask.device), cut.sum(),
+                         ood.sum() if ood is not None else mask.new_zeros(())]).double()
     torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    tokens, rows, kl_sum, final, adv, adv_sq, drift_sum = local.tolist()
+    tokens, rows, kl_sum, final, adv, adv_sq, drift_sum, rep, gram, cut_rows, ood_sum = \
+        local.tolist()
     adv_mean = adv / tokens
-    return {"rollout/response_len_mean": tokens / rows,
+    gaming = {"rollout/repeat_rate": rep / max(gram, 1.0),
+              "rollout/truncated_rate": cut_rows / rows}
+    if ood is not None:
+        gaming["rollout/gvm_value_ood_rate"] = ood_sum / tokens
+    return {**gaming, "rollout/response_len_mean": tokens / rows,
             "rollout/gvm_final_value_mean": final / rows,
             # the adaptive controller's quantity: summed per sequence (docs/algorithm.md §2)
             "rollout/kl_ref": kl_sum / rows, "rollout/kl_ref_per_token": kl_sum / tokens,
@@ -84,11 +98,13 @@ def rl_step(job, step: int) -> StepResult:
     learned = job.scorer.learn(rollout, scores, result, seed + [1])
     trained = time.perf_counter()
 
-    metrics = {**rollout_metrics(rollout, scores, estimate, advantages), **policy.metrics,
-               **(learned.metrics if learned else {})}
+    metrics = {**rollout_metrics(rollout, scores, estimate, advantages, job.tokenizer.eos_id,
+                                 cfg.rollout.max_new_tokens),
+               **policy.metrics, **(learned.metrics if learned else {})}
     job.kl.update(metrics["rollout/kl_ref"], job.prompts.global_batch_size)
     metrics["rollout/beta"] = job.kl.beta
     metrics.update(job.perf_metrics(rollout, generated - start, scored - generated,
                                     trained - scored))
     metrics.update(job.true_reward_metrics(prompts, rollout, step))
-    return StepResult(metrics, policy.updates + (learned.updates if learned else []))
+    return StepResult(metrics, policy.updates + (learned.updates if learned else []),
+                      stop=job.check_gaming(metrics, step + 1))

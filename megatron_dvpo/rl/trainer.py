@@ -20,6 +20,7 @@ from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
+from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
 from megatron_dvpo.rl.rewards import load_scorer
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
@@ -159,6 +160,20 @@ class RLTrainer:
         if interval and (step + 1) % interval == 0:
             metrics.update(self.evaluate())
         return metrics
+
+    def check_gaming(self, metrics: dict[str, float], step: int) -> str | None:
+        """A warning line past a gaming threshold; the reason to stop with stop_on_gaming."""
+        rl = self.cfg.rl
+        found = gaming_warnings(metrics, {
+            "rollout/repeat_rate": ("max", rl.gaming_max_repeat_rate),
+            "rollout/truncated_rate": ("max", rl.gaming_max_truncated_rate),
+            "rollout/gvm_value_ood_rate": ("max", rl.gaming_max_value_ood_rate),
+            "policy/entropy": ("min", rl.gaming_min_entropy)})
+        if not found:
+            return None
+        message = f"step {step}: the policy may be gaming its scorer: {'; '.join(found)}"
+        distributed.print_rank0(f"warning: {message}")
+        return message if rl.stop_on_gaming else None
 
     def _true_rewards(self, prompts: list[list[int]], rollout: Rollout) -> list[float]:
         eos = self.tokenizer.eos_id

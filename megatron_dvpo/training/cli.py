@@ -9,7 +9,9 @@ from megatron_dvpo.config import RunConfig, load_config, validate
 from megatron_dvpo.distributed import init_distributed, launch_env, print_rank0, shutdown
 from megatron_dvpo.errors import input_errors_exit
 from megatron_dvpo.models.precision import Hardware, plan_precision
-from megatron_dvpo.training.loop import TrainingLoop, check_resume_schedule
+from megatron_dvpo.training.loop import StoppedRun, TrainingLoop, check_resume_schedule
+
+STOPPED_EXIT_STATUS = 3  # a job that stopped itself (rl.stop_on_gaming), its checkpoint saved
 
 
 def run_trainer(job_class, description: str, argv=None,
@@ -36,5 +38,10 @@ def run_trainer(job_class, description: str, argv=None,
     print_rank0(f"precision: {cfg.precision.params_dtype} parameters, {plan.describe()}")
     with input_errors_exit():
         job = job_class(cfg)
-        TrainingLoop(job.cfg, job, job.units).run()
+        try:
+            TrainingLoop(job.cfg, job, job.units).run()
+        except StoppedRun as stopped:
+            print_rank0(f"stopped: {stopped}")
+            shutdown()
+            raise SystemExit(STOPPED_EXIT_STATUS) from None
     shutdown()

@@ -17,6 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -31,6 +32,10 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 DUPLICATE_SIGNAL_S = 2.0  # a signal again within this is the same one, delivered twice
 
 
+class StoppedRun(RuntimeError):
+    """A job asked to stop (e.g. ``rl.stop_on_gaming``); the checkpoint of the step is saved."""
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a NaN or Inf loss, gradient or metric."""
 
@@ -41,6 +46,7 @@ class StepResult:
 
     metrics: dict[str, float]
     updates: list[UpdateResult] = field(default_factory=list)
+    stop: Optional[str] = None  # why the run must stop after this step (it saves first)
 
 
 # The config key behind each value of a saved schedule, for the resume check's message.
@@ -193,6 +199,9 @@ class TrainingLoop:
                        "perf/step_time_s": time.perf_counter() - start,
                        "perf/peak_mem_gib": peak_memory_gib()}
             self._log(metrics)
+            if result.stop:
+                self.save()
+                raise StoppedRun(f"stopped at step {self.step}, saved: {result.stop}")
             if self.step >= self.cfg.train_steps:
                 break
             signum = self._stop_requested()
