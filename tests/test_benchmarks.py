@@ -67,3 +67,17 @@ def test_gpu_smoke_dry_run_runs_every_phase(tmp_path):
     assert phases["sampler"]["ours_over_hf"] > 0 and phases["training"]["tokens_per_s"] > 0
     for step in ("dvpo_step", "ppo_step"):
         assert phases[step]["gen_time_s"] > 0 and phases[step]["peak_mem_gib"] > 0
+
+
+def test_bench_gvm_quick(tmp_path):
+    """Every objective trains on the compositional task and is compared with the reward model;
+    the accuracies themselves are the benchmark's (README), not asserted here."""
+    out = tmp_path / "gvm.json"
+    proc = subprocess.run([sys.executable, "tools/bench_gvm.py", "--quick", "--tasks", "bigram",
+                           "--out", str(out), "--workdir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())["tasks"]["bigram"]["20"]
+    assert set(row) == {"td", "td_pairwise", "v1_rm_scores", "bradley_terry"}
+    for objective in ("td", "td_pairwise", "v1_rm_scores"):
+        assert 0 <= row[objective]["last"] <= 1 and "gap_to_rm_points" in row[objective]

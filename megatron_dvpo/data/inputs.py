@@ -50,9 +50,13 @@ def check_training_inputs(cfg: RunConfig, overrides: list[str], value_model: boo
         raise ConfigError("data.train_path is required")
     if cfg.data.trajectory_context_k and not cfg.data.tokenizer:
         raise ConfigError("data.trajectory_context_k needs data.tokenizer")
-    if value_model and cfg.gvm.objective == "bradley_terry" and cfg.data.micro_batch_size % 2:
-        raise ConfigError("gvm.objective=bradley_terry needs an even data.micro_batch_size "
-                          "(whole pairs per microbatch)")
+    pairs = value_model and cfg.gvm.objective in ("td_pairwise", "bradley_terry")
+    if pairs and cfg.data.micro_batch_size % 2:
+        raise ConfigError(f"gvm.objective={cfg.gvm.objective} needs an even "
+                          "data.micro_batch_size (whole pairs per microbatch)")
     for path in (cfg.data.train_path, cfg.data.eval_path):
         if path:
-            open_data(cfg, path, allow_unscored=not value_model)
+            dataset = open_data(cfg, path, allow_unscored=not value_model)
+            if pairs and path == cfg.data.train_path and not len(dataset.pairs()):
+                raise ConfigError(f"gvm.objective={cfg.gvm.objective} learns from preference "
+                                  f"pairs, and {path} has none")

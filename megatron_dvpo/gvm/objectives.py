@@ -1,10 +1,15 @@
-"""What a value model learns from a batch of the value dataset: TD(lambda) token values (the
-GVM, docs/algorithm.md §1) or Bradley-Terry sequence rewards (PPO's reward model, §3).
+"""What a value model learns from a batch of the value dataset (docs/algorithm.md §1, §3):
+
+- ``td``: TD(lambda) token values from each sample's own reward (the GVM of the paper);
+- ``td_pairwise``: the same, plus ``gvm.pairwise_weight`` times a Bradley-Terry term on the
+  final values of each (chosen, rejected) pair, which learns from the comparison itself instead
+  of two +-1 labels that each depend on an unseen partner;
+- ``bradley_terry``: Bradley-Terry on the final values alone (PPO's reward model).
 
 An objective turns one collated batch into a loss function for ``TrainedModel.update`` and
 turns the summed statistics of the whole global batch into tagged metrics. Losses are sums
-divided by the global normaliser (times the data-parallel size, since megatron DDP averages
-gradients over replicas), so gradients do not depend on the micro-batch or DP split.
+divided by global counts (times the data-parallel size, since megatron DDP averages gradients
+over replicas), so gradients do not depend on the micro-batch or DP split.
 """
 
 from __future__ import annotations
@@ -12,39 +17,55 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from megatron_dvpo.config import GVMConfig
-from megatron_dvpo.gvm.td import gvm_loss, loss_token_count
+from megatron_dvpo.gvm.td import gather_response_values, gvm_loss, loss_token_count
 from megatron_dvpo.models.forward import LossFn
 from megatron_dvpo.rl.losses import bradley_terry_loss
+
+Counts = dict[str, float]
 
 
 @dataclass(frozen=True)
 class Objective:
-    """``normalizer(batch)``: this rank's count (all-reduced by the trainer);
-    ``loss_fn(normalizer, dp)``: the per-microbatch loss; ``metrics(sums, normalizer)``."""
+    """``counts(batch)``: this rank's normalising counts (the trainer all-reduces each);
+    ``loss_fn(counts, dp)``: the per-microbatch loss; ``metrics(sums, counts)``."""
 
     sums: tuple[str, ...]
     whole_pairs: bool  # batches hold (chosen, rejected) rows next to each other
-    normalizer: Callable[[dict], float]
-    loss_fn: Callable[[float, int], LossFn]
-    metrics: Callable[[dict[str, float], float], dict[str, float]]
+    counts: Callable[[dict], Counts]
+    loss_fn: Callable[[Counts, int], LossFn]
+    metrics: Callable[[dict[str, float], Counts], dict[str, float]]
     summary_tags: tuple[str, ...]
 
 
-def td_objective(gvm: GVMConfig) -> Objective:
+TD_SUMS = ("sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response_tokens",
+           "final_value_sum", "rows")
+PAIR_SUMS = ("pair_loss_sum", "correct")
+
+
+def _pairs(batch: dict) -> float:
+    return batch["tokens"].shape[0] / 2
+
+
+def _final_values(values: torch.Tensor, mb: dict, alignment: str) -> torch.Tensor:
+    """Each row's last Q-view value: its predicted reward."""
+    q, mask, _ = gather_response_values(values, mb["prompt_lengths"], mb["response_lengths"],
+                                        alignment)
+    return q.gather(1, (mask.sum(1) - 1).unsqueeze(1)).squeeze(1)
+
+
+def _td_terms(gvm: GVMConfig):
+    """(loss_fn of the TD(lambda) part, its metrics) for ``gvm``."""
     prompt_value = gvm.train_prompt_value and gvm.alignment == "qview"
-    sums = ("sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response_tokens",
-            "final_value_sum", "rows")
 
-    def loss_fn(tokens: float, dp: int) -> LossFn:
-        def loss(outputs, mb):
-            value, stats = gvm_loss(outputs["values"], mb["prompt_lengths"], mb["response_lengths"],
-                                    mb["rewards"], gvm.gamma, gvm.lam, prompt_value,
-                                    normalizer=tokens, alignment=gvm.alignment)
-            return value * dp, {k: stats[k] for k in sums}
-        return loss
+    def td(outputs, mb, tokens: float):
+        return gvm_loss(outputs["values"], mb["prompt_lengths"], mb["response_lengths"],
+                        mb["rewards"], gvm.gamma, gvm.lam, prompt_value, normalizer=tokens,
+                        alignment=gvm.alignment)
 
-    def metrics(s: dict[str, float], tokens: float) -> dict[str, float]:
+    def metrics(s: dict[str, float]) -> dict[str, float]:
         # half the mean squared TD error over response tokens (docs/algorithm.md §1); the
         # objective adds the prompt-value terms of gvm.train_prompt_value
         return {"gvm/loss": 0.5 * s["response_sq_err_sum"] / s["response_tokens"],
@@ -52,32 +73,73 @@ def td_objective(gvm: GVMConfig) -> Objective:
                 "gvm/value_mean": s["value_sum"] / s["response_tokens"],
                 "gvm/final_value_mean": s["final_value_sum"] / s["rows"]}
 
-    return Objective(sums, False,
-                     lambda batch: loss_token_count(batch["response_lengths"], prompt_value),
-                     loss_fn, metrics,
+    def tokens(batch: dict) -> float:
+        return loss_token_count(batch["response_lengths"], prompt_value)
+
+    return td, metrics, tokens
+
+
+def _pair_term(outputs, mb, alignment: str, pairs: float):
+    """Summed Bradley-Terry loss of the microbatch's pairs / all pairs, and its stats."""
+    reward = _final_values(outputs["values"], mb, alignment)
+    value, stats = bradley_terry_loss(reward[0::2], reward[1::2])
+    n = reward.shape[0] / 2
+    return value * n / pairs, {"pair_loss_sum": value.detach() * n,
+                               "correct": stats["accuracy"] * n}
+
+
+def td_objective(gvm: GVMConfig) -> Objective:
+    td, td_metrics, tokens = _td_terms(gvm)
+
+    def loss_fn(counts: Counts, dp: int) -> LossFn:
+        def loss(outputs, mb):
+            value, stats = td(outputs, mb, counts["tokens"])
+            return value * dp, {k: stats[k] for k in TD_SUMS}
+        return loss
+
+    return Objective(TD_SUMS, False, lambda batch: {"tokens": tokens(batch)}, loss_fn,
+                     lambda s, counts: td_metrics(s),
                      ("gvm/loss", "gvm/value_mean", "gvm/pair_acc_last",
                       "perf/train_tokens_per_s"))
 
 
-def bradley_terry_objective(gvm: GVMConfig) -> Objective:
-    """-log sigmoid(r_chosen - r_rejected) on the last-token values of whole pairs."""
+def td_pairwise_objective(gvm: GVMConfig) -> Objective:
+    td, td_metrics, tokens = _td_terms(gvm)
 
-    def loss_fn(pairs: float, dp: int) -> LossFn:
+    def loss_fn(counts: Counts, dp: int) -> LossFn:
         def loss(outputs, mb):
-            last = (mb["prompt_lengths"] + mb["response_lengths"] - 1)[:, None]
-            reward = outputs["values"].gather(1, last).squeeze(1)
-            value, stats = bradley_terry_loss(reward[0::2], reward[1::2])
-            n = reward.shape[0] / 2
-            return value * n / pairs * dp, {"loss_sum": value.detach() * n,
-                                            "correct": stats["accuracy"] * n}
+            value, stats = td(outputs, mb, counts["tokens"])
+            pair, pair_stats = _pair_term(outputs, mb, gvm.alignment, counts["pairs"])
+            return (value + gvm.pairwise_weight * pair) * dp, {
+                **{k: stats[k] for k in TD_SUMS}, **pair_stats}
         return loss
 
-    def metrics(s: dict[str, float], pairs: float) -> dict[str, float]:
+    def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
+        return {**td_metrics(s), "gvm/pair_loss": s["pair_loss_sum"] / counts["pairs"],
+                "gvm/train_pair_accuracy": s["correct"] / counts["pairs"]}
+
+    return Objective(TD_SUMS + PAIR_SUMS, True,
+                     lambda batch: {"tokens": tokens(batch), "pairs": _pairs(batch)}, loss_fn,
+                     metrics, ("gvm/loss", "gvm/pair_loss", "gvm/pair_acc_last",
+                               "perf/train_tokens_per_s"))
+
+
+def bradley_terry_objective(gvm: GVMConfig) -> Objective:
+    """-log sigmoid(r_chosen - r_rejected) on the final values of whole pairs."""
+
+    def loss_fn(counts: Counts, dp: int) -> LossFn:
+        def loss(outputs, mb):
+            value, stats = _pair_term(outputs, mb, gvm.alignment, counts["pairs"])
+            return value * dp, {"loss_sum": stats["pair_loss_sum"], "correct": stats["correct"]}
+        return loss
+
+    def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
+        pairs = counts["pairs"]
         return {"rm/loss": s["loss_sum"] / pairs, "rm/train_accuracy": s["correct"] / pairs}
 
-    return Objective(("loss_sum", "correct"), True,
-                     lambda batch: batch["tokens"].shape[0] / 2, loss_fn, metrics,
-                     ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last"))
+    return Objective(("loss_sum", "correct"), True, lambda batch: {"pairs": _pairs(batch)},
+                     loss_fn, metrics, ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last"))
 
 
-OBJECTIVES = {"td": td_objective, "bradley_terry": bradley_terry_objective}
+OBJECTIVES = {"td": td_objective, "td_pairwise": td_pairwise_objective,
+              "bradley_terry": bradley_terry_objective}

@@ -101,12 +101,13 @@ class GVMTrainer:
         batch = self._next_batch()
         # Normalise by the whole global batch, so the gradient is that of the documented mean
         # however the batch is split over microbatches and replicas.
-        normalizer = distributed.all_reduce_data_parallel(self.objective.normalizer(batch))
+        counts = {k: distributed.all_reduce_data_parallel(v)
+                  for k, v in self.objective.counts(batch).items()}
         dp = parallel_state.get_data_parallel_world_size()
         microbatches = forward.make_microbatches(self.cfg.data.micro_batch_size,
                                                  **to_device(batch))
         update = self.model.update(microbatches, forward.gvm_values_head,
-                                   self.objective.loss_fn(normalizer, dp))
+                                   self.objective.loss_fn(counts, dp))
         keys = list(self.objective.sums)
         local = ({k: sum(float(o[k]) for o in update.outputs) for k in keys}
                  if update.outputs else None)
@@ -114,7 +115,7 @@ class GVMTrainer:
         seq_tokens = distributed.all_reduce_data_parallel(
             float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         prefix = self.summary_tags[0].split("/")[0]
-        metrics = {**self.objective.metrics(sums, normalizer),
+        metrics = {**self.objective.metrics(sums, counts),
                    f"{prefix}/grad_norm": update.grad_norm or 0.0, f"{prefix}/lr": self.model.lr,
                    "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)}
         interval = self.cfg.gvm.eval_interval
