@@ -246,6 +246,13 @@ class DVPOConfig:
     # released = the released code's whitening of each forward chunk's raw outputs.
     value_whitening: Literal["released", "per_sequence_states", "none"] = "released"
     gvm_offload: bool = False  # keep the GVM on CPU during the policy update
+    # GVM refresh (semi-online, docs/algorithm.md §2): every refresh_interval steps (0: never),
+    # pair two of the policy's samples per prompt, rank them by refresh_scorer (default:
+    # rl.true_reward), and take refresh_updates GVM steps of its own objective at refresh_lr.
+    refresh_interval: int = _checked(0, NON_NEGATIVE)
+    refresh_scorer: Optional[str] = None
+    refresh_updates: int = _checked(4, POSITIVE)
+    refresh_lr: float = _checked(1e-5, POSITIVE)
 
 
 @dataclass

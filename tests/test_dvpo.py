@@ -115,9 +115,11 @@ def test_adaptive_kl_follows_the_per_sequence_kl(pipeline, tmp_path, single_rank
 
 
 def test_resume_continues_exactly(pipeline, tmp_path):
+    """With the GVM refreshed every 2 steps, so that the GVM unit (weights and optimizer) must
+    come back too for steps 4-6 to match."""
     work, _ = pipeline
     common = ["train_steps=6", "data.global_batch_size=32", "rl.kl_coef=0.1",
-              "checkpoint.save_interval=3"]
+              "checkpoint.save_interval=3", "dvpo.refresh_interval=2", "dvpo.refresh_lr=1e-3"]
 
     def run(name, *extra):
         run_dir = tmp_path / name
@@ -128,10 +130,12 @@ def test_resume_continues_exactly(pipeline, tmp_path):
     unbroken = run("unbroken")
     run("broken", "exit_interval=3")
     resumed = run("broken")
-    for tag in ("policy/loss", "rollout/true_reward_mean", "rollout/beta", "policy/approx_kl"):
+    for tag in ("policy/loss", "rollout/true_reward_mean", "rollout/beta", "policy/approx_kl",
+                "rollout/gvm_final_value_mean", "gvm_refresh/loss"):
         expected, got = dict(unbroken[tag]), dict(resumed[tag])
-        assert sorted(got) == list(range(1, 7)), tag
-        for step in (4, 5, 6):
+        assert sorted(got) == ([2, 4, 6] if tag.startswith("gvm_refresh") else
+                               list(range(1, 7))), tag
+        for step in (4, 5, 6) if not tag.startswith("gvm_refresh") else (4, 6):
             assert got[step] == pytest.approx(expected[step], abs=1e-6), (tag, step)
 
 
@@ -240,3 +244,37 @@ def test_a_gvm_that_rewards_repetition_is_caught(pipeline, tmp_path):
     assert "rollout/gvm_value_ood_rate" in scalars(run / "tensorboard")
     stopped_at = max(repeat)
     assert (run / "checkpoints" / f"iter_{stopped_at:07d}" / "train_state.json").is_file()
+
+
+@pytest.mark.multirank
+def test_gvm_refresh_stops_the_short_response_exploit(pipeline, tmp_path, single_rank):
+    """With dvpo.estimator=td the demo's policy games its frozen GVM, which over-rates very
+    short responses: it falls to ~1-token responses and the held-out true reward stays near
+    0.05 (measured -0.18 -> +0.03 at step 20, without refresh). Refreshing the GVM every 4
+    steps on on-policy pairs ranked by the task's scorer stops it: the true reward rises by at
+    least 0.5 (measured -0.18 -> +0.74), and the refreshed GVM is checkpointed as a unit."""
+    from megatron_dvpo.checkpointing import load_model
+    from megatron_dvpo.models import build_chunks
+
+    work, _ = pipeline
+    run = tmp_path / "refresh"
+    torchrun(["-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
+              *dvpo_overrides(work, run, "train_steps=20", "rl.eval_interval=20",
+                              "dvpo.estimator=td", "dvpo.refresh_interval=4",
+                              "dvpo.refresh_lr=1e-3", "checkpoint.save_interval=20")], nproc=2)
+    logs = scalars(run / "tensorboard")
+    reward = [v for _, v in logs["eval/true_reward_mean"]]
+    assert reward[-1] >= reward[0] + 0.5, reward
+    assert [s for s, _ in logs["gvm_refresh/pairs"]] == [4, 8, 12, 16, 20]
+    assert logs["gvm_refresh/pairs"][0][1] == 64
+    assert {"gvm_refresh/pair_accuracy_before", "gvm_refresh/tied_rate",
+            "gvm_refresh/loss"} <= set(logs)
+    saved = run / "checkpoints" / "iter_0000020"
+    assert list(yaml.safe_load((saved / "train_state.json").read_text())["units"]) == ["gvm"]
+    gvm_dir = work / "gvm" / "checkpoints" / "iter_0000300"
+    cfg = load_config(gvm_dir / "config.yaml")
+    original, refreshed = build_chunks(cfg, initialize=False), build_chunks(cfg, initialize=False)
+    load_model(original, gvm_dir / "model")
+    load_model(refreshed, saved / "gvm")
+    assert any(not torch.equal(p, q) for p, q in zip(original[0].parameters(),
+                                                     refreshed[0].parameters()))

@@ -74,6 +74,10 @@ def one_error_line(proc: subprocess.CompletedProcess, expected: str,
      "data.micro_batch_size must be > 0, got 0"),
     ("megatron_dvpo.rl.ppo", ["ppo.reward_model=/nowhere"],
      "ppo.reward_model=/nowhere is not a checkpoint directory"),
+    ("megatron_dvpo.rl.dvpo", ["dvpo.refresh_interval=2", "rl.true_reward=null"],
+     "dvpo.refresh_interval=2 ranks on-policy pairs with a scorer: set dvpo.refresh_scorer"),
+    ("megatron_dvpo.rl.dvpo", ["dvpo.refresh_interval=2", "dvpo.refresh_scorer=nomodule:f"],
+     "dvpo.refresh_scorer='nomodule:f': cannot import module 'nomodule'"),
 ])
 def test_trainer_input_errors_are_one_line_before_any_work(work, tmp_path, module, args,
                                                            expected):

@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
 
+from megatron_dvpo import distributed
 from megatron_dvpo.config import GVMConfig
+from megatron_dvpo.device import to_device
 from megatron_dvpo.gvm.td import gather_response_values, gvm_loss, loss_token_count
+from megatron_dvpo.models import forward
 from megatron_dvpo.models.forward import LossFn
 from megatron_dvpo.rl.losses import bradley_terry_loss
+from megatron_dvpo.training.trained_model import TrainedModel, UpdateResult
 
 Counts = dict[str, float]
 
@@ -45,8 +50,15 @@ TD_SUMS = ("sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response
 PAIR_SUMS = ("pair_loss_sum", "correct")
 
 
+def _ranked(batch: dict) -> torch.Tensor:
+    """[pairs] which (chosen, rejected) rows are ordered: a tied pair (a GVM refresh's two
+    equally scored samples) teaches values, not an order."""
+    rewards = batch["rewards"]
+    return rewards[0::2] != rewards[1::2]
+
+
 def _pairs(batch: dict) -> float:
-    return batch["tokens"].shape[0] / 2
+    return float(_ranked(batch).sum())
 
 
 def _final_values(values: torch.Tensor, mb: dict, alignment: str) -> torch.Tensor:
@@ -80,12 +92,17 @@ def _td_terms(gvm: GVMConfig):
 
 
 def _pair_term(outputs, mb, alignment: str, pairs: float):
-    """Summed Bradley-Terry loss of the microbatch's pairs / all pairs, and its stats."""
+    """Summed Bradley-Terry loss of the microbatch's ordered pairs / all of them, and its
+    stats."""
     reward = _final_values(outputs["values"], mb, alignment)
-    value, stats = bradley_terry_loss(reward[0::2], reward[1::2])
-    n = reward.shape[0] / 2
-    return value * n / pairs, {"pair_loss_sum": value.detach() * n,
-                               "correct": stats["accuracy"] * n}
+    ranked = _ranked(mb).to(reward.device)
+    n = float(ranked.sum())
+    if not n:
+        zero = reward.sum() * 0.0  # keeps the graph, so every microbatch has a backward
+        return zero, {"pair_loss_sum": zero.detach(), "correct": zero.detach()}
+    value, stats = bradley_terry_loss(reward[0::2][ranked], reward[1::2][ranked])
+    return value * n / max(pairs, 1.0), {"pair_loss_sum": value.detach() * n,
+                                         "correct": stats["accuracy"] * n}
 
 
 def td_objective(gvm: GVMConfig) -> Objective:
@@ -115,8 +132,9 @@ def td_pairwise_objective(gvm: GVMConfig) -> Objective:
         return loss
 
     def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
-        return {**td_metrics(s), "gvm/pair_loss": s["pair_loss_sum"] / counts["pairs"],
-                "gvm/train_pair_accuracy": s["correct"] / counts["pairs"]}
+        pairs = max(counts["pairs"], 1.0)
+        return {**td_metrics(s), "gvm/pair_loss": s["pair_loss_sum"] / pairs,
+                "gvm/train_pair_accuracy": s["correct"] / pairs}
 
     return Objective(TD_SUMS + PAIR_SUMS, True,
                      lambda batch: {"tokens": tokens(batch), "pairs": _pairs(batch)}, loss_fn,
@@ -134,7 +152,7 @@ def bradley_terry_objective(gvm: GVMConfig) -> Objective:
         return loss
 
     def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
-        pairs = counts["pairs"]
+        pairs = max(counts["pairs"], 1.0)
         return {"rm/loss": s["loss_sum"] / pairs, "rm/train_accuracy": s["correct"] / pairs}
 
     return Objective(("loss_sum", "correct"), True, lambda batch: {"pairs": _pairs(batch)},
@@ -143,3 +161,31 @@ def bradley_terry_objective(gvm: GVMConfig) -> Objective:
 
 OBJECTIVES = {"td": td_objective, "td_pairwise": td_pairwise_objective,
               "bradley_terry": bradley_terry_objective}
+
+
+@dataclass(frozen=True)
+class ObjectiveUpdate:
+    """One optimizer step of an objective: the update, the global sums and counts."""
+
+    update: UpdateResult
+    sums: dict[str, float]
+    counts: Counts
+
+    def metrics(self, objective: Objective) -> dict[str, float]:
+        return objective.metrics(self.sums, self.counts)
+
+
+def train_on_batch(model: TrainedModel, objective: Objective, batch: dict,
+                   micro_batch_size: int) -> ObjectiveUpdate:
+    """One update of ``model`` on this rank's part of a global batch. Losses are normalised by
+    the whole global batch, so the gradient is that of the documented mean however the batch
+    is split over microbatches and replicas."""
+    counts = {k: distributed.all_reduce_data_parallel(v)
+              for k, v in objective.counts(batch).items()}
+    dp = parallel_state.get_data_parallel_world_size()
+    microbatches = forward.make_microbatches(micro_batch_size, **to_device(batch))
+    update = model.update(microbatches, forward.gvm_values_head, objective.loss_fn(counts, dp))
+    keys = list(objective.sums)
+    local = ({k: sum(float(o[k]) for o in update.outputs) for k in keys}
+             if update.outputs else None)
+    return ObjectiveUpdate(update, distributed.sum_over_replicas(keys, local), counts)

@@ -26,7 +26,7 @@ from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.device import to_device
 from megatron_dvpo.gvm.evaluate import evaluate_pairs
-from megatron_dvpo.gvm.objectives import OBJECTIVES
+from megatron_dvpo.gvm.objectives import OBJECTIVES, train_on_batch
 from megatron_dvpo.gvm.td import gather_response_values
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
@@ -99,29 +99,18 @@ class GVMTrainer:
     def step(self, step: int) -> StepResult:
         start = time.perf_counter()
         batch = self._next_batch()
-        # Normalise by the whole global batch, so the gradient is that of the documented mean
-        # however the batch is split over microbatches and replicas.
-        counts = {k: distributed.all_reduce_data_parallel(v)
-                  for k, v in self.objective.counts(batch).items()}
-        dp = parallel_state.get_data_parallel_world_size()
-        microbatches = forward.make_microbatches(self.cfg.data.micro_batch_size,
-                                                 **to_device(batch))
-        update = self.model.update(microbatches, forward.gvm_values_head,
-                                   self.objective.loss_fn(counts, dp))
-        keys = list(self.objective.sums)
-        local = ({k: sum(float(o[k]) for o in update.outputs) for k in keys}
-                 if update.outputs else None)
-        sums = distributed.sum_over_replicas(keys, local)
+        trained = train_on_batch(self.model, self.objective, batch, self.cfg.data.micro_batch_size)
         seq_tokens = distributed.all_reduce_data_parallel(
             float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         prefix = self.summary_tags[0].split("/")[0]
-        metrics = {**self.objective.metrics(sums, counts),
-                   f"{prefix}/grad_norm": update.grad_norm or 0.0, f"{prefix}/lr": self.model.lr,
+        metrics = {**trained.metrics(self.objective),
+                   f"{prefix}/grad_norm": trained.update.grad_norm or 0.0,
+                   f"{prefix}/lr": self.model.lr,
                    "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)}
         interval = self.cfg.gvm.eval_interval
         if self.eval_data is not None and interval and (step + 1) % interval == 0:
             metrics.update(self.evaluate())
-        return StepResult(metrics, [update])
+        return StepResult(metrics, [trained.update])
 
     def finish(self) -> dict[str, float]:
         if self.eval_data is None:

@@ -7,11 +7,13 @@ one forward pass of the frozen Global Value Model, which lives on the same ranks
 and has no optimizer or DDP wrapper; optionally add a KL penalty against a frozen reference
 (loaded only when ``rl.kl_coef > 0``); turn values into advantages (``dvpo.estimator``); and
 run ``rl.ppo_epochs`` passes of the clipped policy loss. No critic is trained and no reward
-model is run.
+model is run. ``dvpo.refresh_interval`` (off by default) makes it semi-online: the GVM continues
+its training on on-policy pairs ranked by the user's scorer (``rl/refresh.py``).
 """
 
 from __future__ import annotations
 
+from megatron_dvpo.rl.refresh import GVMRefresh
 from megatron_dvpo.rl.scorers import GVMScorer
 from megatron_dvpo.rl.trainer import RLAlgorithm
 from megatron_dvpo.training.cli import run_trainer
@@ -23,6 +25,7 @@ DVPO = RLAlgorithm(
     estimator=lambda cfg: cfg.dvpo.estimator,
     needs_reference=lambda cfg: cfg.rl.kl_coef > 0,
     whiten_state_values=lambda cfg: cfg.dvpo.value_whitening == "per_sequence_states",
+    make_refresh=lambda job: GVMRefresh.for_job(job) if job.cfg.dvpo.refresh_interval else None,
 )
 
 

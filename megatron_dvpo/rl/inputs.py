@@ -96,6 +96,19 @@ def _check_lengths(cfg: RunConfig, models: dict[str, RunConfig]) -> None:
                               f"{key}={_get(cfg, key)}")
 
 
+def _check_refresh(cfg: RunConfig) -> None:
+    dvpo = cfg.dvpo
+    if not dvpo.refresh_interval:
+        return
+    if not (dvpo.refresh_scorer or cfg.rl.true_reward):
+        raise ConfigError(f"dvpo.refresh_interval={dvpo.refresh_interval} ranks on-policy pairs "
+                          "with a scorer: set dvpo.refresh_scorer (or rl.true_reward)")
+    if dvpo.gvm_offload:
+        raise ConfigError("dvpo.gvm_offload=true with dvpo.refresh_interval: a refreshed GVM "
+                          "trains on the GPU; turn one of them off")
+    load_scorer(dvpo.refresh_scorer, "dvpo.refresh_scorer")
+
+
 def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
                     value_keys: tuple[str, ...] = ("dvpo.gvm",),
                     needs_reference: bool | None = None) -> RLInputs:
@@ -132,6 +145,8 @@ def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
     tokenizer = load_tokenizer(str(tokenizer_path))
     check_vocab(tokenizer, policy.model.vocab_size, f"rl.policy={rl.policy}")
     load_scorer(rl.true_reward)  # imported and probed now: a wrong spec fails at once
+    if "dvpo.gvm" in value_keys:
+        _check_refresh(cfg)
     if not cfg.data.train_path:
         raise ConfigError("data.train_path (the prompts) is required")
     for path in (cfg.data.train_path, cfg.data.eval_path):

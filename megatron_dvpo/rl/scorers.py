@@ -26,6 +26,7 @@ from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.rl.estimators import Advantages, Scores
 from megatron_dvpo.rl.gaming import out_of_range
+from megatron_dvpo.rl.refresh import refresh_optimizer, refresh_updates_total
 from megatron_dvpo.rl.scoring import estimator_inputs, rollout_q_view
 from megatron_dvpo.rl.updates import UpdateSummary, update_critic
 from megatron_dvpo.training.trained_model import TrainedModel
@@ -62,11 +63,23 @@ def rollout_values(chunks, rollout: Rollout, micro_batch_size: int) -> torch.Ten
 
 class GVMScorer:
     """The frozen GVM, read as it was trained (``alignment``) and as the estimator needs
-    (``value_whitening`` for gae; docs/algorithm.md §1-2)."""
+    (``value_whitening`` for gae; docs/algorithm.md §1-2). With ``dvpo.refresh_interval`` it
+    is a trained model instead (``rl/refresh.py`` trains it), checkpointed as the unit ``gvm``."""
 
     def __init__(self, cfg: RunConfig, gvm_cfg: RunConfig):
-        self.units: dict[str, TrainedModel] = {}  # nothing of it trains
-        self.gvm = frozen_model(cfg, gvm_cfg.model, cfg.dvpo.gvm)
+        self.cfg, self.gvm_cfg = cfg, gvm_cfg
+        self.model: TrainedModel | None = None
+        self.units: dict[str, TrainedModel] = {}
+        if cfg.dvpo.refresh_interval:
+            gvm_run = RunConfig(model=gvm_cfg.model, parallel=cfg.parallel,
+                                precision=inference_precision(cfg.precision), seed=cfg.seed)
+            self.model = TrainedModel(build_chunks(gvm_run, initialize=False),
+                                      refresh_optimizer(cfg), cfg.parallel, gvm_run.precision,
+                                      refresh_updates_total(cfg),
+                                      cfg.checkpoint.override_scheduler)
+            self.units, self.gvm = {"gvm": self.model}, self.model.chunks
+        else:
+            self.gvm = frozen_model(cfg, gvm_cfg.model, cfg.dvpo.gvm)
         self.alignment = gvm_cfg.gvm.alignment
         self.estimator, self.value_whitening = cfg.dvpo.estimator, cfg.dvpo.value_whitening
         self.micro_batch_size, self.offload = cfg.data.micro_batch_size, cfg.dvpo.gvm_offload
@@ -76,6 +89,10 @@ class GVMScorer:
         if self.value_range is None:
             distributed.print_rank0(f"dvpo.gvm={cfg.dvpo.gvm} records no value range (not "
                                     "trained here): rollout/gvm_value_ood_rate is not logged")
+
+    def initialize(self) -> None:
+        if self.model is not None:
+            self.model.load_weights(self.cfg.dvpo.gvm)
 
     def score(self, rollout: Rollout) -> Scores:
         offload = self.offload and torch.cuda.is_available()
@@ -96,7 +113,7 @@ class GVMScorer:
                       q=q, q_prompt=q_prompt, out_of_range=ood)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
-        return None  # the GVM never trains during RL
+        return None  # the GVM never learns from the policy's advantages
 
 
 class RewardCriticScorer:

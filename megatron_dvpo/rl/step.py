@@ -96,15 +96,19 @@ def rl_step(job, step: int) -> StepResult:
         advantages = whiten_globally(advantages, rollout.response_mask)
     policy = job.update_policy(rollout, logp_old, advantages, seed)
     learned = job.scorer.learn(rollout, scores, result, seed + [1])
+    refreshed = (job.refresh(step, prompts, rollout, scores.final_value)
+                 if job.refresh is not None else None)
     trained = time.perf_counter()
 
     metrics = {**rollout_metrics(rollout, scores, estimate, advantages, job.tokenizer.eos_id,
                                  cfg.rollout.max_new_tokens),
-               **policy.metrics, **(learned.metrics if learned else {})}
+               **policy.metrics, **(learned.metrics if learned else {}),
+               **(refreshed.metrics if refreshed else {})}
     job.kl.update(metrics["rollout/kl_ref"], job.prompts.global_batch_size)
     metrics["rollout/beta"] = job.kl.beta
     metrics.update(job.perf_metrics(rollout, generated - start, scored - generated,
                                     trained - scored))
     metrics.update(job.true_reward_metrics(prompts, rollout, step))
-    return StepResult(metrics, policy.updates + (learned.updates if learned else []),
-                      stop=job.check_gaming(metrics, step + 1))
+    updates = (policy.updates + (learned.updates if learned else [])
+               + (refreshed.updates if refreshed else []))
+    return StepResult(metrics, updates, stop=job.check_gaming(metrics, step + 1))

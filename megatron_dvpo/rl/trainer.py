@@ -7,7 +7,7 @@ whether a reference is needed); ``RLTrainer`` is built from those parts and runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -22,7 +22,7 @@ from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
-from megatron_dvpo.rl.rewards import load_scorer
+from megatron_dvpo.rl.rewards import TrueReward, load_scorer
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
 from megatron_dvpo.rl.step import rl_step
 from megatron_dvpo.rl.updates import UpdateSummary, update_policy
@@ -43,6 +43,8 @@ class RLAlgorithm:
     needs_reference: Callable[[RunConfig], bool]
     whiten_state_values: Callable[[RunConfig], bool] = lambda cfg: False
     prepare: Callable[[RunConfig], None] = lambda cfg: None  # defaults resolved before checks
+    # what keeps the scorer in step with the policy (DVPO's GVM refresh), called every step
+    make_refresh: Callable[["RLTrainer"], Optional[Callable]] = lambda job: None
 
     @staticmethod
     def updates_per_step(cfg: RunConfig) -> int:
@@ -94,6 +96,7 @@ class RLTrainer:
         self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit, skip)[0]
                              if cfg.data.eval_path else None)
         self.true_reward = load_scorer(rl.true_reward)
+        self.refresh = algorithm.make_refresh(self)
         self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                                        cfg.rollout.top_p, cfg.rollout.top_k)
         # logp_old, logp and logp_ref all come from the distribution the rollout samples from
@@ -154,7 +157,8 @@ class RLTrainer:
                             step: int) -> dict[str, float]:
         metrics = {}
         if self.true_reward is not None:
-            total = distributed.all_reduce_data_parallel(sum(self._true_rewards(prompts, rollout)))
+            total = distributed.all_reduce_data_parallel(
+                sum(self.text_scores(self.true_reward, prompts, rollout)))
             metrics["rollout/true_reward_mean"] = total / self.prompts.global_batch_size
         interval = self.cfg.rl.eval_interval
         if interval and (step + 1) % interval == 0:
@@ -175,9 +179,11 @@ class RLTrainer:
         distributed.print_rank0(f"warning: {message}")
         return message if rl.stop_on_gaming else None
 
-    def _true_rewards(self, prompts: list[list[int]], rollout: Rollout) -> list[float]:
+    def text_scores(self, scorer: TrueReward, prompts: list[list[int]],
+                    rollout: Rollout) -> list[float]:
+        """``scorer`` on each (prompt, response) as text, the response without its EOS."""
         eos = self.tokenizer.eos_id
-        return [self.true_reward(self.tokenizer.decode(prompt),
+        return [scorer(self.tokenizer.decode(prompt),
                                  self.tokenizer.decode([t for t in response[:n].tolist()
                                                         if t != eos]))
                 for prompt, response, n in zip(prompts, rollout.responses,
@@ -191,5 +197,6 @@ class RLTrainer:
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
         rollout = self.rollout(mine, EVAL_SEED)
-        total = distributed.all_reduce_data_parallel(sum(self._true_rewards(mine, rollout)))
+        total = distributed.all_reduce_data_parallel(
+            sum(self.text_scores(self.true_reward, mine, rollout)))
         return {"eval/true_reward_mean": total / len(self.eval_prompts)}
