@@ -150,6 +150,24 @@ def all_reduce_data_parallel(value: float) -> float:
     return t.item()
 
 
+def gather_lists(items: list, contributes: bool) -> list:
+    """The ``items`` of every rank where ``contributes`` holds, in rank order, on every rank
+    (one replica's copy each, where model-parallel ranks hold the same items)."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items if contributes else [])
+    return [item for part in gathered for item in part]
+
+
+def write_jsonl_rank0(path, rows: list[dict], what: str) -> None:
+    """Rank 0 writes ``rows`` as JSON lines and says so."""
+    import json
+
+    if is_rank0():
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        print(f"wrote {len(rows)} {what} to {path}")
+
+
 def all_reduce_max(value: float) -> float:
     """The largest ``value`` over every rank (a flag: any rank's NaN, any rank's signal)."""
     t = torch.tensor([value], dtype=torch.float64, device=device())

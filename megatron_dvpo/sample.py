@@ -13,9 +13,7 @@ own samples, on which a GVM can be trained.
 from __future__ import annotations
 
 import argparse
-import json
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
@@ -126,15 +124,12 @@ def main(argv=None) -> None:
     samples = sample_rows(chunks, prompts[dp_rank::dp_size], tokenizer,
                           SamplingConfig(args.max_new_tokens, args.temperature),
                           cfg.model.vocab_size, n, args.batch_size, args.seed * 131 + dp_rank)
-    gathered = [None] * torch.distributed.get_world_size()
     writes = (parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.is_pipeline_first_stage())
-    torch.distributed.all_gather_object(gathered, samples if writes else [])
+    gathered = distributed.gather_lists(samples, writes)
     if distributed.is_rank0():
-        rows = output_rows(prompts, [s for part in gathered for s in part], score, args.pairs)
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        print(f"wrote {len(rows)} rows to {args.out}")
+        distributed.write_jsonl_rank0(args.out, output_rows(prompts, gathered, score, args.pairs),
+                                      "rows")
     distributed.shutdown()
 
 

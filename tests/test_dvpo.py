@@ -30,7 +30,8 @@ def pipeline(tmp_path_factory):
 @pytest.mark.multirank
 def test_dvpo_raises_the_true_reward(pipeline):
     """Seed 1234, 40 DVPO steps of 64 prompts at DP=2: the held-out true reward of the policy
-    rises by at least 0.3 (the demo measured -0.18 -> +0.41; the SFT policy scores below 0)."""
+    rises by at least 0.3 (the demo measured -0.18 -> +0.26 with its KL anchor; the SFT
+    policy scores below 0)."""
     work, result = pipeline
     assert result["true_reward_after"] >= result["true_reward_before"] + 0.3, result
     assert result["gvm_pair_acc_last"] >= 0.85, result
@@ -232,7 +233,8 @@ def test_a_gvm_that_rewards_repetition_is_caught(pipeline, tmp_path):
                            "examples/dvpo_tiny.yaml",
                            *dvpo_overrides(work, run, f"dvpo.gvm={gvm}/checkpoints",
                                            "train_steps=40", "data.global_batch_size=32",
-                                           "dvpo.estimator=q", "rl.gaming_max_repeat_rate=0.3",
+                                           "dvpo.estimator=q", "rl.kl_coef=0",
+                                           "rl.gaming_max_repeat_rate=0.3",
                                            "rl.gaming_max_truncated_rate=1.0",
                                            "rl.stop_on_gaming=true")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -248,11 +250,12 @@ def test_a_gvm_that_rewards_repetition_is_caught(pipeline, tmp_path):
 
 @pytest.mark.multirank
 def test_gvm_refresh_stops_the_short_response_exploit(pipeline, tmp_path, single_rank):
-    """With dvpo.estimator=td the demo's policy games its frozen GVM, which over-rates very
-    short responses: it falls to ~1-token responses and the held-out true reward stays near
-    0.05 (measured -0.18 -> +0.03 at step 20, without refresh). Refreshing the GVM every 4
-    steps on on-policy pairs ranked by the task's scorer stops it: the true reward rises by at
-    least 0.5 (measured -0.18 -> +0.74), and the refreshed GVM is checkpointed as a unit."""
+    """With dvpo.estimator=td and no KL anchor the demo's policy games its frozen GVM, which
+    over-rates very short responses: it falls to ~1-token responses and the held-out true
+    reward to 0 (measured -0.18 -> +0.00 at step 20, without refresh). Refreshing the GVM
+    every 4 steps on on-policy pairs ranked by the task's scorer stops it: the true reward
+    rises by at least 0.5 (measured -0.18 -> +0.70), and the refreshed GVM is checkpointed as
+    a unit."""
     from megatron_dvpo.checkpointing import load_model
     from megatron_dvpo.models import build_chunks
 
@@ -260,7 +263,7 @@ def test_gvm_refresh_stops_the_short_response_exploit(pipeline, tmp_path, single
     run = tmp_path / "refresh"
     torchrun(["-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
               *dvpo_overrides(work, run, "train_steps=20", "rl.eval_interval=20",
-                              "dvpo.estimator=td", "dvpo.refresh_interval=4",
+                              "dvpo.estimator=td", "rl.kl_coef=0", "dvpo.refresh_interval=4",
                               "dvpo.refresh_lr=1e-3", "checkpoint.save_interval=20")], nproc=2)
     logs = scalars(run / "tensorboard")
     reward = [v for _, v in logs["eval/true_reward_mean"]]

@@ -11,9 +11,7 @@ the policy's samples, and the GVM learns TD(lambda) targets from those scores.
 from __future__ import annotations
 
 import argparse
-import json
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
@@ -45,19 +43,15 @@ def main(argv=None) -> None:
             scores += q.gather(1, (mask.sum(1) - 1).unsqueeze(1)).squeeze(1).tolist()
     writes = (parallel_state.is_pipeline_last_stage()
               and parallel_state.get_tensor_model_parallel_rank() == 0)
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, list(zip(mine, scores)) if writes else [])
-    if distributed.is_rank0():
-        special = {tokenizer.bos_id, tokenizer.eos_id}
-        text = lambda ids: tokenizer.decode([t for t in ids if t not in special])  # noqa: E731
-        rows = []
-        for index, score in sorted(item for part in gathered for item in part):
-            sample = dataset[index]
-            rows.append({"prompt": text(sample.prompt_ids), "response": text(sample.response_ids),
-                         "score": score})
-        with open(args.out, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        print(f"wrote {len(rows)} scored rows to {args.out}")
+    gathered = distributed.gather_lists(list(zip(mine, scores)), writes)
+    special = {tokenizer.bos_id, tokenizer.eos_id}
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode([t for t in ids if t not in special])
+
+    rows = [{"prompt": text(dataset[i].prompt_ids), "response": text(dataset[i].response_ids),
+             "score": score} for i, score in sorted(gathered)] if distributed.is_rank0() else []
+    distributed.write_jsonl_rank0(args.out, rows, "scored rows")
     distributed.shutdown()
 
 
