@@ -88,6 +88,12 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # megatron DDP: start each gradient bucket's data-parallel reduction during the backward
+    # pass instead of after it (Megatron-LM's --overlap-grad-reduce)
+    overlap_grad_reduce: bool = False
+    # parameters per gradient bucket with overlap_grad_reduce (None: megatron's default,
+    # max(40M, 1M x data-parallel size)); smaller buckets start reducing earlier
+    ddp_bucket_size: Optional[int] = _checked(None, POSITIVE)
 
 
 @dataclass
@@ -107,6 +113,25 @@ class PrecisionConfig:
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
     # Attention implementation: "auto" picks Transformer Engine on a GPU with TE, else local.
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+
+
+@dataclass
+class RecomputeConfig:
+    """Megatron's activation recompute for the models a job trains (Megatron-LM's
+    --recompute-*): activations are recomputed in the backward pass instead of kept.
+    ``selective`` recomputes the attention core only; ``full`` whole layers, by ``method``:
+    ``uniform`` checkpoints groups of ``num_layers`` layers, ``block`` the first ``num_layers``
+    layers of each pipeline stage."""
+
+    granularity: Optional[Literal["full", "selective"]] = None
+    method: Literal["uniform", "block"] = "uniform"
+    num_layers: int = _checked(1, POSITIVE)
+
+    def transformer_config_kwargs(self) -> dict:
+        if self.granularity == "full":
+            return {"recompute_granularity": "full", "recompute_method": self.method,
+                    "recompute_num_layers": self.num_layers}
+        return {"recompute_granularity": self.granularity}
 
 
 @dataclass
@@ -269,6 +294,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -544,9 +570,22 @@ def validate_parallel(parallel: ParallelConfig, world_size: int) -> None:
                           f" = {tp * pp * cp}")
 
 
+def validate_recompute(recompute: RecomputeConfig, model: ModelConfig,
+                       parallel: ParallelConfig) -> None:
+    if recompute.granularity != "full":
+        return
+    layers = model.num_layers // parallel.pipeline_model_parallel_size
+    limit = model.num_layers if recompute.method == "uniform" else layers
+    if recompute.num_layers > limit:
+        where = "model.num_layers" if recompute.method == "uniform" else "layers per pipeline stage"
+        raise ConfigError(f"recompute.num_layers={recompute.num_layers} exceeds the {limit} "
+                          f"{where} (recompute.method={recompute.method})")
+
+
 def validate(cfg: RunConfig, world_size: int) -> None:
     validate_parallel(cfg.parallel, world_size)
     validate_model(cfg.model, cfg.parallel)
+    validate_recompute(cfg.recompute, cfg.model, cfg.parallel)
     data = cfg.data
     dp = world_size // (cfg.parallel.tensor_model_parallel_size
                         * cfg.parallel.pipeline_model_parallel_size

@@ -59,6 +59,8 @@ _REDIRECTED_MODULES = {
     "megatron.core.dist_checkpointing.strategies.async_utils": "synchronize, current_device",
     # parallel_state barrier helpers: torch.cuda.synchronize()
     "megatron.core.parallel_state": "synchronize",
+    # activation recompute (CheckpointFunction) saves torch.cuda.random.get_rng_state()
+    "megatron.core.tensor_parallel.random": "random.get_rng_state",
 }
 
 _CPU = torch.device("cpu")
@@ -100,12 +102,22 @@ class _NoStream:
         return event
 
 
+class _NoCudaRandom:
+    """``torch.cuda.random`` without a CUDA generator: its state is empty (the CPU generator's,
+    which recompute saves and restores as well, is the one in use)."""
+
+    @staticmethod
+    def get_rng_state(device=None):
+        return torch.empty(0, dtype=torch.uint8)
+
+
 class _CpuCuda(types.ModuleType):
     """``torch.cuda`` as seen by redirected modules: the current device is the CPU."""
 
     def __init__(self):
         super().__init__("torch.cuda")
         self.Stream = _NoStream
+        self.random = _NoCudaRandom()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)

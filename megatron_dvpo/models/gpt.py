@@ -8,7 +8,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dvpo.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_dvpo.config import (ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig,
+                                  RunConfig)
 from megatron_dvpo.device import device
 from megatron_dvpo.models.precision import Hardware, PrecisionPlan, plan_precision
 from megatron_dvpo.models.spec import decoder_spec
@@ -17,7 +18,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       plan: PrecisionPlan, initialize: bool = True) -> TransformerConfig:
+                       plan: PrecisionPlan, initialize: bool = True,
+                       recompute: RecomputeConfig = RecomputeConfig()) -> TransformerConfig:
     dtype = DTYPES[precision.params_dtype]
     on_gpu = torch.cuda.is_available()
     swiglu = model.activation == "swiglu"
@@ -56,6 +58,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         # gloo mismatches batched sends and receives to the same peer under interleaved PP and
         # gives silently wrong results (NOTES.md); plain isend/irecv is correct.
         batch_p2p_comm=on_gpu,
+        **recompute.transformer_config_kwargs(),
         **plan.transformer_config_kwargs(),
     )
 
@@ -73,7 +76,8 @@ def build_gpt_model(cfg: RunConfig, pre_process: bool | None = None,
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
     plan = plan_precision(cfg.precision, cfg.parallel, model, Hardware.detect())
-    config = transformer_config(model, cfg.parallel, cfg.precision, plan, initialize)
+    config = transformer_config(model, cfg.parallel, cfg.precision, plan, initialize,
+                                cfg.recompute)
     gpt = model_class(
         config=config,
         transformer_layer_spec=decoder_spec(model, config, plan.use_te, vp_stage),

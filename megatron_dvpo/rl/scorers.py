@@ -72,7 +72,8 @@ class GVMScorer:
         self.units: dict[str, TrainedModel] = {}
         if cfg.dvpo.refresh_interval:
             gvm_run = RunConfig(model=gvm_cfg.model, parallel=cfg.parallel,
-                                precision=inference_precision(cfg.precision), seed=cfg.seed)
+                                precision=inference_precision(cfg.precision),
+                                recompute=cfg.recompute, seed=cfg.seed)
             self.model = TrainedModel(build_chunks(gvm_run, initialize=False),
                                       refresh_optimizer(cfg), cfg.parallel, gvm_run.precision,
                                       refresh_updates_total(cfg),
@@ -124,7 +125,8 @@ class RewardCriticScorer:
         self.cfg = cfg
         self.reward_model = frozen_model(cfg, reward_cfg.model, cfg.ppo.reward_model)
         critic_run = RunConfig(model=critic_cfg.model, parallel=cfg.parallel,
-                               precision=cfg.precision, optimizer=cfg.optimizer, seed=cfg.seed)
+                               precision=cfg.precision, recompute=cfg.recompute,
+                               optimizer=cfg.optimizer, seed=cfg.seed)
         self.critic = TrainedModel(build_chunks(critic_run, initialize=False), cfg.optimizer,
                                    cfg.parallel, cfg.precision, total_updates,
                                    cfg.checkpoint.override_scheduler)

@@ -36,7 +36,8 @@ def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig
     """
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        bucket_size=parallel.ddp_bucket_size,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         # FP8 parameters (precision.fp8_param_gather): the optimizer's updated shards are
         # quantized and all-gathered in FP8.
@@ -49,6 +50,9 @@ def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig
     config.no_sync_func = ([w.no_sync for w in wrapped] if len(wrapped) > 1
                            else wrapped[0].no_sync)
     config.finalize_model_grads_func = finalize_model_grads
+    if parallel.overlap_grad_reduce:  # the schedules start each chunk's reduction in time
+        sync = [w.start_grad_sync for w in wrapped]
+        config.grad_sync_func = sync if len(sync) > 1 else sync[0]
     return wrapped
 
 
