@@ -172,6 +172,9 @@ class LoggingConfig:
     run_dir: str = "runs/default"
     tensorboard_dir: Optional[str] = None  # None: <run_dir>/tensorboard
     log_interval: int = _checked(1, POSITIVE)
+    # dense bf16 peak TFLOP/s of one device, for perf/mfu; None: from the GPU's name (on a CPU,
+    # or a GPU not in megatron_dvpo/perf.py's table, perf/mfu is then not logged)
+    peak_tflops: Optional[float] = _checked(None, POSITIVE)
 
 
 @dataclass

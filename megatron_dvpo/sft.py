@@ -9,6 +9,7 @@ language before preference data is sampled from it.
 
 from __future__ import annotations
 
+import time
 
 from megatron.core import parallel_state
 
@@ -53,6 +54,7 @@ class SFTTrainer:
         self.batches.load_state_dict(state)
 
     def step(self, step: int) -> StepResult:
+        start = time.perf_counter()
         batch = collate([self.data[i] for i in self.batches.next_indices(len(self.data))],
                         self.cfg.data.seq_length, self.data.pad_id)
         # logprobs[:, p] scores token p + 1: response tokens are scored where the mask, shifted
@@ -74,8 +76,12 @@ class SFTTrainer:
         local = ({"nll_sum": sum(float(o["nll_sum"]) for o in update.outputs)}
                  if update.outputs else None)
         nll = distributed.sum_over_replicas(["nll_sum"], local)["nll_sum"]
+        seq_tokens = distributed.all_reduce_data_parallel(
+            float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         return StepResult({"sft/loss": nll / tokens, "sft/grad_norm": update.grad_norm or 0.0,
-                           "sft/lr": self.model.lr}, [update])
+                           "sft/lr": self.model.lr,
+                           "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)},
+                          [update])
 
 
 def main(argv=None) -> None:

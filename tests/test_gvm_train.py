@@ -53,9 +53,26 @@ def test_gvm_learns_the_synthetic_task(synthetic, tmp_path):
     assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "600\n"
 
 
+def test_mfu_is_logged_against_the_device_peak(synthetic, tmp_path):
+    """perf/mfu = tokens/s x model FLOPs per token (value head: one column) / (devices x peak);
+    on a CPU only with logging.peak_tflops (no peak is known)."""
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.models.gpt import training_flops_per_token
+
+    logs = train(tmp_path, synthetic, 2, "train_steps=2", "gvm.eval_interval=0",
+                 "data.eval_path=null", "logging.peak_tflops=0.5", "logging.log_interval=1")
+    model = load_config(tmp_path / "checkpoints" / "iter_0000002" / "config.yaml").model
+    assert model.value_head
+    flops = training_flops_per_token(model, 32)  # gvm_tiny's data.seq_length
+    for (step, mfu), (_, tokens_per_s) in zip(logs["perf/mfu"], logs["perf/train_tokens_per_s"]):
+        assert mfu == pytest.approx(tokens_per_s * flops / (2 * 0.5e12), rel=1e-5), step
+    assert 0 < logs["perf/mfu"][0][1] < 1
+
+
 def test_length_filtering_is_counted_in_the_logs(synthetic, tmp_path):
     logs = train(tmp_path, synthetic, 1, "train_steps=1", "gvm.eval_interval=0",
                  "data.eval_path=null", "data.max_length=12")
+    assert "perf/mfu" not in logs  # a CPU has no known peak
     filtered = logs["data/filtered_rows"][0][1]
     assert 0 < filtered < 8000
     assert logs["data/samples"][0][1] == 2 * (8000 - filtered)

@@ -107,3 +107,16 @@ def test_training_flops_count_every_matrix_of_a_built_model(single_rank):
     embedding = cfg.model.padded_vocab_size * cfg.model.hidden_size  # a lookup, no matmul
     attention = 12 * cfg.model.num_layers * 10 * cfg.model.hidden_size
     assert (training_flops_per_token(cfg.model, 10) - attention) / 6 == total - norms - embedding
+
+
+def test_training_flops_of_a_value_model_count_its_one_column_head(single_rank):
+    from megatron_dvpo.models.gpt import count_parameters, training_flops_per_token
+    from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
+
+    cfg = gvm_config(tiny("model.num_query_groups=2", "model.ffn_hidden_size=96"))
+    chunks = build_gvm_chunks(cfg)
+    _, total = count_parameters(chunks)
+    no_matmul = sum(p.numel() for n, p in chunks[0].named_parameters()
+                    if "norm" in n or "embedding" in n or n.endswith("bias"))
+    attention = 12 * cfg.model.num_layers * 10 * cfg.model.hidden_size
+    assert (training_flops_per_token(cfg.model, 10) - attention) / 6 == total - no_matmul

@@ -40,25 +40,13 @@ sys.path.insert(0, str(REPO / "tools"))
 import torch  # noqa: E402
 
 from bench_dvpo_vs_ppo import build_models, run_method  # noqa: E402
+from megatron_dvpo.perf import dense_bf16_peak_tflops  # noqa: E402
 
 SHAPES = {
     "llama3.2-1b": ["--layers", "16", "--hidden", "2048", "--heads", "32", "--kv-heads", "8",
                     "--ffn", "8192", "--vocab", "128256", "--tie", "--max-positions", "4096"],
     "tiny": ["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2"],
 }
-# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, by device-name fragment.
-DENSE_BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4,
-                          "A100": 312.0, "L40S": 362.1, "B200": 2250.0}
-
-
-def dense_bf16_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for fragment, peak in DENSE_BF16_PEAK_TFLOPS.items():  # most specific first
-        if fragment in name:
-            return peak
-    return None
 
 
 def precision_variants(recipes: list[str], on_gpu: bool) -> dict[str, list[str]]:
@@ -138,7 +126,7 @@ def bench_training(policy_dir: Path, overrides: list[str], args, peak_tflops) ->
               "model_tflops_per_s": tflops,
               "mfu": tflops / peak_tflops if peak_tflops else None,
               "peak_mem_gib": peak_memory_gib(), "tokens_per_step": step_tokens}
-    del chunks, ddp, optimizer
+    chunks = ddp = optimizer = step = None  # freed before the caches are emptied
     _release()
     return result
 
@@ -193,7 +181,7 @@ def bench_hf_generate(hf_dir: Path, args, tokenizer_vocab: int, dtype: torch.dty
     _sync()
     seconds = time.perf_counter() - start
     new_tokens = (out.shape[1] - prompts.shape[1]) * out.shape[0]
-    del model
+    model = run = None  # freed before the caches are emptied
     _release()
     return {"seconds": seconds, "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds}
 

@@ -139,7 +139,9 @@ def _in_process_world():
 
 
 def phase_training(work: Path, args) -> dict:
-    from bench_gpu import bench_training, dense_bf16_peak_tflops
+    from bench_gpu import bench_training
+
+    from megatron_dvpo.perf import dense_bf16_peak_tflops
 
     _in_process_world()
     return bench_training(_models(work)["policy"], _base_precision(), sizes(args.dry_run),

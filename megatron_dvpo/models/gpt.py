@@ -143,8 +143,8 @@ def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     """Model FLOPs of one trained token (forward + backward), for MFU.
 
     The standard 6·N plus attention (PaLM's 12·L·s·d_attn, no causal discount). N counts the
-    parameters that multiply: attention and MLP matrices and the LM head; norms, biases and the
-    embedding lookup do no matrix work.
+    parameters that multiply: attention and MLP matrices and the LM head (a value model's
+    head: one column); norms, biases and the embedding lookup do no matrix work.
     """
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
@@ -154,5 +154,6 @@ def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     mlp_matrices = 3 if model.activation == "swiglu" else 2
     per_layer = (model.hidden_size * (attn + 2 * groups * head_dim) + attn * model.hidden_size
                  + mlp_matrices * model.hidden_size * ffn)
-    matmul_params = model.num_layers * per_layer + model.hidden_size * model.padded_vocab_size
+    head = 1 if model.value_head else model.padded_vocab_size
+    matmul_params = model.num_layers * per_layer + model.hidden_size * head
     return 6.0 * matmul_params + 12.0 * model.num_layers * seq_length * attn

@@ -97,6 +97,7 @@ class RLTrainer:
                              if cfg.data.eval_path else None)
         self.true_reward = load_scorer(rl.true_reward)
         self.refresh = algorithm.make_refresh(self)
+        self.sequence_length = cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens
         self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
                                        cfg.rollout.top_p, cfg.rollout.top_k)
         # logp_old, logp and logp_ref all come from the distribution the rollout samples from

@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import CheckpointManager, find_latest_checkpoint
 from megatron_dvpo.config import ConfigError, RunConfig, to_dict
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
+from megatron_dvpo.models.gpt import training_flops_per_token
+from megatron_dvpo.perf import dense_bf16_peak_tflops, model_flops_utilization
 from megatron_dvpo.training.trained_model import UpdateResult, schedule_settings
 
 # Each makes a job finish its step, save and exit cleanly (Ctrl-C as a preemption does).
@@ -95,6 +98,10 @@ class TrainingLoop:
         self._bad_in_a_row = 0
         self._signal: int | None = None
         self._signal_time = 0.0
+        self.peak_tflops = cfg.logging.peak_tflops or dense_bf16_peak_tflops()
+        # the trained sequences' length: the job's (an RL job's prompt + response) or the data's
+        self.flops_per_token = training_flops_per_token(
+            cfg.model, getattr(job, "sequence_length", cfg.data.seq_length))
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -198,6 +205,10 @@ class TrainingLoop:
                        "train/skipped_updates": float(self.skipped_updates),
                        "perf/step_time_s": time.perf_counter() - start,
                        "perf/peak_mem_gib": peak_memory_gib()}
+            if self.peak_tflops and "perf/train_tokens_per_s" in metrics:
+                metrics["perf/mfu"] = model_flops_utilization(
+                    metrics["perf/train_tokens_per_s"], self.flops_per_token,
+                    torch.distributed.get_world_size(), self.peak_tflops)
             self._log(metrics)
             if result.stop:
                 self.save()
