@@ -90,3 +90,19 @@ def test_cli_writes_a_task(tmp_path, capsys):
     assert len(train) == 40 and len(evals) == 10 and not set(map(str, train)) & set(map(str, evals))
     assert (tmp_path / "tokenizer.model").is_file()
     assert "train.jsonl (40 rows)" in capsys.readouterr().out
+
+
+def test_bigram_rule_scores_each_word_by_the_one_before_it():
+    from megatron_dvpo.data.synthetic import WORDS, BigramRule
+
+    rule = BigramRule(seed=0)
+    by_group = [[w for w in WORDS if rule.group[w] == g] for g in range(3)]
+    assert sorted(len(g) for g in by_group) == [10, 10, 10]
+    a, b, c = (g[0] for g in by_group)
+    assert rule.score(f"x {a}", f"{b} {c} {a}") == 3 / 4  # each word after the group before
+    assert rule.score(f"x {a}", f"{by_group[0][1]}") == -1 / 4  # after its own group
+    assert rule.score(f"x {a}", f"{c}") == 0.0  # after the group after: neutral
+    assert rule.score("x", "unknown words") == 0.0
+    for word in WORDS:  # no word is good or bad on its own
+        assert {rule.worth(before, word) for before in WORDS} == {-1, 0, 1}
+    assert BigramRule(seed=1).group != rule.group

@@ -62,30 +62,33 @@ class SyntheticRule:
 class BigramRule:
     """A compositional hidden rule: a word's worth depends on the word before it.
 
-    ``seed`` picks ``num_good`` good and ``num_bad`` bad ordered word pairs; the raw score is
-    the number of good adjacent pairs in the response (the prompt's last word counts as the
-    word before the first) minus the bad ones, divided by 4. No single word is good or bad on
-    its own, so a value model must read pairs of tokens to rank responses.
+    ``seed`` deals the words into ``groups`` hidden groups. A word is good after a word of the
+    group before its own (cyclically: group 0 -> 1 -> 2 -> 0) and bad after a word of its own
+    group; the prompt's last word counts as the word before the first. The score is (good words
+    - bad words) / 4. No word is good or bad on its own, so a value model must read pairs of
+    tokens to rank responses.
     """
 
     seed: int = 0
-    num_good: int = 150
-    num_bad: int = 150
-    good: frozenset = field(init=False)
-    bad: frozenset = field(init=False)
+    groups: int = 3
+    group: dict = field(init=False, hash=False, compare=False)
 
     def __post_init__(self):
-        pairs = [(a, b) for a in WORDS for b in WORDS]
-        if self.num_good + self.num_bad > len(pairs):
-            raise ValueError(f"num_good + num_bad exceeds the {len(pairs)} word pairs")
-        picked = random.Random(f"bigram-{self.seed}").sample(pairs, self.num_good + self.num_bad)
-        object.__setattr__(self, "good", frozenset(picked[:self.num_good]))
-        object.__setattr__(self, "bad", frozenset(picked[self.num_good:]))
+        if not 2 <= self.groups <= len(WORDS):
+            raise ValueError(f"groups={self.groups}: need 2 .. {len(WORDS)}")
+        words = list(WORDS)
+        random.Random(f"bigram-{self.seed}").shuffle(words)
+        object.__setattr__(self, "group", {w: i % self.groups for i, w in enumerate(words)})
+
+    def worth(self, before: str, word: str) -> int:
+        if before not in self.group or word not in self.group:
+            return 0
+        step = (self.group[word] - self.group[before]) % self.groups
+        return 1 if step == 1 else -1 if step == 0 else 0
 
     def score(self, prompt: str, response: str) -> float:
         words = prompt.split()[-1:] + response.split()
-        pairs = list(zip(words, words[1:]))
-        return (sum(p in self.good for p in pairs) - sum(p in self.bad for p in pairs)) / 4
+        return sum(self.worth(a, b) for a, b in zip(words, words[1:])) / 4
 
 
 RULES = {"synthetic": SyntheticRule, "bigram": BigramRule}  # the built-in scorers, by name
