@@ -179,8 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     write_jsonl(rows[:args.train_rows], args.out_dir / "train.jsonl")
     write_jsonl(rows[args.train_rows:], args.out_dir / "eval.jsonl")
     print(f"wrote tokenizer.model, train.jsonl ({args.train_rows} rows), eval.jsonl "
-          f"({args.eval_rows} rows) to {args.out_dir}; rule {args.rule}:{args.rule_seed} "
-          f"({len(rule.good)} good, {len(rule.bad)} bad)")
+          f"({args.eval_rows} rows) to {args.out_dir}; hidden rule {args.rule}:{args.rule_seed}")
 
 
 if __name__ == "__main__":
