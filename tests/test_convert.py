@@ -410,3 +410,32 @@ def test_te_extra_state_absent_from_a_checkpoint_is_skipped(converted, single_ra
     with pytest.raises(ConfigError, match=r"lacks 1 entries the model needs: "
                                           r"\['output_layer.weight'\]"):
         load_model(build_chunks(untied, initialize=False), converted["qwen2"] / "model")
+
+
+def test_export_streams_into_planned_shards(hf_dirs, converted, tmp_path, single_rank):
+    """Small shards: every tensor lands in the file the index names, each file is a valid
+    safetensors file, and the weights round-trip exactly."""
+    back = export_hf(converted["llama"], tmp_path / "hf", verbose=False, max_shard_bytes=40_000)
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files == sorted(p.name for p in back.glob("*.safetensors"))
+    from safetensors import safe_open
+
+    for name in files:
+        with safe_open(back / name, "pt") as f:
+            assert {k for k, v in index["weight_map"].items() if v == name} == set(f.keys())
+    original, exported = read_hf_state(hf_dirs["llama"]), read_hf_state(back)
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(t, exported[k]) for k, t in original.items())
+
+
+def test_the_streaming_writer_takes_tensors_only_as_planned(tmp_path):
+    from megatron_dvpo.conversion.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
+
+    plan = [PlannedTensor("a", (2, 3), torch.float32), PlannedTensor("b", (4,), torch.bfloat16)]
+    writer = StreamingSafetensorsWriter(tmp_path, plan, max_shard_bytes=24)
+    with pytest.raises(ValueError, match=r"got b \(4,\) torch.bfloat16, expected a \(2, 3\)"):
+        writer.write("b", torch.zeros(4, dtype=torch.bfloat16))
+    writer.write("a", torch.ones(2, 3))
+    with pytest.raises(ValueError, match="1 planned tensors were never written"):
+        writer.close()

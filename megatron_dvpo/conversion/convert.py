@@ -15,22 +15,22 @@ half-written output under the final name.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from megatron_dvpo import distributed
-from megatron_dvpo.checkpointing import is_checkpoint, load_sharded, model_sharded_state_dict
+from megatron_dvpo.checkpointing import is_checkpoint, model_sharded_state_dict
 from megatron_dvpo.config import (ParallelConfig, PrecisionConfig, RunConfig, load_config,
                                   save_config, validate_model)
 from megatron_dvpo.conversion.hf_config import hf_config_from_model, model_config_from_hf
-from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, read_megatron, to_hf,
-                                              weight_rules)
+from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, layer_of,
+                                              read_megatron, to_hf, weight_rules)
 from megatron_dvpo.conversion.safetensors_io import (CheckpointError, SafetensorsReader,
-                                                     ShardedSafetensorsWriter, read_json)
-from megatron_dvpo.conversion.streaming import OnDemandSaveStrategy, SkeletonParams
+                                                     PlannedTensor, StreamingSafetensorsWriter,
+                                                     read_json)
+from megatron_dvpo.conversion.streaming import OnDemandSaveStrategy, SkeletonParams, read_layer
 from megatron_dvpo.logging import Progress
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.gpt import DTYPES
@@ -242,26 +242,25 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
 
 def _write_hf_weights(directory: Path, chunk, spec: str, ckpt: Path, model,
                       max_shard_bytes: int, progress: Progress) -> None:
-    """Load one checkpoint key at a time and queue its HF tensors.
+    """Read one layer's parameter at a time and write its HF tensors at once.
 
-    A key is one parameter across all layers: megatron cannot load a subset of a key's shards in
-    a one-process world. Loaded parameters get fresh, untouched storage again afterwards.
+    The shard layout is planned first from the shapes alone (the rules applied to meta
+    tensors), so each tensor goes to its file as soon as it is made: one layer's parameter and
+    its HF parts are all that is in memory, whatever the model's size.
     """
-    writer = ShardedSafetensorsWriter(directory, max_shard_bytes)
-    groups: dict[str, list] = {}
-    for rule in weight_rules(model, spec=spec):
-        groups.setdefault(re.sub(r"layers\.\d+\.", "layers.*.", rule.megatron), []).append(rule)
-    for group in groups.values():
-        sharded = model_sharded_state_dict([chunk])["model"]
-        request = {"model": {rule.megatron: sharded[rule.megatron] for rule in group}}
-        loaded = load_sharded(request, ckpt / "model", partial=True)["model"]
-        for rule in group:
-            for name, part in to_hf(rule, loaded[rule.megatron].detach(), model).items():
-                writer.add(name, part.contiguous())
-            param = chunk.get_parameter(rule.megatron)
-            param.data = torch.empty_like(param)
-            progress.update(1, note=rule.megatron)
-        del sharded, request, loaded
+    rules = weight_rules(model, spec=spec)
+    params = dict(chunk.named_parameters())
+    sharded = model_sharded_state_dict([chunk])["model"]  # parameter -> checkpoint key
+    plan = [PlannedTensor(name, tuple(part.shape), part.dtype) for rule in rules
+            for name, part in to_hf(rule, torch.empty_like(params[rule.megatron],
+                                                          device="meta"), model).items()]
+    writer = StreamingSafetensorsWriter(directory, plan, max_shard_bytes)
+    for rule in rules:
+        tensor = read_layer(ckpt / "model", sharded[rule.megatron].key, layer_of(rule.megatron))
+        for name, part in to_hf(rule, tensor, model).items():
+            writer.write(name, part)
+        del tensor
+        progress.update(1, note=rule.megatron)
     writer.close()
 
 

@@ -8,7 +8,9 @@ tensor we own keeps the footprint at the tensors currently in use.
 from __future__ import annotations
 
 import json
+import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_SIZES = {dtype: torch.empty(0, dtype=dtype).element_size() for dtype in _DTYPES.values()}
 
 
 class CheckpointError(InputError):
@@ -141,55 +144,74 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _write_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _SIZES[self.dtype]
+
+
+def _header(tensors: list[PlannedTensor]) -> bytes:
     header, offset = {}, 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for t in tensors:
+        header[t.name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors.values():
-            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+    return struct.pack("<Q", len(raw) + (-len(raw) % 8)) + raw + b" " * (-len(raw) % 8)
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors into ~``max_shard_bytes`` shards plus an HF index, as they arrive."""
+class StreamingSafetensorsWriter:
+    """Writes planned tensors into ~``max_shard_bytes`` shards plus an HF index, each tensor
+    to its file as it arrives: the headers are written from the plan, so no tensor waits in
+    memory for the rest of its shard. Tensors must arrive in plan order."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int = 2 * 1024 ** 3):
-        self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
+    def __init__(self, directory: Path, plan: list[PlannedTensor],
+                 max_shard_bytes: int = 2 * 1024 ** 3):
+        self.directory, self.plan = directory, plan
+        self.shards: list[list[PlannedTensor]] = [[]]
+        for t in plan:
+            shard = self.shards[-1]
+            if shard and sum(x.nbytes for x in shard) + t.nbytes > max_shard_bytes:
+                self.shards.append([])
+            self.shards[-1].append(t)
+        count = len(self.shards)
+        self.files = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
+        self.written = 0
+        self.handle, self.handle_index = None, -1
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self.pending[key] = tensor
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.written >= len(self.order):
+            raise ValueError(f"{name}: every planned tensor is already written")
+        index, expected = self.order[self.written]
+        if (name, tuple(tensor.shape), tensor.dtype) != (expected.name, expected.shape,
+                                                         expected.dtype):
+            raise ValueError(f"got {name} {tuple(tensor.shape)} {tensor.dtype}, expected "
+                             f"{expected.name} {expected.shape} {expected.dtype} next")
+        if index != self.handle_index:
+            self._close_file()
+            self.handle = open(self.directory / self.files[index], "wb")
+            self.handle.write(_header(self.shards[index]))
+            self.handle_index = index
+        self.handle.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        self.written += 1
 
-    def _flush(self) -> None:
-        index = len(self.shards)
-        _write_file(self.directory / f"model-{index:05d}.safetensors", self.pending)
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _close_file(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
     def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        count = len(self.shards)
-        weight_map = {}
-        for i, keys in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (self.directory / f"model-{i:05d}.safetensors").rename(self.directory / final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        self._close_file()
+        if self.written != len(self.order):
+            missing = [t.name for _, t in self.order[self.written:]]
+            raise ValueError(f"{len(missing)} planned tensors were never written: {missing[:3]}")
+        weight_map = {t.name: self.files[i] for i, t in self.order}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in self.plan)},
+                 "weight_map": weight_map}
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
