@@ -100,6 +100,7 @@ def test_bigram_rule_scores_each_word_by_the_one_before_it():
     assert sorted(len(g) for g in by_group) == [10, 10, 10]
     a, b, c = (g[0] for g in by_group)
     assert rule.score(f"x {a}", f"{b} {c} {a}") == 3 / 4  # each word after the group before
+    assert rule.score(f"x {a}", f"{b} {c} {a} {by_group[0][1]}") == 3 / 4  # past the window
     assert rule.score(f"x {a}", f"{by_group[0][1]}") == -1 / 4  # after its own group
     assert rule.score(f"x {a}", f"{c}") == 0.0  # after the group after: neutral
     assert rule.score("x", "unknown words") == 0.0

@@ -9,12 +9,17 @@ are byte-for-byte what megatron writes (same planner, same metadata, same common
 
 megatron stores a layer parameter as one key over all layers (``decoder.layers.mlp.linear_fc1.
 weight`` of shape ``[L, ...]``), one chunk per layer and tensor-parallel part, and cannot load a
-subset of a key's chunks in a one-process world. ``read_layer`` asks torch DCP for exactly the
-chunks of one layer, so export holds one layer's parameter at a time.
+subset of a key's chunks in a one-process world. ``read_layer`` reads exactly the chunks of one
+layer, each straight into its place (torch DCP's own reader holds a chunk three times over:
+its bytes, the unpickled tensor and the copy), so export holds one layer's parameter at a time.
 """
 
 from __future__ import annotations
 
+import io
+import re
+import struct
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,9 +31,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 # Given the skeleton tensor a write item refers to (a parameter or a view of one), return the
 # real data with the same shape and dtype.
@@ -80,52 +83,86 @@ class SkeletonParams:
         return name, view.storage_offset() - param.storage_offset()
 
 
-class _RegionPlanner(DefaultLoadPlanner):
-    """Reads the chunks of ``key`` that overlap ``layer`` (all of them for None) into ``dest``."""
+class _Region(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of a file, as a seekable file of their own."""
 
-    def __init__(self, key: str, layer: Optional[int]):
-        super().__init__()
-        self.key, self.layer = key, layer
-        self.dest: Optional[torch.Tensor] = None
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
 
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        self.metadata = metadata
-        entry = metadata.state_dict_metadata.get(self.key)
-        if entry is None or not hasattr(entry, "chunks"):
-            raise KeyError(f"the checkpoint has no tensor {self.key!r}")
-        shape = list(entry.size)
-        if self.layer is not None:
-            shape[0] = 1
-        self.dest = torch.empty(shape, dtype=entry.properties.dtype)
+    def seekable(self) -> bool:
+        return True
 
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for chunk in self.metadata.state_dict_metadata[self.key].chunks:
-            offsets, sizes = list(chunk.offsets), list(chunk.sizes)
-            storage = [0] * len(offsets)
-            if self.layer is not None:
-                if not offsets[0] <= self.layer < offsets[0] + sizes[0]:
-                    continue
-                storage[0], offsets[0], sizes[0] = self.layer - offsets[0], 0, 1
-            items.append(ReadItem(LoadItemType.TENSOR, MetadataIndex(self.key, offsets),
-                                  torch.Size(offsets), MetadataIndex(self.key, chunk.offsets),
-                                  torch.Size(storage), torch.Size(sizes)))
-        return LoadPlan(items)
+    def readable(self) -> bool:
+        return True
 
-    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
-        view = self.dest
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            view = view.narrow(dim, start, length)
-        return view
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = min(max(base + pos, 0), self.length)
+        return self.pos
 
-    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
-        pass  # read straight into ``dest``
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")[:self.length - self.pos]
+        self.f.seek(self.offset + self.pos)
+        n = self.f.readinto(view)
+        self.pos += n
+        return n
+
+
+def _read_chunk_into(directory: Path, info, out: torch.Tensor, what: str) -> None:
+    """Copy one stored chunk (a ``torch.save`` archive inside a ``.distcp`` file, as torch DCP
+    writes them) into the contiguous tensor ``out``, reading its data straight into place."""
+    if getattr(info, "transform_descriptors", None):
+        raise ValueError(f"{what}: stored with transforms {info.transform_descriptors}, which "
+                         "this reader does not undo")
+    with open(directory / info.relative_path, "rb") as f:
+        region = _Region(f, info.offset, info.length)
+        archive = zipfile.ZipFile(region)
+        member = next((m for m in archive.infolist() if re.fullmatch(r"[^/]+/data/0", m.filename)),
+                      None)
+        nbytes = out.numel() * out.element_size()
+        if member is None or member.compress_type != zipfile.ZIP_STORED or \
+                member.file_size != nbytes:
+            raise ValueError(f"{what}: the stored chunk is not one uncompressed tensor of "
+                             f"{nbytes} bytes")
+        region.seek(member.header_offset)
+        local = region.read(30)  # the local file header: names and extras set the data start
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        region.seek(member.header_offset + 30 + name_len + extra_len)
+        view = out.view(-1).view(torch.uint8).numpy()
+        if region.readinto(memoryview(view)) != nbytes:
+            raise ValueError(f"{what}: the stored chunk is truncated")
 
 
 def read_layer(directory: Path, key: str, layer: Optional[int]) -> torch.Tensor:
     """Layer ``layer`` of the layer-stacked tensor ``key`` of a megatron dist checkpoint (the
-    whole tensor for None), reading only its chunks."""
-    planner = _RegionPlanner(key, layer)
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=planner,
-             no_dist=True)
-    return planner.dest[0] if layer is not None else planner.dest
+    whole tensor for None), reading only that layer's chunks, each straight into place."""
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    entry = metadata.state_dict_metadata.get(key)
+    if entry is None or not hasattr(entry, "chunks"):
+        raise KeyError(f"{directory} holds no tensor {key!r}")
+    shape = list(entry.size)
+    if layer is not None:
+        shape[0] = 1
+    out = torch.empty(shape, dtype=entry.properties.dtype)
+    for chunk in entry.chunks:
+        offsets, sizes = list(chunk.offsets), list(chunk.sizes)
+        if layer is not None:
+            if not offsets[0] <= layer < offsets[0] + sizes[0]:
+                continue
+            if sizes[0] != 1:
+                raise ValueError(f"{key}: a stored chunk holds {sizes[0]} layers, not one")
+            offsets[0] = 0
+        info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+        target = out
+        for dim, (start, length) in enumerate(zip(offsets, sizes)):
+            target = target.narrow(dim, start, length)
+        if target.is_contiguous():
+            _read_chunk_into(directory, info, target, key)
+        else:  # a chunk split along an inner dimension: through a buffer of its size
+            buffer = torch.empty(sizes, dtype=out.dtype)
+            _read_chunk_into(directory, info, buffer, key)
+            target.copy_(buffer)
+    return out[0] if layer is not None else out

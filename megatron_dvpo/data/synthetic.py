@@ -62,15 +62,16 @@ class SyntheticRule:
 class BigramRule:
     """A compositional hidden rule: a word's worth depends on the word before it.
 
-    ``seed`` deals the words into ``groups`` hidden groups. A word is good after a word of the
-    group before its own (cyclically: group 0 -> 1 -> 2 -> 0) and bad after a word of its own
-    group; the prompt's last word counts as the word before the first. The score is (good words
-    - bad words) / 4. No word is good or bad on its own, so a value model must read pairs of
-    tokens to rank responses.
+    ``seed`` deals the words into ``groups`` hidden groups. Among the first ``window`` response
+    words, a word is good after a word of the group before its own (cyclically: group 0 -> 1 ->
+    2 -> 0) and bad after a word of its own group; the prompt's last word counts as the word
+    before the first. The score is (good words - bad words) / 4. No word is good or bad on its
+    own, so a value model must read pairs of tokens to rank responses.
     """
 
     seed: int = 0
     groups: int = 3
+    window: int = 3
     group: dict = field(init=False, hash=False, compare=False)
 
     def __post_init__(self):
@@ -87,7 +88,7 @@ class BigramRule:
         return 1 if step == 1 else -1 if step == 0 else 0
 
     def score(self, prompt: str, response: str) -> float:
-        words = prompt.split()[-1:] + response.split()
+        words = prompt.split()[-1:] + response.split()[:self.window]
         return sum(self.worth(a, b) for a, b in zip(words, words[1:])) / 4
 
 
