@@ -12,15 +12,18 @@ from megatron_dvpo.models.generation import SamplingConfig, left_pad, sample_tok
 @pytest.mark.multirank
 @pytest.mark.compat
 def test_rollout_tp2_pp2_equal_tp1_and_match_fresh_forward(tmp_path):
+    """Also with sequence parallelism (tp2pp1sp): decoding runs it off (one token per row),
+    and the fresh forward pads each sequence to a multiple of TP."""
     out = tmp_path / "rollout.json"
     torchrun([str(REPO / "tests/distributed/rollout_check.py"), str(out), str(tmp_path),
-              "tp2pp1", "tp1pp2"], nproc=2)
+              "tp2pp1", "tp1pp2", "tp2pp1sp"], nproc=2)
     result = json.loads(out.read_text())
     assert result["tp1pp1"]["response_lengths"][0] < 12  # a row stopped at EOS
-    for layout in ("tp2pp1", "tp1pp2"):
+    for layout in ("tp2pp1", "tp1pp2", "tp2pp1sp"):
         assert result[layout]["greedy_tokens_equal"], result
         assert 0 <= result[layout]["greedy_logprob_max_diff"] <= 1e-5
-    for layout in ("tp1pp1", "tp2pp1", "tp1pp2"):
+        assert result[layout]["sequence_parallel_flags_restored"], layout
+    for layout in ("tp1pp1", "tp2pp1", "tp1pp2", "tp2pp1sp"):
         assert 0 <= result[layout]["fresh_forward_max_diff"] <= 1e-4, result
         assert 0 <= result[layout]["tempered_fresh_forward_max_diff"] <= 1e-4, result
         assert result[layout]["untempered_gap"] > 0.05, result  # temperature 1 differs

@@ -7,6 +7,8 @@ pipeline stage only; other stages get empty lists.
 
 from __future__ import annotations
 
+import math
+
 from functools import partial
 from typing import Callable, Optional
 
@@ -106,8 +108,13 @@ def make_microbatches(micro_batch_size: int, **tensors: torch.Tensor) -> list[di
 
 
 def sequence_multiple(model_chunks: list[torch.nn.Module]) -> int:
-    """FP8 GEMMs need the token dimension aligned; other numerics take any length."""
-    return FP8_ALIGNMENT if getattr(model_chunks[0].config, "fp8", None) else 1
+    """FP8 GEMMs need the token dimension aligned, and sequence parallelism splits it over the
+    tensor-parallel ranks; other numerics take any length."""
+    config = model_chunks[0].config
+    multiple = FP8_ALIGNMENT if getattr(config, "fp8", None) else 1
+    if config.sequence_parallel:
+        multiple = math.lcm(multiple, config.tensor_model_parallel_size)
+    return multiple
 
 
 def model_inputs(batch: dict, length: int) -> tuple:

@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dvpo.device import device as current_device
 from megatron_dvpo.models.forward import logit_temperature
-from megatron_dvpo.models.precision import fp8_disabled
+from megatron_dvpo.models.precision import fp8_disabled, sequence_parallel_disabled
 
 
 @dataclass
@@ -151,7 +151,7 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     # Rollout runs in bf16 even when the policy trains in FP8: rollout/logprob_diff measures it.
-    with fp8_disabled(chunks):
+    with fp8_disabled(chunks), sequence_parallel_disabled(chunks):
         start = 0
         for step in range(cfg.max_new_tokens):
             end = width + step

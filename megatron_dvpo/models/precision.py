@@ -250,3 +250,28 @@ def fp8_disabled(model_chunks: list[torch.nn.Module]):
     finally:
         for config, fp8 in saved:
             config.fp8 = fp8
+
+
+# Attributes megatron reads at forward time to decide on sequence-parallel communication: the
+# linear layers', the embedding's reduce-scatter and our value head's.
+SEQUENCE_PARALLEL_FLAGS = ("sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(model_chunks: list[torch.nn.Module]):
+    """Plain tensor parallelism on a model built for sequence parallelism: decoding. A decode
+    step has one token per row, which cannot be split over the tensor-parallel ranks; with
+    sequence parallelism off the same weights compute the same numbers with all-reduces
+    instead of reduce-scatters and all-gathers."""
+    saved = []
+    for chunk in model_chunks:
+        for module in [chunk.config, *chunk.modules()]:
+            for name in SEQUENCE_PARALLEL_FLAGS:
+                if getattr(module, name, None) is True:
+                    saved.append((module, name))
+                    setattr(module, name, False)
+    try:
+        yield
+    finally:
+        for module, name in saved:
+            setattr(module, name, True)

@@ -18,6 +18,7 @@ from megatron_dvpo.config import ParallelConfig, load_config
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.generation import SamplingConfig, generate
 from megatron_dvpo.models.gpt import build_model_chunks
+from megatron_dvpo.models.precision import SEQUENCE_PARALLEL_FLAGS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distributed.equivalence import all_max, parse_layout  # noqa: E402
@@ -35,6 +36,11 @@ def build(layout):
     cfg = load_config(None, MODEL)
     cfg.parallel = layout
     return build_model_chunks(cfg)
+
+
+def sequence_parallel_flags(chunks) -> list[bool]:
+    return [getattr(m, name) for c in chunks for m in [c.config, *c.modules()]
+            for name in SEQUENCE_PARALLEL_FLAGS if isinstance(getattr(m, name, None), bool)]
 
 
 def rollouts(chunks):
@@ -67,7 +73,10 @@ def main():
     for name in layouts:
         chunks = build(parse_layout(name))
         load_model(chunks, workdir / "policy")
+        flags = sequence_parallel_flags(chunks)
         greedy, diffs = rollouts(chunks)
+        diffs["sequence_parallel_flags_restored"] = (sequence_parallel_flags(chunks) == flags
+                                                     and (sum(flags) > 0) == name.endswith("sp"))
         same = (greedy.tokens.shape == ref_greedy.tokens.shape
                 and torch.equal(greedy.tokens, ref_greedy.tokens))
         results[name] = {"greedy_tokens_equal": bool(same),
