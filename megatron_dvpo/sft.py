@@ -71,7 +71,8 @@ class SFTTrainer:
             self.cfg.data.micro_batch_size, **to_device({"tokens": batch["tokens"],
                                                          "scored": scored}))
         update = self.model.update(microbatches,
-                                   forward.policy_logprobs_head(self.cfg.model.vocab_size),
+                                   forward.policy_logprobs_head(self.cfg.model.vocab_size,
+                                                                chunk=forward.LOGPROB_CHUNK),
                                    loss_fn)
         local = ({"nll_sum": sum(float(o["nll_sum"]) for o in update.outputs)}
                  if update.outputs else None)

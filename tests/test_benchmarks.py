@@ -81,3 +81,15 @@ def test_bench_gvm_quick(tmp_path):
     assert set(row) == {"td", "td_pairwise", "v1_rm_scores", "bradley_terry"}
     for objective in ("td", "td_pairwise", "v1_rm_scores"):
         assert 0 <= row[objective]["last"] <= 1 and "gap_to_rm_points" in row[objective]
+
+
+def test_bench_memory_quick(tmp_path):
+    """Small shapes: the lean head's microbatch peaks below the full head's (at the real shape,
+    V=128k and S=1024, the benchmark measures 0.28x; README)."""
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, "tools/bench_memory.py", "--quick", "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert 0 < report["lean"]["peak_increase"] < report["full"]["peak_increase"]
+    assert report["lean_over_full"] < 0.8

@@ -61,3 +61,35 @@ def test_sampling_filters():
     assert set(nucleus.unique().tolist()) == {0, 1}
     share = (nucleus == 0).float().mean().item()
     assert abs(share - 0.636 / (0.636 + 0.234)) < 0.04
+
+
+@pytest.mark.parametrize("temperature, entropy_grad", [(1.0, False), (0.7, True)])
+def test_the_lean_head_scores_response_positions_in_chunks_like_the_full_one(
+        single_rank, temperature, entropy_grad):
+    """start skips the prompt's positions and chunk recomputes each chunk in the backward:
+    the same log-probs, entropies and gradients as the head over every position at once."""
+    from megatron_dvpo.models import forward
+
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 301, 128, generator=g) * 3).requires_grad_()
+    tokens = torch.randint(0, 100, (2, 301), generator=g)
+    start = 40
+    weights = torch.randn(2, 300, generator=g)
+    weights[:, :start] = 0  # the loss reads the response part only, as RL does
+
+    def run(head, offset):
+        out = head(logits, {"tokens": tokens})
+        w = weights[:, offset:]
+        loss = (out["logprobs"] * w).sum() + (out["entropy"] * w).sum()
+        grad, = torch.autograd.grad(loss, logits)
+        return out, grad
+
+    full, full_grad = run(forward.policy_logprobs_head(100, temperature, True, entropy_grad), 0)
+    full = {k: v[:, start:] for k, v in full.items()}
+    lean, lean_grad = run(forward.policy_logprobs_head(100, temperature, True, entropy_grad,
+                                                       start=start, chunk=64), start)
+    for key in ("logprobs", "entropy"):
+        assert lean[key].shape == (2, 300 - start)
+        assert torch.allclose(lean[key], full[key], atol=1e-6), key
+    assert torch.allclose(lean_grad, full_grad, atol=1e-6)
+    assert lean_grad[:, :start].abs().sum() == 0

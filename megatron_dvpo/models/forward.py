@@ -7,6 +7,7 @@ pipeline stage only; other stages get empty lists.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from functools import partial
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch.utils.checkpoint import checkpoint
 
 from megatron_dvpo.models.precision import FP8_ALIGNMENT
 
@@ -69,26 +71,50 @@ def logit_temperature(sampling_temperature: float) -> float:
     return sampling_temperature if sampling_temperature > 0 else 1.0
 
 
-def policy_logprobs_head(vocab_size: int, temperature: float = 1.0,
-                         entropy: bool = False, entropy_grad: bool = False) -> Head:
-    """Log-prob of each next token under ``softmax(logits / temperature)``:
-    ``logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])``; with ``entropy`` also the
-    entropy of that distribution at each position (differentiable with ``entropy_grad``).
+# Positions whose vocabulary-wide softmax is computed at once (and recomputed in the backward
+# pass) by the log-prob head of RL: bounds its fp32 temporaries at any response length.
+LOGPROB_CHUNK = 128
 
-    RL log-probs use the temperature the rollout sampled with (docs/algorithm.md, section 2).
+
+def policy_logprobs_head(vocab_size: int, temperature: float = 1.0,
+                         entropy: bool = False, entropy_grad: bool = False, start: int = 0,
+                         chunk: int = 0) -> Head:
+    """Log-prob of each next token under ``softmax(logits / temperature)``:
+    ``logprobs[:, t] = log p(tokens[:, start+t+1] | tokens[:, :start+t+1])``; with ``entropy``
+    also the entropy of that distribution at each position (differentiable with
+    ``entropy_grad``).
+
+    RL log-probs use the temperature the rollout sampled with (docs/algorithm.md, section 2),
+    and only the response's positions: ``start`` skips the prompt's (``prompt_width - 1``).
+    With ``chunk`` > 0 the positions go through in chunks of that many, each recomputed in the
+    backward pass, so that the fp32 temporaries of the vocabulary-wide softmax exist for one
+    chunk at a time instead of being kept for every position.
     """
 
-    def head(logits: torch.Tensor, batch: dict) -> dict:
-        logits = logits[:, :-1]
+    def positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
         if temperature != 1.0:
             logits = logits / temperature
-        labels = batch["tokens"][:, 1:]
-        out = {"logprobs": vocab_parallel_logprobs(logits, labels, vocab_size)}
-        if entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                out["entropy"] = vocab_parallel_entropy(logits, vocab_size)
-        return out
+        logprobs = vocab_parallel_logprobs(logits, labels, vocab_size)
+        if not entropy:
+            return (logprobs,)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            return logprobs, vocab_parallel_entropy(logits, vocab_size)
 
+    def head(logits: torch.Tensor, batch: dict) -> dict:
+        skipped = batch["tokens"].shape[1] - logits.shape[1]  # positions the LM head skipped
+        logits, labels = logits[:, start - skipped:-1], batch["tokens"][:, start + 1:]
+        width = logits.shape[1]
+        if chunk <= 0 or chunk >= width:
+            parts = [positions(logits, labels)]
+        else:
+            run = (partial(checkpoint, positions, use_reentrant=False)
+                   if torch.is_grad_enabled() else positions)
+            parts = [run(logits[:, i:i + chunk], labels[:, i:i + chunk])
+                     for i in range(0, width, chunk)]
+        names = ("logprobs", "entropy")[:len(parts[0])]
+        return {name: torch.cat([p[k] for p in parts], dim=1) for k, name in enumerate(names)}
+
+    head.logits_from = start  # run_microbatches runs the LM head from here on
     return head
 
 
@@ -139,14 +165,33 @@ def model_inputs(batch: dict, length: int) -> tuple:
     return tokens, position_ids, mask
 
 
+@contextlib.contextmanager
+def _lm_head_from(model_chunks: list[torch.nn.Module], start: int):
+    """The LM head (the last stage's ``output_layer``) over positions ``start:`` only: a
+    prompt's logits are never computed when only the response is scored. Off under sequence
+    parallelism, where the head's input is split over the sequence."""
+    layers = [module.output_layer for module in (getattr(c, "module", c) for c in model_chunks)
+              if getattr(module, "post_process", False) and hasattr(module, "output_layer")]
+    if start <= 0 or model_chunks[0].config.sequence_parallel:
+        layers = []
+    for layer in layers:  # sequence-first input: [s, b, h]
+        layer.forward = partial(lambda forward, hidden, *args, **kwargs:
+                                forward(hidden[start:], *args, **kwargs), layer.forward)
+    try:
+        yield 0 if not layers else start
+    finally:
+        for layer in layers:
+            del layer.forward  # the class's own again
+
+
 def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, length: int,
-                  data_iterator, model):
+                  skipped: int, data_iterator, model):
     batch = next(data_iterator)
     seq = batch["tokens"].shape[1]
     output = model(*model_inputs(batch, length))
 
     def loss_func(output_tensor):
-        outputs = head(output_tensor[:, :seq], batch)
+        outputs = head(output_tensor[:, :seq - skipped], batch)
         if loss_fn is None:
             return output_tensor.new_zeros(()), {k: v.detach() for k, v in outputs.items()}
         loss, metrics = loss_fn(outputs, batch)
@@ -176,15 +221,17 @@ def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dic
     # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
     iterators = [iter(microbatches) for _ in range(chunks)]
     forward_backward = get_forward_backward_func()
-    return forward_backward(
-        forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length),
-        data_iterator=iterators if chunks > 1 else iterators[0],
-        model=model_chunks,
-        num_microbatches=num_microbatches,
-        seq_length=length,
-        micro_batch_size=tokens.shape[0],
-        forward_only=forward_only,
-    )
+    with _lm_head_from(model_chunks, getattr(head, "logits_from", 0)) as skipped:
+        return forward_backward(
+            forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length,
+                                      skipped),
+            data_iterator=iterators if chunks > 1 else iterators[0],
+            model=model_chunks,
+            num_microbatches=num_microbatches,
+            seq_length=length,
+            micro_batch_size=tokens.shape[0],
+            forward_only=forward_only,
+        )
 
 
 def concat_outputs(outputs: list[dict], key: str) -> Optional[torch.Tensor]:
@@ -194,12 +241,13 @@ def concat_outputs(outputs: list[dict], key: str) -> Optional[torch.Tensor]:
 
 @torch.no_grad()
 def token_logprobs(model_chunks, microbatches: list[dict], vocab_size: int,
-                   temperature: float = 1.0):
-    """[B, S-1] log-probs of each sequence's own next tokens (last stage; None elsewhere)."""
+                   temperature: float = 1.0, start: int = 0):
+    """[B, S-1-start] log-probs of each sequence's own next tokens from position ``start`` on
+    (last stage; None elsewhere)."""
     for chunk in model_chunks:
         chunk.eval()
-    outputs = run_microbatches(model_chunks, microbatches,
-                               policy_logprobs_head(vocab_size, temperature), forward_only=True)
+    head = policy_logprobs_head(vocab_size, temperature, start=start, chunk=LOGPROB_CHUNK)
+    outputs = run_microbatches(model_chunks, microbatches, head, forward_only=True)
     return concat_outputs(outputs, "logprobs")
 
 
@@ -221,14 +269,11 @@ def rollout_microbatches(rollout, micro_batch_size: int) -> list[dict]:
 def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int,
                       temperature: float = 1.0):
     """[B, T] log-probs of each response token from a full forward pass (last stage), under
-    ``softmax(logits / temperature)``."""
+    ``softmax(logits / temperature)``: response token t sits at column width + t and is scored
+    by the logits at width - 1 + t, so the prompt's positions are never scored."""
     logprobs = token_logprobs(chunks, rollout_microbatches(rollout, micro_batch_size),
-                              vocab_size, temperature)
-    if logprobs is None:
-        return None
-    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
-    # logprobs[:, p] scores tokens[:, p + 1]; response token t sits at column width + t
-    return logprobs[:, width - 1:width - 1 + steps] * rollout.response_mask
+                              vocab_size, temperature, start=rollout.prompt_width - 1)
+    return None if logprobs is None else logprobs * rollout.response_mask
 
 
 def rollout_values(chunks, rollout, micro_batch_size: int):

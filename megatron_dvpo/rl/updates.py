@@ -93,16 +93,17 @@ def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor
                   vocab_size: int, temperature: float, seed: list[int]) -> UpdateSummary:
     """The clipped surrogate (docs/algorithm.md §2, step 7), minibatches skipped past the ratio
     threshold."""
-    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
-    # the entropy is logged always, and differentiated only for the entropy bonus
+    # the response's positions only; the entropy is logged always, and differentiated only for
+    # the entropy bonus
     head = forward.policy_logprobs_head(vocab_size, temperature, entropy=True,
-                                        entropy_grad=rl.entropy_coef > 0)
+                                        entropy_grad=rl.entropy_coef > 0,
+                                        start=rollout.prompt_width - 1,
+                                        chunk=forward.LOGPROB_CHUNK)
 
     def loss_for(dp: int, tokens: float) -> LossFn:
         def loss_fn(outputs, batch):
             m = batch["mask"]
-            logp = outputs["logprobs"][:, width - 1:width - 1 + steps]
-            entropy = outputs["entropy"][:, width - 1:width - 1 + steps]
+            logp, entropy = outputs["logprobs"], outputs["entropy"]
             loss, stats = ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], m,
                                           rl.clip_eps, normalizer=tokens)
             if rl.entropy_coef > 0:
