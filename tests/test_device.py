@@ -15,6 +15,9 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", 
 HOST_ONLY = {
     "mcore_compat.py": {"restore_adam_step", "init_adam_state"},  # torch Adam state, on host
     "conversion/safetensors_io.py": {"read", "read_rows_into"},  # staging from disk
+    "conversion/streaming.py": {"read_layer"},  # staging from disk
+    "cpu_compat.py": {"get_rng_state"},  # the empty CUDA RNG state of a CPU-only run
+    "rl/refresh.py": {"_ranked_correctly"},  # scores on host, reduced as a Python float
     "data/dataset.py": {"collate"},  # a host batch
     "models/generation.py": {"left_pad"},  # moved by generate()
     "models/gvm.py": {"__init__"},  # ValueHead parameters, moved with the model

@@ -40,10 +40,12 @@ def scalars(directory: Path) -> dict[str, list]:
 
 
 def test_gvm_learns_the_synthetic_task(synthetic, tmp_path):
-    """Seed 1234, 600 steps of 64 samples: held-out pairwise accuracy of the last value >= 90%."""
+    """Seed 1234, 600 steps of 64 samples of the example config (td_pairwise): the objective
+    (TD loss + pairwise_weight 1 x pair loss) falls by 15%, held-out pairwise accuracy of the
+    last value >= 90%."""
     logs = train(tmp_path, synthetic, 1, "logging.log_interval=10")
     assert SPEC_TAGS <= set(logs)  # real event files, read back with tensorboard
-    losses = [v for _, v in logs["gvm/loss"]]
+    losses = [v + pair for (_, v), (_, pair) in zip(logs["gvm/loss"], logs["gvm/pair_loss"])]
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
     final_step, final_acc = logs["gvm/pair_acc_last"][-1]
     assert final_step == 600 and final_acc >= 0.90, logs["gvm/pair_acc_last"]
