@@ -36,29 +36,19 @@ SHAPES = {
 
 # Runs in a fresh interpreter: imports first, then the baseline, then the measured work.
 _MEASURE = r"""
-import json, sys, threading, time
-import psutil
+import json, sys, time
 from megatron_dvpo.conversion.convert import export_hf, import_hf
-proc = psutil.Process()
-baseline = proc.memory_info().rss
-peak = [baseline]
-stop = threading.Event()
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.002)
-thread = threading.Thread(target=sample, daemon=True)
-thread.start()
-start = time.perf_counter()
+from megatron_dvpo.logging import PeakRSS
 direction, src, dst = sys.argv[1:4]
-if direction == "import":
-    import_hf(src, dst, overwrite=True)
-else:
-    export_hf(src, dst, overwrite=True, max_shard_bytes=int(sys.argv[4]))
-seconds = time.perf_counter() - start
-stop.set(); thread.join()
-peak[0] = max(peak[0], proc.memory_info().rss)
-print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": peak[0]}))
+with PeakRSS() as rss:
+    start = time.perf_counter()
+    if direction == "import":
+        import_hf(src, dst, overwrite=True)
+    else:
+        export_hf(src, dst, overwrite=True, max_shard_bytes=int(sys.argv[4]))
+    seconds = time.perf_counter() - start
+print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": rss.baseline,
+                              "peak_rss": rss.peak}))
 """
 
 

@@ -28,10 +28,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 _MEASURE = r"""
-import json, sys, threading, time
-import psutil, torch
+import json, sys, time
+import torch
 from megatron_dvpo import distributed
 from megatron_dvpo.config import ParallelConfig, load_config
+from megatron_dvpo.logging import PeakRSS
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gpt import build_model_chunks
 from megatron_dvpo.rl.losses import ppo_policy_loss
@@ -55,22 +56,13 @@ def loss_fn(outputs, batch):
     loss, _ = ppo_policy_loss(logp, logp_old, advantages, mask, 0.2, normalizer=mask.sum())
     return loss, {}
 
-proc = psutil.Process()
-baseline = proc.memory_info().rss
-peak = [baseline]
-stop = threading.Event()
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.002)
-thread = threading.Thread(target=sample, daemon=True)
-thread.start()
-start = time.perf_counter()
-forward.run_microbatches(chunks, forward.make_microbatches(mbs, tokens=tokens), head, loss_fn)
-seconds = time.perf_counter() - start
-stop.set(); thread.join()
-print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": baseline,
-                              "peak_increase": peak[0] - baseline}))
+with PeakRSS() as rss:
+    start = time.perf_counter()
+    forward.run_microbatches(chunks, forward.make_microbatches(mbs, tokens=tokens), head,
+                             loss_fn)
+    seconds = time.perf_counter() - start
+print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": rss.baseline,
+                              "peak_increase": rss.peak - rss.baseline}))
 """
 
 
