@@ -178,19 +178,20 @@ def _lm_head_from(model_chunks: list[torch.nn.Module], start: int):
         layer.forward = partial(lambda forward, hidden, *args, **kwargs:
                                 forward(hidden[start:], *args, **kwargs), layer.forward)
     try:
-        yield 0 if not layers else start
+        yield
     finally:
         for layer in layers:
             del layer.forward  # the class's own again
 
 
 def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, length: int,
-                  skipped: int, data_iterator, model):
+                  data_iterator, model):
     batch = next(data_iterator)
     seq = batch["tokens"].shape[1]
     output = model(*model_inputs(batch, length))
 
     def loss_func(output_tensor):
+        skipped = length - output_tensor.shape[1]  # leading positions the LM head skipped
         outputs = head(output_tensor[:, :seq - skipped], batch)
         if loss_fn is None:
             return output_tensor.new_zeros(()), {k: v.detach() for k, v in outputs.items()}
@@ -221,10 +222,9 @@ def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dic
     # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
     iterators = [iter(microbatches) for _ in range(chunks)]
     forward_backward = get_forward_backward_func()
-    with _lm_head_from(model_chunks, getattr(head, "logits_from", 0)) as skipped:
+    with _lm_head_from(model_chunks, getattr(head, "logits_from", 0)):
         return forward_backward(
-            forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length,
-                                      skipped),
+            forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length),
             data_iterator=iterators if chunks > 1 else iterators[0],
             model=model_chunks,
             num_microbatches=num_microbatches,
