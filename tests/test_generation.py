@@ -93,3 +93,17 @@ def test_the_lean_head_scores_response_positions_in_chunks_like_the_full_one(
         assert torch.allclose(lean[key], full[key], atol=1e-6), key
     assert torch.allclose(lean_grad, full_grad, atol=1e-6)
     assert lean_grad[:, :start].abs().sum() == 0
+
+
+def test_gumbel_max_sampling_draws_the_tempered_distribution():
+    """Shares of 40k draws at temperature 0.7 match softmax(logits / 0.7) within 1 point, and
+    padded-vocabulary columns (-inf) are never drawn."""
+    from megatron_dvpo.models.generation import mask_padded_vocab
+
+    logits = mask_padded_vocab(torch.tensor([[2.0, 1.5, 0.5, -1.0, 0.0, 9.0]]), 5)
+    draws = sample_tokens(logits.repeat(40000, 1), SamplingConfig(temperature=0.7),
+                          torch.Generator().manual_seed(3))
+    shares = torch.bincount(draws, minlength=6).float() / draws.numel()
+    expected = (logits[0] / 0.7).softmax(-1)
+    assert shares[5] == 0
+    assert (shares - expected).abs().max() < 0.01, (shares, expected)

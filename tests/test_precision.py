@@ -256,3 +256,47 @@ def test_te_block_scaling_verdict_is_found_where_each_te_keeps_it(module, monkey
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, module, fake)
     assert _te_block_scaling_verdict() == (False, "CUDA 12.4 < 12.9")
+
+
+def test_left_padded_rows_moved_right_equal_the_dense_padding_mask(single_rank):
+    """Rollout rows (left-padded) run plain causal attention, padding moved to their ends and
+    the head's input moved back: log-probs (full and lean head), values and gradients equal the
+    dense [s, s] padding-mask path to 1e-5 in fp32."""
+    from megatron_dvpo.models import forward
+    from megatron_dvpo.models.gpt import build_model_chunks
+    from megatron_dvpo.models.gvm import build_gvm_chunks
+
+    cfg = load_config(None, ["model.num_layers=2", "model.vocab_size=100"])
+    policy = build_model_chunks(cfg)
+    gvm = build_gvm_chunks(cfg, value_head_init_std=0.02)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 100, (4, 13))
+    left_pad = torch.tensor([0, 3, 5, 1])
+    real = torch.arange(13)[None, :] >= left_pad[:, None]
+    weight = real[:, :-1].float()  # real positions predicting real tokens, as RL reads
+    dense = forward.make_microbatches(2, tokens=tokens, weight=weight,
+                                      attention_mask=forward.padding_mask(left_pad, 13))
+    moved = forward.make_microbatches(2, tokens=tokens, weight=weight, left_pad=left_pad)
+    assert torch.equal(forward.move_padding_right(tokens, left_pad)[1, :10], tokens[1, 3:])
+
+    def loss(out, mb):
+        lp = out["logprobs"]
+        return (lp ** 2 * mb["weight"][:, -lp.shape[1]:]).sum(), {"logprobs": lp.detach()}
+
+    def run(batches, start=0):
+        head = forward.policy_logprobs_head(100, start=start, chunk=4 if start else 0)
+        for chunk in policy:
+            chunk.zero_grad()
+        outputs = forward.run_microbatches(policy, batches, head, loss)
+        grads = torch.cat([p.grad.flatten() for p in policy[0].parameters()])
+        return (forward.concat_outputs(outputs, "logprobs"), grads,
+                forward.token_values(gvm, batches))
+
+    for start in (0, 6):  # every position, and the response's only (the lean head)
+        (dense_lp, dense_grad, dense_values), (lp, grad, values) = (run(dense, start),
+                                                                   run(moved, start))
+        scored = real[:, start:-1]
+        assert lp.shape == scored.shape
+        torch.testing.assert_close(lp[scored], dense_lp[scored], atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[real], dense_values[real], atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, dense_grad, atol=1e-5, rtol=1e-4)

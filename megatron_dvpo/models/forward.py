@@ -7,9 +7,7 @@ pipeline stage only; other stages get empty lists.
 
 from __future__ import annotations
 
-import contextlib
 import math
-
 from functools import partial
 from typing import Callable, Optional
 
@@ -143,11 +141,36 @@ def sequence_multiple(model_chunks: list[torch.nn.Module]) -> int:
     return multiple
 
 
-def model_inputs(batch: dict, length: int) -> tuple:
+def padding_mask(left_pad: torch.Tensor, seq: int) -> torch.Tensor:
+    """[b, 1, seq, seq] dense mask of left-padded rows' padding keys (True = masked)."""
+    columns = torch.arange(seq, device=left_pad.device)
+    return (columns[None, :] < left_pad[:, None])[:, None, None, :].expand(-1, -1, seq, -1)
+
+
+def move_padding_right(tokens: torch.Tensor, left_pad: torch.Tensor) -> torch.Tensor:
+    """Each left-padded row rotated so that it starts at column 0, its padding at the end."""
+    seq = tokens.shape[1]
+    columns = torch.arange(seq, device=tokens.device)[None, :] + left_pad[:, None]
+    return tokens.gather(1, columns % seq)
+
+
+def restore_left_padding(hidden: torch.Tensor, left_pad: torch.Tensor,
+                         start: int = 0) -> torch.Tensor:
+    """Sequence-first [s, b, h] hidden states of rows moved by ``move_padding_right`` back to the
+    left-padded columns, positions ``start:`` only (the padding columns hold garbage)."""
+    seq = hidden.shape[0]
+    rows = torch.arange(start, seq, device=hidden.device)[:, None] - left_pad[None, :]
+    index = (rows % seq)[:, :, None].expand(-1, -1, hidden.shape[2])
+    return hidden.gather(0, index)
+
+
+def model_inputs(batch: dict, length: int, padding_right: bool = True) -> tuple:
     """(tokens, position_ids, attention_mask) right-padded to ``length``.
 
     Causal attention keeps the padding invisible to the real positions, whose outputs are then
-    exactly those of the unpadded batch.
+    exactly those of the unpadded batch. Left-padded rows (``batch["left_pad"]``, rollouts) are
+    moved to start at column 0 with ``padding_right``, so attention stays plain causal (SDPA's
+    flash path, no [s, s] mask); otherwise (sequence parallelism) they get a dense padding mask.
     """
     tokens = batch["tokens"]
     seq = tokens.shape[1]
@@ -155,6 +178,11 @@ def model_inputs(batch: dict, length: int) -> tuple:
     if position_ids is None:
         position_ids = torch.arange(seq, device=tokens.device).expand_as(tokens)
     mask = batch.get("attention_mask")
+    if "left_pad" in batch:
+        if padding_right:
+            tokens = move_padding_right(tokens, batch["left_pad"])
+        else:
+            mask = padding_mask(batch["left_pad"], seq)
     extra = length - seq
     if extra:
         tokens = F.pad(tokens, (0, extra))
@@ -165,30 +193,48 @@ def model_inputs(batch: dict, length: int) -> tuple:
     return tokens, position_ids, mask
 
 
-@contextlib.contextmanager
-def _lm_head_from(model_chunks: list[torch.nn.Module], start: int):
-    """The LM head (the last stage's ``output_layer``) over positions ``start:`` only: a
-    prompt's logits are never computed when only the response is scored. Off under sequence
-    parallelism, where the head's input is split over the sequence."""
-    layers = [module.output_layer for module in (getattr(c, "module", c) for c in model_chunks)
-              if getattr(module, "post_process", False) and hasattr(module, "output_layer")]
-    if start <= 0 or model_chunks[0].config.sequence_parallel:
-        layers = []
-    for layer in layers:  # sequence-first input: [s, b, h]
-        layer.forward = partial(lambda forward, hidden, *args, **kwargs:
-                                forward(hidden[start:], *args, **kwargs), layer.forward)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward  # the class's own again
+class _OutputLayerInput:
+    """What the last stage's output layer (LM or value head) reads: positions ``start:`` only,
+    so a prompt's logits are never computed when only the response is scored, and rows moved by
+    ``move_padding_right`` back to their left-padded columns (set per microbatch as
+    ``left_pad``). Neither under sequence parallelism, where the head's input is split over the
+    sequence: there rows keep their padding mask and every position is computed."""
+
+    def __init__(self, model_chunks: list[torch.nn.Module], start: int):
+        self.sequence_parallel = model_chunks[0].config.sequence_parallel
+        self.start = 0 if self.sequence_parallel else max(start, 0)
+        self.left_pad: Optional[torch.Tensor] = None
+        self.layers = [module.output_layer
+                       for module in (getattr(c, "module", c) for c in model_chunks)
+                       if getattr(module, "post_process", False)
+                       and hasattr(module, "output_layer")]
+
+    def _view(self, hidden: torch.Tensor) -> torch.Tensor:  # sequence-first: [s, b, h]
+        if self.left_pad is not None:
+            return restore_left_padding(hidden, self.left_pad, self.start)
+        return hidden[self.start:]
+
+    def __enter__(self):
+        if not self.sequence_parallel:
+            for layer in self.layers:
+                layer.forward = partial(lambda forward, hidden, *args, **kwargs:
+                                        forward(self._view(hidden), *args, **kwargs),
+                                        layer.forward)
+        return self
+
+    def __exit__(self, *exc):
+        if not self.sequence_parallel:
+            for layer in self.layers:
+                del layer.forward  # the class's own again
 
 
 def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, length: int,
-                  data_iterator, model):
+                  head_input: _OutputLayerInput, data_iterator, model):
     batch = next(data_iterator)
     seq = batch["tokens"].shape[1]
-    output = model(*model_inputs(batch, length))
+    padding_right = not head_input.sequence_parallel
+    head_input.left_pad = batch.get("left_pad") if padding_right else None
+    output = model(*model_inputs(batch, length, padding_right))
 
     def loss_func(output_tensor):
         skipped = length - output_tensor.shape[1]  # leading positions the LM head skipped
@@ -222,9 +268,10 @@ def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dic
     # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
     iterators = [iter(microbatches) for _ in range(chunks)]
     forward_backward = get_forward_backward_func()
-    with _lm_head_from(model_chunks, getattr(head, "logits_from", 0)):
+    with _OutputLayerInput(model_chunks, getattr(head, "logits_from", 0)) as head_input:
         return forward_backward(
-            forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length),
+            forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length,
+                                      head_input),
             data_iterator=iterators if chunks > 1 else iterators[0],
             model=model_chunks,
             num_microbatches=num_microbatches,
@@ -261,9 +308,9 @@ def token_values(model_chunks, microbatches: list[dict]):
 
 
 def rollout_microbatches(rollout, micro_batch_size: int) -> list[dict]:
-    """A rollout's sequences as microbatches, its left padding masked out of attention."""
+    """A rollout's left-padded sequences as microbatches (``model_inputs`` moves the padding)."""
     return make_microbatches(micro_batch_size, tokens=rollout.tokens,
-                             attention_mask=rollout.full_attention_mask())
+                             left_pad=rollout.prompt_pad)
 
 
 def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int,

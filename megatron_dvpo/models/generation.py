@@ -1,11 +1,17 @@
 """Batched sampling from a megatron GPTModel with a KV cache, at any TP/PP layout.
 
-Prompts are left-padded to a common length ``P`` and the padding is masked out of attention.
-RoPE scores depend only on relative positions, so a left-padded row computes exactly what the
-unpadded prompt would, and every response starts at column ``P``: rollout tensors line up
-without per-row gathers. Each step runs one token per row through megatron's forward-only
-pipeline schedule with megatron's static KV cache (``StaticInferenceContext``), so generation
-cost grows linearly with the number of new tokens.
+Prompts are left-padded to a common length ``P`` and the padding is masked out of attention
+(only when some row is padded: otherwise attention is plain causal). RoPE scores depend only on
+relative positions, so a left-padded row computes exactly what the unpadded prompt would, and
+every response starts at column ``P``: rollout tensors line up without per-row gathers. The
+prompt is prefilled once, then each step runs one token per row with megatron's static KV cache
+(``StaticInferenceContext``), so generation cost grows linearly with the number of new tokens.
+
+The decode loop does not wait on the host: tokens are drawn by the Gumbel-max trick
+(``argmax(logits - log E)``, ``E ~ Exp(1)``, the same distribution as ``multinomial`` without
+its checks), and whether every row has finished is read every ``FINISHED_CHECK_INTERVAL``
+steps only (rows past their EOS are padding either way). With one pipeline stage the model is
+called directly; with several, each step goes through megatron's forward-only schedule.
 
 The last stage gathers the vocabulary (as megatron-core's own inference does), samples with a
 generator seeded identically on every rank, and broadcasts the tokens to all ranks of its
@@ -56,16 +62,6 @@ class Rollout:
     def responses(self) -> torch.Tensor:
         return self.tokens[:, self.prompt_width:]
 
-    def attention_mask(self) -> torch.Tensor:
-        """[B, 1, 1, P+T] True where a key is left padding (megatron: True = masked)."""
-        columns = torch.arange(self.tokens.shape[1], device=self.tokens.device)
-        return (columns[None, :] < self.prompt_pad[:, None])[:, None, None, :]
-
-    def full_attention_mask(self) -> torch.Tensor:
-        """[B, 1, P+T, P+T]: the padding mask for every query (causality is the model's)."""
-        width = self.tokens.shape[1]
-        return self.attention_mask().expand(-1, -1, width, -1)
-
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Host tensors ``(tokens [B, P], left padding [B])``; ``generate`` moves them."""
@@ -84,23 +80,34 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
-                  generator: torch.Generator) -> torch.Tensor:
-    """One token per row from [B, V] logits: greedy, or temperature + top-k + top-p."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
+# Decode steps between reads of "has every row finished?" (each read waits for the device).
+FINISHED_CHECK_INTERVAL = 8
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Tempered [B, V] logits with top-k and top-p's dropped tokens at -inf."""
     logits = logits / cfg.temperature
     if cfg.top_k > 0:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the token crossing p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # keep the token crossing p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.float().softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One token per row from [B, V] logits: greedy, or temperature + top-k + top-p, drawn by
+    Gumbel-max so that no step waits on the host."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float(), cfg)
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits - race.log()).argmax(-1)
 
 
 def _step_forward(context, attention_mask, data_iterator, model):
@@ -110,8 +117,12 @@ def _step_forward(context, attention_mask, data_iterator, model):
     return output, lambda out: (out.new_zeros(()), {"logits": out.detach()})
 
 
-def _pipeline_forward(chunks, context, tokens, positions, attention_mask):
-    """Logits [B, s, V] for ``tokens`` [B, s] on the last stage (None elsewhere)."""
+def _model_forward(chunks, context, tokens, positions, attention_mask):
+    """Logits [B, s, V] for ``tokens`` [B, s] on the last stage (None elsewhere): a direct call
+    with one stage, megatron's forward-only schedule with several."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return chunks[0](tokens, positions, attention_mask, inference_context=context,
+                         runtime_gather_output=True)
     outputs = get_forward_backward_func()(
         forward_step_func=partial(_step_forward, context, attention_mask),
         data_iterator=iter([(tokens, positions)]), model=chunks, num_microbatches=1,
@@ -144,21 +155,25 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
     pads = pads.to(device)
     tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
     tokens[:, :width] = prompt_tokens.to(device)
-    key_pad = (torch.arange(total, device=device)[None, :] < pads[:, None])
+    # the padding mask, only where some prompt is padded (one read of the host, before decoding)
+    key_pad = ((torch.arange(total, device=device)[None, :] < pads[:, None])
+               if bool(pads.any()) else None)
     context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=total)
     logprobs = torch.zeros(batch, cfg.max_new_tokens, device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    temperature = logit_temperature(cfg.temperature)
     # Rollout runs in bf16 even when the policy trains in FP8: rollout/logprob_diff measures it.
     with fp8_disabled(chunks), sequence_parallel_disabled(chunks):
         start = 0
         for step in range(cfg.max_new_tokens):
             end = width + step
             # prefill the whole prompt once, then one token per step
-            mask = key_pad[:, None, None, :end].expand(batch, 1, end - start, end)
+            mask = (None if key_pad is None
+                    else key_pad[:, None, None, :end].expand(batch, 1, end - start, end))
             positions = torch.arange(start, end, device=device).expand(batch, -1)
-            logits = _pipeline_forward(chunks, context, tokens[:, start:end], positions, mask)
+            logits = _model_forward(chunks, context, tokens[:, start:end], positions, mask)
             context.sequence_len_offset += end - start
             start = end
             chosen = torch.zeros(batch, dtype=torch.long, device=device)
@@ -166,16 +181,15 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
             if logits is not None:
                 last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
                 chosen = sample_tokens(last, cfg, generator)
-                tempered = last / logit_temperature(cfg.temperature)
-                chosen_logprob = F.log_softmax(tempered, -1).gather(-1, chosen[:, None]).squeeze(-1)
+                chosen_logprob = F.log_softmax(last / temperature, -1).gather(
+                    -1, chosen[:, None]).squeeze(-1)
             _broadcast_from_last_stage(chosen)
             _broadcast_from_last_stage(chosen_logprob)
-            tokens[:, end] = torch.where(alive, chosen, torch.full_like(chosen, pad_id))
-            logprobs[:, step] = torch.where(alive, chosen_logprob,
-                                            torch.zeros_like(chosen_logprob))
-            lengths += alive.long()
+            tokens[:, end] = torch.where(alive, chosen, pad_id)
+            logprobs[:, step] = chosen_logprob * alive
+            lengths += alive
             alive &= chosen != eos_id
-            if not alive.any():
+            if (step + 1) % FINISHED_CHECK_INTERVAL == 0 and not alive.any():
                 break
     steps = int(lengths.max())
     response_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]

@@ -53,7 +53,7 @@ def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str,
         raise ConfigError(f"{rows} rollouts per data-parallel rank do not split into "
                           f"rl.minibatches={rl.minibatches} of whole microbatches of "
                           f"data.micro_batch_size={micro_batch_size}")
-    tensors = {"tokens": rollout.tokens, "attention_mask": rollout.full_attention_mask(),
+    tensors = {"tokens": rollout.tokens, "left_pad": rollout.prompt_pad,
                "mask": rollout.response_mask, **per_token}
     dp = parallel_state.get_data_parallel_world_size()
     generator = np.random.default_rng(seed)
