@@ -156,6 +156,10 @@ class DataConfig:
     tokenizer: Optional[str] = None  # SentencePiece .model file or HF tokenizer directory
     seq_length: int = _checked(128, POSITIVE)
     micro_batch_size: int = _checked(1, POSITIVE)
+    # > 0: training microbatches of up to this many tokens (rows x the longest), rows sorted by
+    # length and each microbatch cut to its longest row, for SFT, GVM training and the policy
+    # and critic updates; 0: micro_batch_size rows each, at the batch's width
+    micro_batch_tokens: int = _checked(0, NON_NEGATIVE)
     global_batch_size: int = _checked(8, POSITIVE)
     skip_bad_rows: bool = False
     max_length: Optional[int] = None  # prompt + response tokens; None: seq_length
@@ -597,6 +601,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"data.global_batch_size={data.global_batch_size} is not divisible by "
                           f"data.micro_batch_size={data.micro_batch_size} x data-parallel size "
                           f"{dp}")
+    if 0 < data.micro_batch_tokens < data.seq_length:
+        raise ConfigError(f"data.micro_batch_tokens={data.micro_batch_tokens} is below "
+                          f"data.seq_length={data.seq_length}: a row of full length would not "
+                          "fit in a microbatch")
     if data.seq_length > cfg.model.max_position_embeddings:
         raise ConfigError(f"data.seq_length={data.seq_length} exceeds "
                           f"model.max_position_embeddings={cfg.model.max_position_embeddings}")

@@ -67,9 +67,11 @@ class SFTTrainer:
             nll = -(outputs["logprobs"] * mb["scored"]).sum()
             return nll / tokens * dp, {"nll_sum": nll.detach()}
 
-        microbatches = forward.make_microbatches(
-            self.cfg.data.micro_batch_size, **to_device({"tokens": batch["tokens"],
-                                                         "scored": scored}))
+        data = self.cfg.data
+        microbatches = forward.split_microbatches(
+            data.micro_batch_size, data.micro_batch_tokens,
+            batch["prompt_lengths"] + batch["response_lengths"],
+            **to_device({"tokens": batch["tokens"], "scored": scored}))
         update = self.model.update(microbatches,
                                    forward.policy_logprobs_head(self.cfg.model.vocab_size,
                                                                 chunk=forward.LOGPROB_CHUNK),

@@ -93,3 +93,26 @@ def test_bench_memory_quick(tmp_path):
     report = json.loads(out.read_text())
     assert 0 < report["lean"]["peak_increase"] < report["full"]["peak_increase"]
     assert report["lean_over_full"] < 0.8
+
+
+def _quick(tmp_path, script: str, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / script), "--quick", "--out",
+                           str(out), *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_rollout_quick(tmp_path):
+    row = _quick(tmp_path, "bench_rollout.py", "--workdir", str(tmp_path))["shapes"]["tiny"]["4"]
+    for sampler in ("ours", "hf_generate"):
+        assert row[sampler]["new_tokens"] == 4 * 8  # every row runs the full length
+    assert row["ours_over_hf"] == row["ours"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"]
+
+
+def test_bench_packing_quick(tmp_path):
+    """The same gradients either way; the token budget computes fewer padded tokens."""
+    result = _quick(tmp_path, "bench_packing.py")
+    assert result["real_tokens"] < result["padded_tokens"]
+    assert result["grad_max_abs"] > 1e-4
+    assert 0 <= result["grad_max_abs_diff"] <= 1e-6

@@ -1,5 +1,6 @@
 """Data-parallel reductions and pipeline broadcasts: one GVM, DVPO and PPO step at DP=2 (with
-different data per rank) and at PP=2 equal DP=1 over the concatenated batch."""
+different data per rank) and at PP=2 equal DP=1 over the concatenated batch; so do token-budget
+microbatches (``tok``: rows sorted by length, microbatches of varying shapes)."""
 
 import json
 
@@ -16,14 +17,15 @@ WEIGHT_TOL = 1e-5  # gradients and weights after one Adam step (fp32 summation o
 def diffs(tmp_path_factory):
     work = tiny_policy_and_gvm(tmp_path_factory.mktemp("rl_equivalence"), train_rows=400,
                                eval_rows=8)
-    for layout, nproc in (("dp2pp1", 2), ("dp1pp2", 2), ("dp1pp1", 1), ("compare", 1)):
+    for layout, nproc in (("dp2pp1", 2), ("dp1pp2", 2), ("dp2pp1tok", 2), ("dp1pp2tok", 2),
+                          ("dp1pp1", 1), ("compare", 1)):
         torchrun([SCRIPT, str(work), layout], nproc=nproc)
     return json.loads((work / "diffs.json").read_text())
 
 
 @pytest.mark.multirank
 @pytest.mark.compat
-@pytest.mark.parametrize("layout", ["dp2pp1", "dp1pp2"])
+@pytest.mark.parametrize("layout", ["dp2pp1", "dp1pp2", "dp2pp1tok", "dp1pp2tok"])
 def test_one_step_of_each_job_equals_dp1(diffs, layout):
     d = diffs[layout]
     for key in ("gvm_loss", "dvpo_advantages", "dvpo_policy_loss", "ppo_advantages",

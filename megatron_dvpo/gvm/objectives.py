@@ -176,14 +176,17 @@ class ObjectiveUpdate:
 
 
 def train_on_batch(model: TrainedModel, objective: Objective, batch: dict,
-                   micro_batch_size: int) -> ObjectiveUpdate:
+                   micro_batch_size: int, micro_batch_tokens: int = 0) -> ObjectiveUpdate:
     """One update of ``model`` on this rank's part of a global batch. Losses are normalised by
     the whole global batch, so the gradient is that of the documented mean however the batch
     is split over microbatches and replicas."""
     counts = {k: distributed.all_reduce_data_parallel(v)
               for k, v in objective.counts(batch).items()}
     dp = parallel_state.get_data_parallel_world_size()
-    microbatches = forward.make_microbatches(micro_batch_size, **to_device(batch))
+    batch = to_device(batch)
+    microbatches = forward.split_microbatches(
+        micro_batch_size, micro_batch_tokens, batch["prompt_lengths"] + batch["response_lengths"],
+        2 if objective.whole_pairs else 1, **batch)
     update = model.update(microbatches, forward.gvm_values_head, objective.loss_fn(counts, dp))
     keys = list(objective.sums)
     local = ({k: sum(float(o[k]) for o in update.outputs) for k in keys}

@@ -99,7 +99,8 @@ class GVMTrainer:
     def step(self, step: int) -> StepResult:
         start = time.perf_counter()
         batch = self._next_batch()
-        trained = train_on_batch(self.model, self.objective, batch, self.cfg.data.micro_batch_size)
+        trained = train_on_batch(self.model, self.objective, batch, self.cfg.data.micro_batch_size,
+                                 self.cfg.data.micro_batch_tokens)
         seq_tokens = distributed.all_reduce_data_parallel(
             float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         prefix = self.summary_tags[0].split("/")[0]

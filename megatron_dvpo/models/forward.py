@@ -7,6 +7,7 @@ pipeline stage only; other stages get empty lists.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Callable, Optional
@@ -131,6 +132,45 @@ def make_microbatches(micro_batch_size: int, **tensors: torch.Tensor) -> list[di
             for i in range(0, total, micro_batch_size)]
 
 
+def token_budget_microbatches(tokens_per_microbatch: int, lengths: torch.Tensor,
+                              group: int = 1, **tensors: torch.Tensor) -> list[dict]:
+    """Rows sorted by length into microbatches of at most ``tokens_per_microbatch`` tokens (rows
+    x the longest row; a longer unit goes alone), each cut to its longest row: far less padding
+    than fixed-size microbatches on a length-skewed batch. Every tensor of two or more
+    dimensions is ``[rows, columns, ...]`` with its columns ending where ``tokens``' end, and
+    loses the same trailing columns. Consecutive groups of ``group`` rows (a preference pair)
+    stay together, in order. Losses normalised by global counts give the same gradients as
+    with fixed microbatches."""
+    if lengths.shape[0] % group:
+        raise ValueError(f"{lengths.shape[0]} rows do not split into groups of {group}")
+    unit_lengths = lengths.view(-1, group).max(1).values.tolist()
+    groups: list[list[int]] = []
+    for unit in sorted(range(len(unit_lengths)), key=lambda u: -unit_lengths[u]):
+        current = groups[-1] if groups else []
+        if not current or (len(current) + 1) * group * unit_lengths[current[0]] > \
+                tokens_per_microbatch:
+            groups.append(current := [])
+        current.append(unit)
+    width = tensors["tokens"].shape[1]
+    microbatches = []
+    for units in groups:
+        index = torch.tensor([u * group + k for u in units for k in range(group)],
+                             device=tensors["tokens"].device)
+        cut = width - int(unit_lengths[units[0]])
+        microbatches.append({k: v[index][:, :v.shape[1] - cut] if v.dim() > 1 else v[index]
+                             for k, v in tensors.items()})
+    return microbatches
+
+
+def split_microbatches(micro_batch_size: int, micro_batch_tokens: int, lengths: torch.Tensor,
+                       group: int = 1, **tensors: torch.Tensor) -> list[dict]:
+    """``data.micro_batch_tokens`` > 0: token-budget microbatches; otherwise
+    ``micro_batch_size`` rows each, at the batch's width."""
+    if micro_batch_tokens > 0:
+        return token_budget_microbatches(micro_batch_tokens, lengths, group, **tensors)
+    return make_microbatches(micro_batch_size, **tensors)
+
+
 def sequence_multiple(model_chunks: list[torch.nn.Module]) -> int:
     """FP8 GEMMs need the token dimension aligned, and sequence parallelism splits it over the
     tensor-parallel ranks; other numerics take any length."""
@@ -228,10 +268,11 @@ class _OutputLayerInput:
                 del layer.forward  # the class's own again
 
 
-def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, length: int,
+def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, multiple: int,
                   head_input: _OutputLayerInput, data_iterator, model):
     batch = next(data_iterator)
     seq = batch["tokens"].shape[1]
+    length = -(-seq // multiple) * multiple
     padding_right = not head_input.sequence_parallel
     head_input.left_pad = batch.get("left_pad") if padding_right else None
     output = model(*model_inputs(batch, length, padding_right))
@@ -258,27 +299,38 @@ def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dic
     """
     if not forward_only and loss_fn is None:
         raise ValueError("forward-backward needs a loss_fn")
-    tokens = microbatches[0]["tokens"]
-    if any(mb["tokens"].shape != tokens.shape for mb in microbatches):
-        raise ValueError("all microbatches of one call must share [micro_batch_size, seq_length]")
-    num_microbatches = len(microbatches)
+    shapes = {mb["tokens"].shape for mb in microbatches}
     multiple = sequence_multiple(model_chunks)
-    length = -(-tokens.shape[1] // multiple) * multiple
     chunks = len(model_chunks)
     # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
     iterators = [iter(microbatches) for _ in range(chunks)]
     forward_backward = get_forward_backward_func()
-    with _OutputLayerInput(model_chunks, getattr(head, "logits_from", 0)) as head_input:
+    rows, seq = microbatches[0]["tokens"].shape
+    with _OutputLayerInput(model_chunks, getattr(head, "logits_from", 0)) as head_input, \
+            _variable_shapes(model_chunks, len(shapes) > 1):
         return forward_backward(
-            forward_step_func=partial(_forward_step, head, loss_fn, num_microbatches, length,
+            forward_step_func=partial(_forward_step, head, loss_fn, len(microbatches), multiple,
                                       head_input),
             data_iterator=iterators if chunks > 1 else iterators[0],
             model=model_chunks,
-            num_microbatches=num_microbatches,
-            seq_length=length,
-            micro_batch_size=tokens.shape[0],
+            num_microbatches=len(microbatches),
+            seq_length=-(-seq // multiple) * multiple,
+            micro_batch_size=rows,
             forward_only=forward_only,
         )
+
+
+@contextlib.contextmanager
+def _variable_shapes(model_chunks: list[torch.nn.Module], variable: bool):
+    """Microbatches of different shapes (token-budget microbatches): pipeline stages then
+    exchange each activation's shape before it (megatron's ``variable_seq_lengths``)."""
+    config = model_chunks[0].config
+    saved = config.variable_seq_lengths
+    config.variable_seq_lengths = saved or variable
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = saved
 
 
 def concat_outputs(outputs: list[dict], key: str) -> Optional[torch.Tensor]:

@@ -150,4 +150,4 @@ class RewardCriticScorer:
               seed: list[int]) -> UpdateSummary:
         return update_critic(self.critic, rollout, scores.state_values, advantages.returns,
                              self.cfg.rl, self.cfg.ppo.value_clip_eps,
-                             self.cfg.data.micro_batch_size, seed)
+                             self.cfg.data, seed)

@@ -140,7 +140,7 @@ class RLTrainer:
     def update_policy(self, rollout: Rollout, logp_old: torch.Tensor, advantages: torch.Tensor,
                       seed: list[int]) -> UpdateSummary:
         return update_policy(self.policy, rollout, logp_old, advantages, self.cfg.rl,
-                             self.cfg.data.micro_batch_size, self.cfg.model.vocab_size,
+                             self.cfg.data, self.cfg.model.vocab_size,
                              self.temperature, seed)
 
     def perf_metrics(self, rollout: Rollout, gen_s: float, score_s: float,

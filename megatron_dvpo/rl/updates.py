@@ -11,7 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.config import ConfigError, RLConfig
+from megatron_dvpo.config import ConfigError, DataConfig, RLConfig
 from megatron_dvpo.device import device
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.forward import Head, LossFn
@@ -39,22 +39,25 @@ class UpdateSummary:
 
 
 def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str, torch.Tensor],
-                     rl: RLConfig, micro_batch_size: int, seed: list[int], head: Head,
+                     rl: RLConfig, data: DataConfig, seed: list[int], head: Head,
                      loss_for: Callable[[int, float], LossFn], keys: tuple[str, ...],
                      accept: Optional[Callable[[dict[str, float]], bool]] = None
                      ) -> list[MinibatchUpdate]:
     """``rl.ppo_epochs`` x ``rl.minibatches`` updates of ``model`` on the rollout's rows.
 
     ``loss_for(dp, tokens)`` builds the loss of a minibatch with ``tokens`` response tokens over
-    all replicas; ``accept(sums)`` may refuse an update (the ratio threshold).
+    all replicas; ``accept(sums)`` may refuse an update (the ratio threshold). Microbatches
+    are ``data.micro_batch_size`` rows, or up to ``data.micro_batch_tokens`` tokens each.
     """
+    micro_batch_size = data.micro_batch_size
     rows = rollout.tokens.shape[0]
-    if rows % (rl.minibatches * micro_batch_size):
+    if not data.micro_batch_tokens and rows % (rl.minibatches * micro_batch_size):
         raise ConfigError(f"{rows} rollouts per data-parallel rank do not split into "
                           f"rl.minibatches={rl.minibatches} of whole microbatches of "
                           f"data.micro_batch_size={micro_batch_size}")
     tensors = {"tokens": rollout.tokens, "left_pad": rollout.prompt_pad,
                "mask": rollout.response_mask, **per_token}
+    lengths = rollout.prompt_width + rollout.response_lengths
     dp = parallel_state.get_data_parallel_world_size()
     generator = np.random.default_rng(seed)
     done = []
@@ -70,8 +73,9 @@ def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str,
                 sums.update(distributed.sum_over_replicas(list(keys), local))
                 return accept is None or accept(sums)
 
-            microbatches = forward.make_microbatches(
-                micro_batch_size, **{k: v[index] for k, v in tensors.items()})
+            microbatches = forward.split_microbatches(
+                micro_batch_size, data.micro_batch_tokens, lengths[index],
+                **{k: v[index] for k, v in tensors.items()})
             update = model.update(microbatches, head, loss_for(dp, tokens), check)
             done.append(MinibatchUpdate(update, sums))
     return done
@@ -89,7 +93,7 @@ def _means(done: list[MinibatchUpdate], prefix: str, names: dict[str, str]) -> d
 
 
 def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor,
-                  advantages: torch.Tensor, rl: RLConfig, micro_batch_size: int,
+                  advantages: torch.Tensor, rl: RLConfig, data: DataConfig,
                   vocab_size: int, temperature: float, seed: list[int]) -> UpdateSummary:
     """The clipped surrogate (docs/algorithm.md §2, step 7), minibatches skipped past the ratio
     threshold."""
@@ -119,7 +123,7 @@ def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor
         return not should_skip_minibatch(sums["ratio_sum"] / sums["tokens"], rl.ratio_threshold)
 
     done = minibatch_epochs(policy, rollout, {"logp_old": logp_old, "advantages": advantages},
-                            rl, micro_batch_size, seed, head, loss_for, POLICY_SUMS, accept)
+                            rl, data, seed, head, loss_for, POLICY_SUMS, accept)
     metrics = _means(done, "policy", {"loss": "loss_sum", "clipfrac": "clipfrac_sum",
                                       "approx_kl": "approx_kl_sum", "ratio_mean": "ratio_sum",
                                       "entropy": "entropy_sum"})
@@ -131,13 +135,14 @@ def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor
 
 def update_critic(critic: TrainedModel, rollout: Rollout, old_values: torch.Tensor,
                   returns: torch.Tensor, rl: RLConfig, value_clip_eps: float,
-                  micro_batch_size: int, seed: list[int]) -> UpdateSummary:
+                  data: DataConfig, seed: list[int]) -> UpdateSummary:
     """PPO's clipped value loss toward the GAE returns (docs/algorithm.md §3)."""
-    width, steps = rollout.prompt_width, rollout.response_mask.shape[1]
+    width = rollout.prompt_width
 
     def loss_for(dp: int, tokens: float) -> LossFn:
         def loss_fn(outputs, batch):
             # V(s_t) is the output before token t: the last prompt token's, then y_0, y_1, ...
+            steps = batch["mask"].shape[1]  # the microbatch's (token-budget ones are cut)
             values = outputs["values"][:, width - 1:width - 1 + steps]
             loss, stats = value_loss_clipped(values, batch["old_values"], batch["returns"],
                                              batch["mask"], value_clip_eps, tokens)
@@ -146,7 +151,7 @@ def update_critic(critic: TrainedModel, rollout: Rollout, old_values: torch.Tens
         return loss_fn
 
     done = minibatch_epochs(critic, rollout, {"old_values": old_values, "returns": returns},
-                            rl, micro_batch_size, seed, forward.gvm_values_head, loss_for,
+                            rl, data, seed, forward.gvm_values_head, loss_for,
                             CRITIC_SUMS)
     return UpdateSummary(_means(done, "critic", {"loss": "loss_sum",
                                                  "clipfrac": "clipfrac_sum"}),

@@ -3,7 +3,7 @@ data-parallel rank, recorded so that another layout (DP=1 over the concatenated 
 compared with it.
 
 Usage: torchrun --nproc-per-node N rl_equivalence.py WORKDIR LAYOUT
-LAYOUT is dp<D>pp<P> (D x P = N). The global batches are fixed: the GVM trainer's sampler hands
+LAYOUT is dp<D>pp<P>[tok] (D x P = N; ``tok``: token-budget microbatches of varying shapes). The global batches are fixed: the GVM trainer's sampler hands
 each DP rank a contiguous share of one global batch; the RL jobs are given a fixed rollout of 8
 rows, rank r of D holding rows [8r/D, 8(r+1)/D) (sampling itself is checked elsewhere). Each
 job runs one step; the per-token advantages (gathered over DP), the logged losses, and the
@@ -31,8 +31,13 @@ ROWS, WIDTH, STEPS = 8, 5, 6
 
 
 def parse(layout: str) -> ParallelConfig:
-    dp, pp = map(int, re.fullmatch(r"dp(\d+)pp(\d+)", layout).groups())
+    dp, pp = map(int, re.fullmatch(r"dp(\d+)pp(\d+)(tok)?", layout).groups()[:2])
     return ParallelConfig(pipeline_model_parallel_size=pp)
+
+
+def microbatching(layout: str, budget: int) -> list[str]:
+    """Token-budget microbatches for a ``tok`` layout, fixed-size ones otherwise."""
+    return [f"data.micro_batch_tokens={budget}"] if layout.endswith("tok") else []
 
 
 def random_head_gvm(work: Path) -> Path:
@@ -92,7 +97,9 @@ def rl_job(algorithm, work: Path, layout: str, extra: list[str]):
         f"rl.policy={work}/policy", "rl.kl_coef=0.1", "rl.kl_adaptive=false",
         "rl.ppo_epochs=1", "rl.minibatches=1", "rl.true_reward=null", "rl.eval_interval=0",
         "data.global_batch_size=8", "data.micro_batch_size=2", "checkpoint.save_dir=null",
-        f"logging.run_dir={work}/{layout}/run", "rollout.max_new_tokens=6", *extra])
+        f"logging.run_dir={work}/{layout}/run", "rollout.max_new_tokens=6",
+        # rows of 6-11 tokens: microbatches of 1-3 rows, 7-11 columns
+        *microbatching(layout, 22), *extra])
     cfg.parallel = parse(layout)
     job = algorithm(cfg)
     job.initialize()
@@ -124,7 +131,8 @@ def record(work: Path, layout: str) -> None:
         f"data.train_path={work}/synthetic/train.jsonl", "data.eval_path=null",
         f"data.tokenizer={work}/synthetic/tokenizer.model", f"checkpoint.init_from={gvm}",
         "checkpoint.save_dir=null", f"logging.run_dir={work}/{layout}/gvm_run",
-        "data.global_batch_size=16", "data.micro_batch_size=4", "train_steps=1"])
+        "data.global_batch_size=16", "data.micro_batch_size=4", "train_steps=1",
+        *microbatching(layout, 64)])
     cfg.parallel = parse(layout)
     check_training_inputs(cfg, [], value_model=True)
     trainer = GVMTrainer(cfg)
