@@ -228,6 +228,8 @@ class RolloutConfig:
     """Sampling from the policy (docs/algorithm.md §2, step 1)."""
 
     max_new_tokens: int = _checked(640, POSITIVE)
+    # samples per prompt (GRPO/RLOO's groups); data.global_batch_size counts prompts
+    n_samples: int = _checked(1, POSITIVE)
     temperature: float = _checked(1.0, NON_NEGATIVE)  # 0: greedy
     top_p: float = _checked(1.0, OPEN_UNIT_INTERVAL)
     top_k: int = _checked(0, NON_NEGATIVE)  # 0: no top-k filter
@@ -297,6 +299,15 @@ class PPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Critic-free baselines over rollout.n_samples samples per prompt (docs/algorithm.md §3)."""
+
+    reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
+    # grpo: group-normalised rewards; rloo: leave-one-out baseline
+    estimator: Literal["grpo", "rloo"] = "grpo"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -311,6 +322,7 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     dvpo: DVPOConfig = field(default_factory=DVPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     seed: int = _checked(1234, NON_NEGATIVE)
     train_steps: int = _checked(10, POSITIVE)
     # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:

@@ -333,3 +333,26 @@ class FixedKLController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Keep the configured beta: for a fixed controller it is configuration, not state."""
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, method: str,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """[B] outcome advantages of ``group_size`` consecutive samples of each prompt.
+
+    ``grpo``: ``(r_i - mean_g) / (std_g + eps)`` with the group's unbiased std (DeepSeekMath's
+    GRPO); ``rloo``: ``r_i - mean_{j != i} r_j``, the leave-one-out baseline (Ahmadian et al.,
+    2024), which is ``n / (n - 1) * (r_i - mean_g)``. A group of one has advantage 0.
+    """
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float32)
+    groups = rewards.float().view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if method == "grpo":
+        out = centred / (groups.std(1, keepdim=True) + eps)
+    elif method == "rloo":
+        out = centred * group_size / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group method {method!r}")
+    return out.view(-1)

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_dvpo.rl.advantages import compute_advantages, gae, kl_penalty
+from megatron_dvpo.rl.advantages import compute_advantages, gae, group_advantages, kl_penalty
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class EstimatorInputs:
     gamma: float
     lam: float
     whiten_state_values: bool = False  # gae: per-sequence whitening of V(s_t)
+    group_size: int = 1  # rollout.n_samples: consecutive rows that share a prompt
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,25 @@ def gae_with_critic(scores: Scores, x: EstimatorInputs) -> Advantages:
     return Advantages(advantages, returns)
 
 
+def _group(method: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
+    """GRPO's and RLOO's (docs/algorithm.md §3): each response's sequence reward, minus
+    ``beta`` times its summed KL to the reference (verl's KL-in-reward), against the other
+    samples of its prompt; every token of a response gets its advantage."""
+
+    def estimate(scores: Scores, x: EstimatorInputs) -> Advantages:
+        rewards = scores.sequence_rewards.float()
+        if x.logp_ref is not None and x.beta > 0:
+            rewards = rewards - x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask).sum(1)
+        per_row = group_advantages(rewards, x.group_size, method)
+        return Advantages(per_row[:, None] * x.mask)
+
+    return estimate
+
+
 ESTIMATORS: dict[str, Callable[[Scores, EstimatorInputs], Advantages]] = {
     "td": _gvm("td"), "q": _gvm("q"), "gae": _gvm("gae"),
     "gae_critic": gae_with_critic,
+    "grpo": _group("grpo"), "rloo": _group("rloo"),
 }
+# Already normalised within each prompt's group: never whitened again over the batch.
+GROUP_ESTIMATORS = ("grpo", "rloo")

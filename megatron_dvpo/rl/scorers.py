@@ -3,6 +3,7 @@
 - ``GVMScorer`` (DVPO): one forward pass of the frozen Global Value Model.
 - ``RewardCriticScorer`` (the PPO baseline): a frozen reward model for the final reward and a
   critic for ``V(s_t)``, trained online after each policy update.
+- ``RewardModelScorer`` (GRPO, RLOO): the frozen reward model alone.
 
 ``score`` returns ``Scores`` on every pipeline stage (per-token outputs are made on the last
 stage and broadcast once), so the RL step has no branch on the stage. ``learn`` trains what the
@@ -59,6 +60,30 @@ def rollout_values(chunks, rollout: Rollout, micro_batch_size: int) -> torch.Ten
     values = forward.rollout_values(chunks, rollout, micro_batch_size)
     return distributed.broadcast_from_last_stage(values, tuple(rollout.tokens.shape),
                                                  torch.float32)
+
+
+def sequence_rewards(reward_model, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
+    """[B] a Bradley-Terry reward model's score of each response: its last token's value."""
+    lengths = rollout.response_lengths
+    q, _ = rollout_q_view(rollout_values(reward_model, rollout, micro_batch_size),
+                          rollout.prompt_width, lengths)
+    return q.gather(1, (lengths - 1)[:, None]).squeeze(1)
+
+
+class RewardModelScorer:
+    """GRPO's and RLOO's: a frozen reward model's sequence reward, nothing trained."""
+
+    def __init__(self, cfg: RunConfig, reward_cfg: RunConfig, directory: str):
+        self.units: dict[str, TrainedModel] = {}
+        self.micro_batch_size = cfg.data.micro_batch_size
+        self.reward_model = frozen_model(cfg, reward_cfg.model, directory)
+
+    def score(self, rollout: Rollout) -> Scores:
+        reward = sequence_rewards(self.reward_model, rollout, self.micro_batch_size)
+        return Scores(final_value=reward, sequence_rewards=reward)
+
+    def learn(self, rollout, scores, advantages, seed) -> None:
+        return None
 
 
 class GVMScorer:
@@ -138,8 +163,7 @@ class RewardCriticScorer:
     def score(self, rollout: Rollout) -> Scores:
         mbs, width = self.cfg.data.micro_batch_size, rollout.prompt_width
         lengths = rollout.response_lengths
-        q_rm, _ = rollout_q_view(rollout_values(self.reward_model, rollout, mbs), width, lengths)
-        reward = q_rm.gather(1, (lengths - 1)[:, None]).squeeze(1)
+        reward = sequence_rewards(self.reward_model, rollout, mbs)
         # V(s_t) is the critic's output before token t: the prompt's, then y_0, y_1, ...
         v, v_prompt = rollout_q_view(rollout_values(self.critic.chunks, rollout, mbs), width,
                                      lengths)

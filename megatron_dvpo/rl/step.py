@@ -17,7 +17,8 @@ from megatron_dvpo import distributed
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.rl.advantages import masked_moments, whiten_with_moments
-from megatron_dvpo.rl.estimators import ESTIMATORS, Advantages, EstimatorInputs, Scores
+from megatron_dvpo.rl.estimators import (ESTIMATORS, GROUP_ESTIMATORS, Advantages,
+                                         EstimatorInputs, Scores)
 from megatron_dvpo.rl.gaming import repeat_counts, truncated
 from megatron_dvpo.training.loop import StepResult
 
@@ -79,7 +80,9 @@ def rl_step(job, step: int) -> StepResult:
     cfg, rl = job.cfg, job.cfg.rl
     mbs, vocab = cfg.data.micro_batch_size, cfg.model.vocab_size
     seed = [cfg.seed, step + 1]
-    prompts = job.prompts.next_batch()
+    # rollout.n_samples per prompt, next to each other on this rank: groups never span ranks,
+    # so group statistics are exact
+    prompts = [p for p in job.prompts.next_batch() for _ in range(cfg.rollout.n_samples)]
     start = time.perf_counter()
     rollout = job.rollout(prompts, step + 1)
     generated = time.perf_counter()
@@ -89,10 +92,10 @@ def rl_step(job, step: int) -> StepResult:
     scored = time.perf_counter()
     logp_old = response_logprobs(job.policy.chunks, rollout, vocab, mbs, job.temperature)
     estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, job.kl.beta, rl.gamma,
-                               rl.lam, job.whiten_state_values)
+                               rl.lam, job.whiten_state_values, cfg.rollout.n_samples)
     result: Advantages = ESTIMATORS[job.estimator](scores, estimate)
     advantages = result.advantages
-    if rl.whiten_advantages:
+    if rl.whiten_advantages and job.estimator not in GROUP_ESTIMATORS:
         advantages = whiten_globally(advantages, rollout.response_mask)
     policy = job.update_policy(rollout, logp_old, advantages, seed)
     learned = job.scorer.learn(rollout, scores, result, seed + [1])
@@ -104,7 +107,7 @@ def rl_step(job, step: int) -> StepResult:
                                  cfg.rollout.max_new_tokens),
                **policy.metrics, **(learned.metrics if learned else {}),
                **(refreshed.metrics if refreshed else {})}
-    job.kl.update(metrics["rollout/kl_ref"], job.prompts.global_batch_size)
+    job.kl.update(metrics["rollout/kl_ref"], job.samples_per_step)
     metrics["rollout/beta"] = job.kl.beta
     metrics.update(job.perf_metrics(rollout, generated - start, scored - generated,
                                     trained - scored))

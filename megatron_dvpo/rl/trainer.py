@@ -154,13 +154,18 @@ class RLTrainer:
                 "perf/gen_time_s": gen_s, "perf/score_time_s": score_s,
                 "perf/train_time_s": train_s}
 
+    @property
+    def samples_per_step(self) -> int:
+        """Responses in a global batch: rollout.n_samples per prompt."""
+        return self.prompts.global_batch_size * self.cfg.rollout.n_samples
+
     def true_reward_metrics(self, prompts: list[list[int]], rollout: Rollout,
                             step: int) -> dict[str, float]:
         metrics = {}
         if self.true_reward is not None:
             total = distributed.all_reduce_data_parallel(
                 sum(self.text_scores(self.true_reward, prompts, rollout)))
-            metrics["rollout/true_reward_mean"] = total / self.prompts.global_batch_size
+            metrics["rollout/true_reward_mean"] = total / self.samples_per_step
         interval = self.cfg.rl.eval_interval
         if interval and (step + 1) % interval == 0:
             metrics.update(self.evaluate())
