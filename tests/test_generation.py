@@ -107,3 +107,13 @@ def test_gumbel_max_sampling_draws_the_tempered_distribution():
     expected = (logits[0] / 0.7).softmax(-1)
     assert shares[5] == 0
     assert (shares - expected).abs().max() < 0.01, (shares, expected)
+
+
+def test_decode_splits_rows_over_the_pipeline_stages():
+    """PP=2 decodes a batch of 4 in two blocks (the rollout check above runs it: tp1pp2's
+    greedy tokens equal TP=1's only if each block keeps its own KV-cache rows)."""
+    from megatron_dvpo.models.generation import decode_microbatches
+
+    assert decode_microbatches(4, 2) == 2
+    assert [decode_microbatches(rows, 4) for rows in (1, 6, 8, 7)] == [1, 3, 4, 1]
+    assert decode_microbatches(16, 1) == 1

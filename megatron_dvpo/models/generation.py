@@ -8,10 +8,12 @@ prompt is prefilled once, then each step runs one token per row with megatron's 
 (``StaticInferenceContext``), so generation cost grows linearly with the number of new tokens.
 
 The decode loop does not wait on the host: tokens are drawn by the Gumbel-max trick
-(``argmax(logits - log E)``, ``E ~ Exp(1)``, the same distribution as ``multinomial`` without
-its checks), and whether every row has finished is read every ``FINISHED_CHECK_INTERVAL``
+(``argmax(logits - log E)``, ``E = -log U ~ Exp(1)``, the same distribution as ``multinomial``
+without its checks), and whether every row has finished is read every ``FINISHED_CHECK_INTERVAL``
 steps only (rows past their EOS are padding either way). With one pipeline stage the model is
-called directly; with several, each step goes through megatron's forward-only schedule.
+called directly; with several, each step goes through megatron's forward-only schedule in as
+many row blocks as there are stages, each with its own rows of the KV cache, so that the
+stages work at once instead of in turn.
 
 The last stage gathers the vocabulary (as megatron-core's own inference does), samples with a
 generator seeded identically on every rank, and broadcasts the tokens to all ranks of its
@@ -106,12 +108,22 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float(), cfg)
-    race = torch.empty_like(logits).exponential_(generator=generator)
-    return (logits - race.log()).argmax(-1)
+    # log E for E = -log U ~ Exp(1), U ~ U[0, 1): uniform draws are several times cheaper than
+    # exponential_ on CPU; U = 0 (E = inf) only excludes that token from one draw
+    log_race = torch.rand(logits.shape, generator=generator, device=logits.device)
+    log_race = log_race.log_().neg_().log_()
+    return (logits - log_race).argmax(-1)
 
 
-def _step_forward(context, attention_mask, data_iterator, model):
-    tokens, positions = next(data_iterator)
+def decode_microbatches(rows: int, stages: int) -> int:
+    """Microbatches each decode step is split into: as many as there are pipeline stages (the
+    largest divisor of ``rows`` up to it), so that the stages work on different rows at once."""
+    return max(m for m in range(1, min(rows, stages) + 1) if rows % m == 0)
+
+
+def _step_forward(context, data_iterator, model):
+    tokens, positions, attention_mask, first_row = next(data_iterator)
+    context.batch_size_offset = first_row  # the KV-cache rows of this microbatch
     output = model(tokens, positions, attention_mask, inference_context=context,
                    runtime_gather_output=True)
     return output, lambda out: (out.new_zeros(()), {"logits": out.detach()})
@@ -119,15 +131,22 @@ def _step_forward(context, attention_mask, data_iterator, model):
 
 def _model_forward(chunks, context, tokens, positions, attention_mask):
     """Logits [B, s, V] for ``tokens`` [B, s] on the last stage (None elsewhere): a direct call
-    with one stage, megatron's forward-only schedule with several."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    with one stage; with several, megatron's forward-only schedule over ``decode_microbatches``
+    row blocks, so the stages are busy with different rows of the same step."""
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    if stages == 1:
         return chunks[0](tokens, positions, attention_mask, inference_context=context,
                          runtime_gather_output=True)
+    rows = tokens.shape[0] // decode_microbatches(tokens.shape[0], stages)
+    parts = [(tokens[i:i + rows], positions[i:i + rows],
+              None if attention_mask is None else attention_mask[i:i + rows], i)
+             for i in range(0, tokens.shape[0], rows)]
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(_step_forward, context, attention_mask),
-        data_iterator=iter([(tokens, positions)]), model=chunks, num_microbatches=1,
-        seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0], forward_only=True)
-    return outputs[0]["logits"] if outputs else None
+        forward_step_func=partial(_step_forward, context), data_iterator=iter(parts),
+        model=chunks, num_microbatches=len(parts), seq_length=tokens.shape[1],
+        micro_batch_size=rows, forward_only=True)
+    context.batch_size_offset = 0
+    return torch.cat([o["logits"] for o in outputs]) if outputs else None
 
 
 def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
