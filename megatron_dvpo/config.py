@@ -308,6 +308,16 @@ class GRPOConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation of a policy on the GVM's preference data (docs/algorithm.md
+    §3); the policy starts from ``checkpoint.init_from``."""
+
+    beta: float = _checked(0.1, POSITIVE)
+    reference: Optional[str] = None  # the reference policy; default: checkpoint.init_from
+    reference_free: bool = False  # no reference model: its log-probs are taken as 0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -323,6 +333,7 @@ class RunConfig:
     dvpo: DVPOConfig = field(default_factory=DVPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     seed: int = _checked(1234, NON_NEGATIVE)
     train_steps: int = _checked(10, POSITIVE)
     # Save and exit after a step divisible by this (0: never), as Megatron-LM's --exit-interval:

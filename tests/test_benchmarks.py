@@ -74,13 +74,16 @@ def test_bench_gvm_quick(tmp_path):
     the accuracies themselves are the benchmark's (README), not asserted here."""
     out = tmp_path / "gvm.json"
     proc = subprocess.run([sys.executable, "tools/bench_gvm.py", "--quick", "--tasks", "bigram",
-                           "--out", str(out), "--workdir", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                           "--seeds", "1,2", "--out", str(out), "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(out.read_text())["tasks"]["bigram"]["20"]
     assert set(row) == {"td", "td_pairwise", "v1_rm_scores", "bradley_terry"}
-    for objective in ("td", "td_pairwise", "v1_rm_scores"):
-        assert 0 <= row[objective]["last"] <= 1 and "gap_to_rm_points" in row[objective]
+    for objective, result in row.items():
+        assert set(result["seeds"]) == {"1", "2"}
+        assert result["last"] == sum(r["last"] for r in result["seeds"].values()) / 2
+        if objective != "bradley_terry":
+            assert 0 <= result["last"] <= 1 and "gap_to_rm_points" in result
 
 
 def test_bench_memory_quick(tmp_path):

@@ -1,4 +1,4 @@
-"""Policy, critic and reward-model losses for DVPO and the PPO baseline (docs/algorithm.md §2-3).
+"""Policy, critic, reward-model and DPO losses (docs/algorithm.md §2-3).
 
 Pure torch functions on one microbatch; nothing here communicates. Per-token tensors are
 response-aligned ``[B, T]`` next to a bool ``mask``. Token losses return the SUM over valid
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megatron_dvpo.rl.advantages import _check_shapes
 
 __all__ = ["ppo_policy_loss", "entropy_bonus", "value_loss_clipped", "bradley_terry_loss",
-           "should_skip_minibatch"]
+           "dpo_loss", "should_skip_minibatch"]
 
 
 def _check_positive(**params: float | None) -> None:
@@ -125,6 +125,26 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor
     with torch.no_grad():
         score = (margin > 0).to(loss.dtype) + 0.5 * (margin == 0).to(loss.dtype)
         stats = {"accuracy": score.mean(), "margin_mean": margin.detach().mean()}
+    return loss, stats
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed DPO loss ``-log sigmoid(beta * ((c - c_ref) - (r - r_ref)))`` over ``N`` pairs of
+    response log-probs (Rafailov et al., 2023); zeros for the references give the
+    reference-free variant. ``stats`` (detached sums): ``correct`` (pairs whose implicit reward
+    ``beta * (logp - logp_ref)`` ranks the chosen response higher, a tie counting half),
+    ``margin_sum``, ``chosen_reward_sum``, ``rejected_reward_sum``."""
+    _check_positive(beta=beta)
+    chosen_reward = beta * (chosen - ref_chosen.detach())
+    rejected_reward = beta * (rejected - ref_rejected.detach())
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).sum()
+    with torch.no_grad():
+        stats = {"correct": ((margin > 0).float() + 0.5 * (margin == 0).float()).sum(),
+                 "margin_sum": margin.sum(), "chosen_reward_sum": chosen_reward.sum(),
+                 "rejected_reward_sum": rejected_reward.sum()}
     return loss, stats
 
 
