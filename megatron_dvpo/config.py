@@ -230,6 +230,10 @@ class RolloutConfig:
     max_new_tokens: int = _checked(640, POSITIVE)
     # samples per prompt (GRPO/RLOO's groups); data.global_batch_size counts prompts
     n_samples: int = _checked(1, POSITIVE)
+    # DVPO: > 0 steers sampling by the frozen GVM (GVM-guided decoding, models/guided.py): the
+    # policy's guide_top_k candidates' logits shifted by guide_beta x (value - their mean)
+    guide_beta: float = _checked(0.0, NON_NEGATIVE)
+    guide_top_k: int = _checked(8, POSITIVE)
     temperature: float = _checked(1.0, NON_NEGATIVE)  # 0: greedy
     top_p: float = _checked(1.0, OPEN_UNIT_INTERVAL)
     top_k: int = _checked(0, NON_NEGATIVE)  # 0: no top-k filter

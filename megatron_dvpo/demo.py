@@ -53,9 +53,10 @@ def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"]}
 
 
-def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
-                 dvpo_steps: int = 40) -> dict:
-    """All stages into ``work``; returns the headline numbers."""
+def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100,
+                   gvm_steps: int = 300) -> tuple[Path, Path, Path]:
+    """Stages 1-5 into ``work``: the synthetic task, an SFT policy, preference pairs sampled
+    from it and a GVM trained on them; returns (task data, policy, GVM) directories."""
     work.mkdir(parents=True, exist_ok=True)
     data, hf, policy = work / "synthetic", work / "hf_policy", work / "policy"
     _run("1. synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data)])
@@ -87,7 +88,14 @@ def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: in
         f"logging.run_dir={gvm_dir}", f"checkpoint.save_dir={gvm_dir}/checkpoints",
         f"train_steps={gvm_steps}", "gvm.eval_interval=100", "logging.log_interval=50",
         "checkpoint.save_interval=0"], nproc=1)
-    gvm_ckpt = gvm_dir / "checkpoints" / f"iter_{gvm_steps:07d}"
+    return data, policy, gvm_dir / "checkpoints" / f"iter_{gvm_steps:07d}"
+
+
+def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
+                 dvpo_steps: int = 40) -> dict:
+    """All stages into ``work``; returns the headline numbers."""
+    data, policy, gvm_ckpt = policy_and_gvm(work, nproc, sft_steps, gvm_steps)
+    gvm_dir = work / "gvm"
     dvpo_dir = work / "dvpo"
     _run("6. DVPO", [
         "-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",

@@ -119,3 +119,14 @@ def test_bench_packing_quick(tmp_path):
     assert result["real_tokens"] < result["padded_tokens"]
     assert result["grad_max_abs"] > 1e-4
     assert 0 <= result["grad_max_abs_diff"] <= 1e-6
+
+
+def test_bench_guided_quick(tmp_path):
+    """Plain, best-of-n and GVM-guided sampling on the same held-out prompts, end to end."""
+    methods = _quick(tmp_path, "bench_guided.py", "--workdir", str(tmp_path))["methods"]
+    assert set(methods) == {"plain", "best_of_2", "guided_beta_1"}
+    for result in methods.values():
+        assert result["prompts"] == 400 and -1 <= result["true_reward_mean"] <= 1
+    # best-of-2 generates two samples per prompt
+    assert methods["best_of_2"]["generated_tokens_per_prompt"] > \
+        methods["plain"]["generated_tokens_per_prompt"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_policy_and_gvm
+from conftest import REPO, tiny_policy_and_gvm, torchrun
 from megatron_dvpo.config import ConfigError
 from megatron_dvpo.rl.rewards import load_scorer
 
@@ -81,3 +81,22 @@ def test_a_bad_scorer_fails_at_start_up(work, tmp_path):
                   "--pairs", "--scorer", "heldout:0")
     assert proc.returncode == 2 and "error: --scorer='heldout:0': cannot import" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.multirank
+def test_samples_per_prompt_and_gvm_guidance_under_torchrun(work, tmp_path):
+    """torchrun's own parser takes every option it can: ``--samples-per-prompt`` (not the
+    ambiguous ``--n``) reaches the sampler; ``--guide-gvm`` steers it, and refuses a policy."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ["apple", "sun tree"]))
+    out = tmp_path / "guided.jsonl"
+    torchrun(["-m", "megatron_dvpo.sample", "--policy", f"{work}/policy", "--prompts",
+              str(prompts), "--out", str(out), "--max-new-tokens", "4",
+              "--samples-per-prompt", "2", "--guide-gvm", f"{work}/gvm", "--guide-beta", "2",
+              "--guide-top-k", "3"], nproc=1)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [("apple", 0), ("apple", 1),
+                                                          ("sun tree", 0), ("sun tree", 1)]
+    proc = sample(work, tmp_path / "x.jsonl", "--prompts", str(prompts), "--guide-gvm",
+                  f"{work}/policy")
+    assert proc.returncode == 2 and "not a value model" in proc.stderr, proc.stderr[-2000:]

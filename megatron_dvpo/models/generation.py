@@ -107,12 +107,15 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
     Gumbel-max so that no step waits on the host."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float(), cfg)
-    # log E for E = -log U ~ Exp(1), U ~ U[0, 1): uniform draws are several times cheaper than
-    # exponential_ on CPU; U = 0 (E = inf) only excludes that token from one draw
+    return gumbel_argmax(filter_logits(logits.float(), cfg), generator)
+
+
+def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row from ``softmax(logits)`` as ``argmax(logits - log E)``: log E for
+    E = -log U ~ Exp(1), U ~ U[0, 1) (uniform draws are several times cheaper than
+    ``exponential_`` on CPU; U = 0, E = inf, only excludes that token from one draw)."""
     log_race = torch.rand(logits.shape, generator=generator, device=logits.device)
-    log_race = log_race.log_().neg_().log_()
-    return (logits - log_race).argmax(-1)
+    return (logits - log_race.log_().neg_().log_()).argmax(-1)
 
 
 def decode_microbatches(rows: int, stages: int) -> int:
@@ -158,13 +161,16 @@ def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: SamplingConfig,
-             eos_id: int, pad_id: int, vocab_size: int, seed: int) -> Rollout:
+             eos_id: int, pad_id: int, vocab_size: int, seed: int, guide=None) -> Rollout:
     """Sample up to ``cfg.max_new_tokens`` per prompt; every rank returns the same Rollout.
 
     ``seed`` must be equal on all ranks of a model-parallel group (it drives the sampling).
+    ``guide`` (a ``models.guided.ValueGuide``) draws each token instead, steered by a GVM.
     """
     if len(chunks) != 1:
         raise ValueError("generation does not support virtual pipeline stages")
+    if guide is not None and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError("GVM-guided decoding runs at pipeline_model_parallel_size=1 only")
     for chunk in chunks:
         chunk.eval()
     prompt_tokens, pads = left_pad(prompts, pad_id)
@@ -185,6 +191,8 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
     temperature = logit_temperature(cfg.temperature)
     # Rollout runs in bf16 even when the policy trains in FP8: rollout/logprob_diff measures it.
     with fp8_disabled(chunks), sequence_parallel_disabled(chunks):
+        if guide is not None:
+            guide.start(tokens[:, :width], key_pad, total)
         start = 0
         for step in range(cfg.max_new_tokens):
             end = width + step
@@ -199,7 +207,8 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
             chosen_logprob = torch.zeros(batch, device=device)
             if logits is not None:
                 last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
-                chosen = sample_tokens(last, cfg, generator)
+                chosen = (guide.choose(last, cfg.temperature, generator) if guide is not None
+                          else sample_tokens(last, cfg, generator))
                 chosen_logprob = F.log_softmax(last / temperature, -1).gather(
                     -1, chosen[:, None]).squeeze(-1)
             _broadcast_from_last_stage(chosen)

@@ -13,12 +13,13 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
-from megatron_dvpo.config import RunConfig
+from megatron_dvpo.config import ConfigError, RunConfig
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
+from megatron_dvpo.models.guided import GuideConfig, ValueGuide
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
@@ -52,6 +53,16 @@ class RLAlgorithm:
 
     def check_inputs(self, cfg: RunConfig, overrides: list[str] | tuple = ()) -> RLInputs:
         self.prepare(cfg)
+        if cfg.rollout.guide_beta > 0:
+            if "dvpo.gvm" not in self.value_keys:
+                raise ConfigError(f"rollout.guide_beta steers sampling by DVPO's GVM; "
+                                  f"{self.name} has none")
+            if (cfg.dvpo.refresh_interval or cfg.dvpo.gvm_offload
+                    or cfg.parallel.pipeline_model_parallel_size > 1):
+                raise ConfigError("rollout.guide_beta: GVM-guided decoding needs a frozen GVM "
+                                  "on the device (dvpo.refresh_interval=0, "
+                                  "dvpo.gvm_offload=false) and "
+                                  "parallel.pipeline_model_parallel_size=1")
         return check_rl_inputs(cfg, overrides, self.value_keys, self.needs_reference(cfg))
 
     def __call__(self, cfg: RunConfig) -> "RLTrainer":
@@ -134,8 +145,11 @@ class RLTrainer:
     # -- what rl_step uses ------------------------------------------------------------------
     def rollout(self, prompts: list[list[int]], step_seed: int) -> Rollout:
         seed = step_seed * 1009 + parallel_state.get_data_parallel_rank()
+        rollout = self.cfg.rollout
+        guide = (ValueGuide(self.scorer.gvm, GuideConfig(rollout.guide_beta, rollout.guide_top_k))
+                 if rollout.guide_beta > 0 else None)
         return generate(self.policy.chunks, prompts, self.sampling, self.tokenizer.eos_id,
-                        self.tokenizer.pad_id, self.cfg.model.vocab_size, seed)
+                        self.tokenizer.pad_id, self.cfg.model.vocab_size, seed, guide)
 
     def update_policy(self, rollout: Rollout, logp_old: torch.Tensor, advantages: torch.Tensor,
                       seed: list[int]) -> UpdateSummary:
