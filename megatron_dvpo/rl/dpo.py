@@ -64,6 +64,7 @@ class DPOTrainer:
         self.units = {"model": self.model}
         self.reference = (None if cfg.dpo.reference_free
                           else frozen_model(cfg, cfg.model, cfg.dpo.reference))
+        self.frozen_models = {"reference": self.reference} if self.reference else {}
         self.data = open_data(cfg, cfg.data.train_path)
         self.pairs = self.data.pairs()
         self.batches = BatchSource(cfg.data.global_batch_size,

@@ -35,6 +35,7 @@ from megatron_dvpo.training.trained_model import TrainedModel
 
 class Scorer(Protocol):
     units: dict[str, TrainedModel]
+    frozen: dict[str, list[torch.nn.Module]]  # forward-only models, by name
 
     def score(self, rollout: Rollout) -> Scores: ...
 
@@ -77,6 +78,7 @@ class RewardModelScorer:
         self.units: dict[str, TrainedModel] = {}
         self.micro_batch_size = cfg.data.micro_batch_size
         self.reward_model = frozen_model(cfg, reward_cfg.model, directory)
+        self.frozen = {"reward_model": self.reward_model}
 
     def score(self, rollout: Rollout) -> Scores:
         reward = sequence_rewards(self.reward_model, rollout, self.micro_batch_size)
@@ -104,8 +106,10 @@ class GVMScorer:
                                       refresh_updates_total(cfg),
                                       cfg.checkpoint.override_scheduler)
             self.units, self.gvm = {"gvm": self.model}, self.model.chunks
+            self.frozen = {}
         else:
             self.gvm = frozen_model(cfg, gvm_cfg.model, cfg.dvpo.gvm)
+            self.frozen = {"gvm": self.gvm}
         self.alignment = gvm_cfg.gvm.alignment
         self.estimator, self.value_whitening = cfg.dvpo.estimator, cfg.dvpo.value_whitening
         self.micro_batch_size, self.offload = cfg.data.micro_batch_size, cfg.dvpo.gvm_offload
@@ -149,6 +153,7 @@ class RewardCriticScorer:
                  total_updates: int):
         self.cfg = cfg
         self.reward_model = frozen_model(cfg, reward_cfg.model, cfg.ppo.reward_model)
+        self.frozen = {"reward_model": self.reward_model}
         critic_run = RunConfig(model=critic_cfg.model, parallel=cfg.parallel,
                                precision=cfg.precision, recompute=cfg.recompute,
                                optimizer=cfg.optimizer, seed=cfg.seed)

@@ -169,6 +169,12 @@ class RLTrainer:
                 "perf/train_time_s": train_s}
 
     @property
+    def frozen_models(self) -> dict[str, list[torch.nn.Module]]:
+        """The forward-only models this job holds (for ``memory/*`` metrics)."""
+        reference = {"reference": self.reference} if self.reference is not None else {}
+        return {**reference, **self.scorer.frozen}
+
+    @property
     def samples_per_step(self) -> int:
         """Responses in a global batch: rollout.n_samples per prompt."""
         return self.prompts.global_batch_size * self.cfg.rollout.n_samples

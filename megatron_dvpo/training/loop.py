@@ -26,6 +26,7 @@ from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import CheckpointManager, find_latest_checkpoint
 from megatron_dvpo.config import ConfigError, RunConfig, to_dict
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
+from megatron_dvpo.model_state import model_state_metrics
 from megatron_dvpo.models.gpt import training_flops_per_token
 from megatron_dvpo.perf import dense_bf16_peak_tflops, model_flops_utilization
 from megatron_dvpo.training.trained_model import UpdateResult, schedule_settings
@@ -87,7 +88,7 @@ class TrainingLoop:
     main one ``model``), checkpointed together."""
 
     def __init__(self, cfg: RunConfig, job, units: dict):
-        self.cfg, self.job = cfg, job
+        self.cfg, self.job, self.units = cfg, job, units
         self.checkpoints = CheckpointManager(cfg.checkpoint, units,
                                              lambda: yaml.safe_dump(to_dict(cfg), sort_keys=False))
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
@@ -204,7 +205,9 @@ class TrainingLoop:
             metrics = {**result.metrics, "train/skipped_steps": float(self.skipped_steps),
                        "train/skipped_updates": float(self.skipped_updates),
                        "perf/step_time_s": time.perf_counter() - start,
-                       "perf/peak_mem_gib": peak_memory_gib()}
+                       "perf/peak_mem_gib": peak_memory_gib(),
+                       # the models the job holds: trained units and frozen ones
+                       **model_state_metrics(self.units, getattr(self.job, "frozen_models", {}))}
             if self.peak_tflops and "perf/train_tokens_per_s" in metrics:
                 metrics["perf/mfu"] = model_flops_utilization(
                     metrics["perf/train_tokens_per_s"], self.flops_per_token,

@@ -1,0 +1,31 @@
+"""Measured model-state bytes: an fp32 model trained by Adam holds 4 bytes of weights, 4 of
+gradient buffer and 8 of Adam moments per parameter; a frozen model its weights only."""
+
+import torch
+
+from megatron_dvpo.config import load_config
+
+
+def test_trained_and_frozen_bytes(single_rank):
+    from megatron_dvpo.model_state import GIB, model_state_metrics, trained_bytes
+    from megatron_dvpo.models import forward
+    from megatron_dvpo.models.gpt import build_model_chunks
+    from megatron_dvpo.training.trained_model import TrainedModel
+
+    cfg = load_config(None, ["model.num_layers=2", "model.vocab_size=100"])
+    model = TrainedModel(build_model_chunks(cfg), cfg.optimizer, cfg.parallel, cfg.precision, 4)
+    n = sum(p.numel() for p in model.chunks[0].parameters())
+    tokens = torch.randint(0, 100, (2, 8))
+    model.update(forward.make_microbatches(2, tokens=tokens), forward.policy_logprobs_head(100),
+                 lambda out, mb: (-out["logprobs"].sum(), {}))
+    got = trained_bytes(model)
+    assert got["params"] == 4 * n
+    assert 4 * n <= got["grads"] <= 4 * n * 1.01  # megatron pads its buffers a little
+    # Adam's two moments and a step count per tensor; fp32 weights need no main copy
+    tensors = len(list(model.chunks[0].parameters()))
+    assert 8 * n < got["optimizer"] <= 8 * n + 8 * tensors
+    frozen = build_model_chunks(cfg)
+    metrics = model_state_metrics({"model": model}, {"reference": frozen})
+    assert metrics["memory/reference_gib"] * GIB == 4 * n
+    assert metrics["memory/model_state_gib"] == sum(
+        v for k, v in metrics.items() if k != "memory/model_state_gib")
