@@ -624,10 +624,14 @@ def validate(cfg: RunConfig, world_size: int) -> None:
     dp = world_size // (cfg.parallel.tensor_model_parallel_size
                         * cfg.parallel.pipeline_model_parallel_size
                         * cfg.parallel.context_parallel_size)
-    if data.global_batch_size % (data.micro_batch_size * dp):
-        raise ConfigError(f"data.global_batch_size={data.global_batch_size} is not divisible by "
-                          f"data.micro_batch_size={data.micro_batch_size} x data-parallel size "
-                          f"{dp}")
+    # rollouts hold rollout.n_samples rows per prompt (data.global_batch_size counts prompts)
+    rows = data.global_batch_size * cfg.rollout.n_samples
+    if rows % (data.micro_batch_size * dp):
+        samples = (f" x rollout.n_samples={cfg.rollout.n_samples}"
+                   if cfg.rollout.n_samples > 1 else "")
+        raise ConfigError(f"data.global_batch_size={data.global_batch_size}{samples} is not "
+                          f"divisible by data.micro_batch_size={data.micro_batch_size} x "
+                          f"data-parallel size {dp}")
     if 0 < data.micro_batch_tokens < data.seq_length:
         raise ConfigError(f"data.micro_batch_tokens={data.micro_batch_tokens} is below "
                           f"data.seq_length={data.seq_length}: a row of full length would not "

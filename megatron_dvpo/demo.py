@@ -53,15 +53,17 @@ def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"]}
 
 
-def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100,
-                   gvm_steps: int = 300) -> tuple[Path, Path, Path]:
-    """Stages 1-5 into ``work``: the synthetic task, an SFT policy, preference pairs sampled
-    from it and a GVM trained on them; returns (task data, policy, GVM) directories."""
+def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
+                   rule: str = "synthetic", shape: tuple[str, ...] = (),
+                   gvm_overrides: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
+    """Stages 1-5 into ``work``: a built-in task (``rule``), an SFT policy (``shape``:
+    tools/build_tiny_hf.py arguments), preference pairs sampled from it and a GVM trained on
+    them; returns (task data, policy, GVM) directories."""
     work.mkdir(parents=True, exist_ok=True)
     data, hf, policy = work / "synthetic", work / "hf_policy", work / "policy"
-    _run("1. synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data)])
+    _run("1. synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data), "--rule", rule])
     _run("2. tiny random HF policy", ["tools/build_tiny_hf.py", "--tokenizer",
-                                      str(data / "tokenizer.model"), "--out", str(hf)])
+                                      str(data / "tokenizer.model"), "--out", str(hf), *shape])
     _run("3a. import the policy", ["tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out",
                                    str(policy), "--overwrite"])
     _run("3b. import a GVM starting point", ["tools/convert_hf_to_megatron.py", "--hf", str(hf),
@@ -78,7 +80,7 @@ def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100,
         _run(f"4. sample the policy into preference pairs ({split})",
              ["-m", "megatron_dvpo.sample", "--policy", str(policy), "--prompts",
               str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
-              "--pairs", "--true-reward", "synthetic:0", "--max-new-tokens", "12",
+              "--pairs", "--true-reward", f"{rule}:0", "--max-new-tokens", "12",
               "--seed", str(seed)], nproc)
     gvm_dir = work / "gvm"
     _run("5. pretrain the GVM", [
@@ -87,7 +89,7 @@ def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100,
         f"data.tokenizer={data}/tokenizer.model", f"checkpoint.init_from={work}/gvm_init",
         f"logging.run_dir={gvm_dir}", f"checkpoint.save_dir={gvm_dir}/checkpoints",
         f"train_steps={gvm_steps}", "gvm.eval_interval=100", "logging.log_interval=50",
-        "checkpoint.save_interval=0"], nproc=1)
+        "checkpoint.save_interval=0", *gvm_overrides], nproc=1)
     return data, policy, gvm_dir / "checkpoints" / f"iter_{gvm_steps:07d}"
 
 

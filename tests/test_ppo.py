@@ -92,7 +92,7 @@ def test_bench_dvpo_vs_ppo_quick(tmp_path):
             assert result[method][key] > 0, (method, key)
     assert set(result["ppo"]["model_state_bytes"]) == {"policy", "reference", "reward_model",
                                                        "critic"}
-    assert set(result["dvpo"]["model_state_bytes"]) == {"policy", "gvm"}
+    assert set(result["dvpo"]["model_state_bytes"]) == {"policy", "reference", "gvm"}
     assert result["ratios"]["model_state_memory"] < 1
     assert set(result["ratios"]) == {"peak_memory", "model_state_memory", "step_time",
                                      "score_time", "train_time"}

@@ -11,9 +11,10 @@ reports peak memory (CPU RSS of rank 0; on GPU ``max_memory_allocated``), mean s
 into generation, scoring and training (the first step, a warm-up, is left out), tokens/s, and an
 analytic breakdown of model-state memory; then the two ratios DVPO/PPO.
 
-What DVPO saves by construction: no critic and its optimizer state, no reference when
-``rl.kl_coef=0`` (the default here; PPO keeps its reference as docs/algorithm.md §3 has it), and
-one frozen scoring pass instead of reward model plus critic.
+Both run with the same ``rl.kl_coef`` (0.05: a reference on both sides); what DVPO saves by
+construction is then the critic, its gradients and optimizer state, and one frozen scoring pass
+instead of reward model plus critic. ``tools/bench_methods.py`` adds GRPO and DPO, the setting
+without a reference, measured model-state bytes and the learning itself.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def run_method(name: str, module: str, work: Path, models: dict, args, extra: li
         values = [v for step, v in logs[tag] if step > 1] or [v for _, v in logs[tag]]
         measured[tag.split("/")[1]] = sum(values) / len(values)
     measured["peak_mem_gib"] = max(v for _, v in logs["perf/peak_mem_gib"])
+    # measured model state: memory/<model>_gib and memory/model_state_gib (their total)
+    measured.update({tag.split("/", 1)[1]: logs[tag][-1][1] for tag in logs
+                     if tag.startswith("memory/")})
     return measured
 
 
@@ -109,10 +113,11 @@ def main(argv=None) -> None:
         value_params = json.loads((models["value"] / "conversion.json").read_text())["parameters"]
         width = 4 if policy_cfg.precision.params_dtype == "fp32" else 2
         dvpo = run_method("dvpo", "megatron_dvpo.rl.dvpo", work, models, args,
-                          [f"dvpo.gvm={models['value']}", "rl.kl_coef=0"])
+                          [f"dvpo.gvm={models['value']}", "rl.kl_coef=0.05"])
         ppo = run_method("ppo", "megatron_dvpo.rl.ppo", work, models, args,
                          [f"ppo.reward_model={models['value']}", "rl.kl_coef=0.05"])
     dvpo["model_state_bytes"] = {"policy": state_breakdown(params, width, True),
+                                 "reference": state_breakdown(params, width, False),
                                  "gvm": state_breakdown(value_params, width, False)}
     ppo["model_state_bytes"] = {"policy": state_breakdown(params, width, True),
                                 "reference": state_breakdown(params, width, False),

@@ -27,7 +27,8 @@ PPO = RLAlgorithm(
     make_scorer=lambda cfg, value_cfgs, total: RewardCriticScorer(
         cfg, value_cfgs["ppo.reward_model"], value_cfgs["ppo.critic"], total),
     estimator=lambda cfg: "gae_critic",
-    needs_reference=lambda cfg: True,  # docs/algorithm.md §3: PPO always has its reference
+    # docs/algorithm.md §3: the KL penalty's reference, none at rl.kl_coef=0 (as DVPO)
+    needs_reference=lambda cfg: cfg.rl.kl_coef > 0,
     prepare=_default_critic,
 )
 
