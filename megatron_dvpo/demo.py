@@ -82,15 +82,24 @@ def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: 
               str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
               "--pairs", "--true-reward", f"{rule}:0", "--max-new-tokens", "12",
               "--seed", str(seed)], nproc)
-    gvm_dir = work / "gvm"
-    _run("5. pretrain the GVM", [
+    gvm = train_value_model(work, "gvm", "5. pretrain the GVM", gvm_steps,
+                            "gvm.eval_interval=100", *gvm_overrides)
+    return data, policy, gvm
+
+
+def train_value_model(work: Path, name: str, title: str, steps: int, *overrides: str) -> Path:
+    """A value model trained on the pairs sampled into ``work`` (stage 5: the GVM; with
+    ``gvm.objective=bradley_terry``, a reward model), from ``work/gvm_init``, in
+    ``work/<name>``; returns its final checkpoint."""
+    run = work / name
+    _run(title, [
         "-m", "megatron_dvpo.gvm.train", "--config", "examples/gvm_tiny.yaml",
         f"data.train_path={work}/pairs_train.jsonl", f"data.eval_path={work}/pairs_eval.jsonl",
-        f"data.tokenizer={data}/tokenizer.model", f"checkpoint.init_from={work}/gvm_init",
-        f"logging.run_dir={gvm_dir}", f"checkpoint.save_dir={gvm_dir}/checkpoints",
-        f"train_steps={gvm_steps}", "gvm.eval_interval=100", "logging.log_interval=50",
-        "checkpoint.save_interval=0", *gvm_overrides], nproc=1)
-    return data, policy, gvm_dir / "checkpoints" / f"iter_{gvm_steps:07d}"
+        f"data.tokenizer={work}/synthetic/tokenizer.model",
+        f"checkpoint.init_from={work}/gvm_init", f"logging.run_dir={run}",
+        f"checkpoint.save_dir={run}/checkpoints", f"train_steps={steps}",
+        "logging.log_interval=50", "checkpoint.save_interval=0", *overrides], nproc=1)
+    return run / "checkpoints" / f"iter_{steps:07d}"
 
 
 def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,

@@ -19,10 +19,10 @@ from megatron_dvpo.data.dataset import collate
 from megatron_dvpo.data.inputs import check_training_inputs, open_data
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.device import to_device
-from megatron_dvpo.models import build_chunks, forward
+from megatron_dvpo.models import forward
 from megatron_dvpo.training.cli import run_trainer
 from megatron_dvpo.training.loop import StepResult
-from megatron_dvpo.training.trained_model import TrainedModel
+from megatron_dvpo.training.trained_model import trained_policy
 
 
 class SFTTrainer:
@@ -34,8 +34,7 @@ class SFTTrainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.model = TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel, cfg.precision,
-                                  cfg.train_steps, cfg.checkpoint.override_scheduler)
+        self.model = trained_policy(cfg)
         self.units = {"model": self.model}
         self.batches = BatchSource(cfg.data.global_batch_size,
                                    parallel_state.get_data_parallel_rank(),

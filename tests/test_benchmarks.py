@@ -130,3 +130,20 @@ def test_bench_guided_quick(tmp_path):
     # best-of-2 generates two samples per prompt
     assert methods["best_of_2"]["generated_tokens_per_prompt"] > \
         methods["plain"]["generated_tokens_per_prompt"]
+
+
+def test_bench_methods_quick(tmp_path):
+    """All four methods in both settings, measured model state, and the quality runs; without a
+    reference DVPO holds one model fewer than with one, and PPO a critic more than DVPO."""
+    result = _quick(tmp_path, "bench_methods.py", "--workdir", str(tmp_path))
+    for setting in ("with_reference", "without_reference"):
+        row = result["cost"][setting]
+        assert set(row) == {"dvpo", "ppo", "grpo", "dpo", "dvpo_over_ppo"}
+        assert "critic_gib" in row["ppo"] and "critic_gib" not in row["dvpo"]
+        assert ("reference_gib" in row["dvpo"]) == (setting == "with_reference")
+        assert row["dvpo_over_ppo"]["model_state_gib"] == (row["dvpo"]["model_state_gib"]
+                                                           / row["ppo"]["model_state_gib"]) < 1
+    quality = result["quality"]["synthetic"]
+    for method in ("dvpo", "ppo", "grpo", "dpo"):
+        assert -1 <= quality[method]["true_reward_after"] <= 1
+    assert quality["dvpo"]["generated_tokens"] > 0 and quality["dpo"]["generated_tokens"] == 0

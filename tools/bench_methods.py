@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_dvpo_vs_ppo import build_models, run_method  # noqa: E402
-from megatron_dvpo.demo import _run, policy_and_gvm, scalars  # noqa: E402
+from megatron_dvpo.demo import _run, policy_and_gvm, scalars, train_value_model  # noqa: E402
 
 GROUP = 4  # GRPO's samples per prompt
 # The policy of each task for the quality runs: a word-pair rule needs more than the demo's
@@ -108,17 +108,10 @@ def quality(work: Path, rule: str, args) -> dict:
     data, policy, gvm = policy_and_gvm(work, args.nproc, args.sft_steps, args.gvm_steps, rule,
                                        TASK_SHAPES[rule])
     pairs, tokenizer = work / "pairs_train.jsonl", data / "tokenizer.model"
-    reward_dir = work / "reward_model"
-    _run("reward model on the same pairs", [
-        "-m", "megatron_dvpo.gvm.train", "--config", "examples/gvm_tiny.yaml",
-        f"data.train_path={pairs}", f"data.eval_path={work}/pairs_eval.jsonl",
-        f"data.tokenizer={tokenizer}", f"checkpoint.init_from={work}/gvm_init",
-        f"logging.run_dir={reward_dir}", f"checkpoint.save_dir={reward_dir}/checkpoints",
-        f"train_steps={args.gvm_steps}", "gvm.objective=bradley_terry", "gvm.eval_interval=0",
-        "logging.log_interval=50", "checkpoint.save_interval=0"], 1)
-    reward_model = reward_dir / "checkpoints" / f"iter_{args.gvm_steps:07d}"
-    accuracy = {"gvm": scalars(work / "gvm" / "tensorboard")["gvm/pair_acc_last"][-1][1],
-                "reward_model": scalars(reward_dir / "tensorboard")["gvm/pair_acc_last"][-1][1]}
+    reward_model = train_value_model(work, "reward_model", "reward model on the same pairs",
+                                     args.gvm_steps, "gvm.objective=bradley_terry")
+    accuracy = {name: scalars(work / name / "tensorboard")["gvm/pair_acc_last"][-1][1]
+                for name in ("gvm", "reward_model")}
     result = {"held_out_pair_accuracy": accuracy}
     for name, (module, extra) in rl_methods(gvm, reward_model, args.rl_batch).items():
         run_dir = work / name

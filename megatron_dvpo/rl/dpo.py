@@ -24,12 +24,12 @@ from megatron_dvpo.data.dataset import collate
 from megatron_dvpo.data.inputs import check_training_inputs, open_data
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.device import to_device
-from megatron_dvpo.models import build_chunks, forward
+from megatron_dvpo.models import forward
 from megatron_dvpo.rl.losses import dpo_loss
 from megatron_dvpo.rl.scorers import frozen_model
 from megatron_dvpo.training.cli import run_trainer
 from megatron_dvpo.training.loop import StepResult
-from megatron_dvpo.training.trained_model import TrainedModel
+from megatron_dvpo.training.trained_model import trained_policy
 
 SUMS = ("loss_sum", "correct", "margin_sum", "chosen_reward_sum", "rejected_reward_sum")
 
@@ -59,8 +59,7 @@ class DPOTrainer:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.model = TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel, cfg.precision,
-                                  cfg.train_steps, cfg.checkpoint.override_scheduler)
+        self.model = trained_policy(cfg)
         self.units = {"model": self.model}
         self.reference = (None if cfg.dpo.reference_free
                           else frozen_model(cfg, cfg.model, cfg.dpo.reference))

@@ -20,7 +20,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import load_model
-from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.forward import Head, LossFn, run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
 
@@ -166,3 +167,10 @@ class TrainedModel:
                     bad = True
                     break
         return distributed.all_reduce_max(float(bad)) == 0.0
+
+
+def trained_policy(cfg: RunConfig) -> TrainedModel:
+    """The policy of a job that updates it once a step (SFT, DPO), its schedule over
+    ``cfg.train_steps``."""
+    return TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel, cfg.precision,
+                        cfg.train_steps, cfg.checkpoint.override_scheduler)
