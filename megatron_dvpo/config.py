@@ -208,7 +208,7 @@ class GVMConfig:
     # td: TD(lambda) token values; td_pairwise: plus pairwise_weight x Bradley-Terry on the
     # pair's final values; bradley_terry: PPO's reward model (megatron_dvpo/gvm/objectives.py)
     objective: Literal["td", "td_pairwise", "bradley_terry"] = "td"
-    pairwise_weight: float = _checked(1.0, NON_NEGATIVE)
+    pairwise_weight: float = _checked(2.0, NON_NEGATIVE)  # tools/bench_gvm.py: 1 trails BT
     gamma: float = _checked(1.0, UNIT_INTERVAL)
     lam: float = _checked(0.95, UNIT_INTERVAL)
     # Which outputs are trained (docs/algorithm.md §1): qview fits q_0 .. q_{T-1},

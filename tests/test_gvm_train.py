@@ -41,7 +41,7 @@ def scalars(directory: Path) -> dict[str, list]:
 
 def test_gvm_learns_the_synthetic_task(synthetic, tmp_path):
     """Seed 1234, 600 steps of 64 samples of the example config (td_pairwise): the objective
-    (TD loss + pairwise_weight 1 x pair loss) falls by 15%, held-out pairwise accuracy of the
+    (TD loss + pair loss) falls by 15%, held-out pairwise accuracy of the
     last value >= 90%."""
     logs = train(tmp_path, synthetic, 1, "logging.log_interval=10")
     assert SPEC_TAGS <= set(logs)  # real event files, read back with tensorboard

@@ -90,8 +90,9 @@ def cost(work: Path, args) -> dict:
                                    extra + [f"rl.kl_coef={kl}"])
         logs = dpo_run(work / f"dpo-{setting}", models["policy"], models["prompts"],
                        models["hf"], args.cost_steps, args.batch, args.micro_batch, args.nproc,
-                       ["data.seq_length=256"] + ([] if kl != "0" else
-                                                  ["dpo.reference_free=true"]))
+                       # rows as wide as the RL methods' rollouts (prompt + response)
+                       [f"data.seq_length={32 + args.max_new_tokens}"]
+                       + ([] if kl != "0" else ["dpo.reference_free=true"]))
         row["dpo"] = {"step_time_s": _mean_after_first(logs["perf/step_time_s"]),
                       "train_tokens_per_s": _mean_after_first(logs["perf/train_tokens_per_s"]),
                       "peak_mem_gib": max(v for _, v in logs["perf/peak_mem_gib"]),
