@@ -30,11 +30,12 @@ def pipeline(tmp_path_factory):
 @pytest.mark.multirank
 def test_dvpo_raises_the_true_reward(pipeline):
     """Seed 1234, 40 DVPO steps of 64 prompts at DP=2: the held-out true reward of the policy
-    rises by at least 0.3 (the demo measured -0.18 -> +0.26 with its KL anchor; the SFT
-    policy scores below 0)."""
+    rises by at least 0.25, from below 0 (the SFT policy's) to above (measured -0.13 -> +0.17
+    with the GVM at pairwise weight 2 and the Gumbel-max sampler; -0.18 -> +0.26 before)."""
     work, result = pipeline
-    assert result["true_reward_after"] >= result["true_reward_before"] + 0.3, result
-    assert result["gvm_pair_acc_last"] >= 0.85, result
+    assert result["true_reward_after"] >= result["true_reward_before"] + 0.25, result
+    assert result["true_reward_before"] < 0 < result["true_reward_after"], result
+    assert result["gvm_pair_acc_last"] >= 0.90, result
     logs = scalars(work / "dvpo" / "tensorboard")
     assert SPEC_TAGS <= set(logs), SPEC_TAGS - set(logs)
     assert max(v for _, v in logs["rollout/logprob_diff"]) < 1e-4  # rollout == training numerics
