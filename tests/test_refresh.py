@@ -41,7 +41,7 @@ def test_a_tied_pair_adds_nothing_to_the_pairwise_term():
     samples, _ = ranked_pairs([[1, 5], [1, 6]], rollout([[10, 2], [11, 2]]),
                               rollout([[12, 2], [13, 2]]), [1.0, 0.3], [0.0, 0.3], (1.0, -1.0))
     batch = collate(samples, 6, 0)
-    objective = OBJECTIVES["td_pairwise"](GVMConfig(objective="td_pairwise"))
+    objective = OBJECTIVES["td_pairwise"](GVMConfig(objective="td_pairwise", pairwise_weight=2.0))
     counts = objective.counts(batch)
     assert counts["pairs"] == 1.0
     values = torch.zeros(4, 6, requires_grad=True)
@@ -55,4 +55,5 @@ def test_a_tied_pair_adds_nothing_to_the_pairwise_term():
     last = 3  # prompt 2 + response 2, q-view: the last response token's output
     assert grad[0, last] < 0 < grad[1, last]  # chosen up, rejected down
     assert grad[2:].abs().sum() == 0  # the tied pair: no pairwise gradient
-    assert torch.isclose(loss - td_loss, torch.log(torch.tensor(2.0)))  # -log sigmoid(0) / 1
+    # weight 2 x -log sigmoid(0) / 1 pair
+    assert torch.isclose(loss - td_loss, 2 * torch.log(torch.tensor(2.0)))
