@@ -67,9 +67,9 @@ class SFTTrainer:
             return nll / tokens * dp, {"nll_sum": nll.detach()}
 
         data = self.cfg.data
+        lengths = batch["prompt_lengths"] + batch["response_lengths"]
         microbatches = forward.split_microbatches(
-            data.micro_batch_size, data.micro_batch_tokens,
-            batch["prompt_lengths"] + batch["response_lengths"],
+            data.micro_batch_size, data.micro_batch_tokens, lengths,
             **to_device({"tokens": batch["tokens"], "scored": scored}))
         update = self.model.update(microbatches,
                                    forward.policy_logprobs_head(self.cfg.model.vocab_size,
@@ -78,8 +78,7 @@ class SFTTrainer:
         local = ({"nll_sum": sum(float(o["nll_sum"]) for o in update.outputs)}
                  if update.outputs else None)
         nll = distributed.sum_over_replicas(["nll_sum"], local)["nll_sum"]
-        seq_tokens = distributed.all_reduce_data_parallel(
-            float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
+        seq_tokens = distributed.all_reduce_data_parallel(float(lengths.sum()))
         return StepResult({"sft/loss": nll / tokens, "sft/grad_norm": update.grad_norm or 0.0,
                            "sft/lr": self.model.lr,
                            "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)},

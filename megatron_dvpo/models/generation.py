@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,15 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         logits = logits.clone()
         logits[..., vocab_size:] = float("-inf")
     return logits
+
+
+def step_mask(key_pad: Optional[torch.Tensor], start: int, end: int) -> Optional[torch.Tensor]:
+    """[B, 1, end - start, end] attention mask of the queries at positions ``start:end`` over
+    the keys ``:end`` (True = a padding key), from the [B, total] ``key_pad``; None where no
+    prompt is padded."""
+    if key_pad is None:
+        return None
+    return key_pad[:, None, None, :end].expand(-1, 1, end - start, end)
 
 
 # Decode steps between reads of "has every row finished?" (each read waits for the device).
@@ -197,8 +207,7 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
         for step in range(cfg.max_new_tokens):
             end = width + step
             # prefill the whole prompt once, then one token per step
-            mask = (None if key_pad is None
-                    else key_pad[:, None, None, :end].expand(batch, 1, end - start, end))
+            mask = step_mask(key_pad, start, end)
             positions = torch.arange(start, end, device=device).expand(batch, -1)
             logits = _model_forward(chunks, context, tokens[:, start:end], positions, mask)
             context.sequence_len_offset += end - start

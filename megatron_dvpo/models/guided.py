@@ -20,7 +20,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_dvpo.config import ConfigError
-from megatron_dvpo.models.generation import gumbel_argmax
+from megatron_dvpo.models.generation import gumbel_argmax, step_mask
 from megatron_dvpo.models.precision import sequence_parallel_disabled
 
 
@@ -53,8 +53,7 @@ class ValueGuide:
         k = self.cfg.top_k
         self.context = StaticInferenceContext(max_batch_size=rows * k, max_sequence_length=total)
         self.key_pad = None if key_pad is None else key_pad.repeat_interleave(k, 0)
-        mask = None if key_pad is None else key_pad[:, None, None, :width].expand(
-            rows, 1, width, width)
+        mask = step_mask(key_pad, 0, width)
         positions = torch.arange(width, device=prompt_tokens.device).expand(rows, -1)
         self._forward(prompt_tokens, positions, mask)
         self.context.sequence_len_offset = width
@@ -68,8 +67,7 @@ class ValueGuide:
         scale = temperature if temperature > 0 else 1.0
         candidate_logits, candidates = (logits.float() / scale).topk(k, dim=-1)
         position = self.context.sequence_len_offset
-        mask = (None if self.key_pad is None
-                else self.key_pad[:, None, None, :position + 1])
+        mask = step_mask(self.key_pad, position, position + 1)
         values = self._forward(candidates.reshape(rows * k, 1),
                                torch.full((rows * k, 1), position, device=logits.device),
                                mask).view(rows, k)

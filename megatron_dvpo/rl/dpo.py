@@ -109,9 +109,9 @@ class DPOTrainer:
             loss, stats = dpo_loss(seq[0::2], seq[1::2], mb["ref"][0::2], mb["ref"][1::2], beta)
             return loss / pairs * dp, {"loss_sum": loss.detach(), **stats}
 
-        microbatches = forward.split_microbatches(
-            data.micro_batch_size, data.micro_batch_tokens,
-            batch["prompt_lengths"] + batch["response_lengths"], 2, **tensors)
+        lengths = batch["prompt_lengths"] + batch["response_lengths"]
+        microbatches = forward.split_microbatches(data.micro_batch_size, data.micro_batch_tokens,
+                                                  lengths, 2, **tensors)
         update = self.model.update(microbatches,
                                    forward.policy_logprobs_head(self.cfg.model.vocab_size,
                                                                 chunk=forward.LOGPROB_CHUNK),
@@ -119,8 +119,7 @@ class DPOTrainer:
         local = ({k: sum(float(o[k]) for o in update.outputs) for k in SUMS}
                  if update.outputs else None)
         sums = distributed.sum_over_replicas(list(SUMS), local)
-        seq_tokens = distributed.all_reduce_data_parallel(
-            float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
+        seq_tokens = distributed.all_reduce_data_parallel(float(lengths.sum()))
         return StepResult({"dpo/loss": sums["loss_sum"] / pairs,
                            "dpo/reward_accuracy": sums["correct"] / pairs,
                            "dpo/margin": sums["margin_sum"] / pairs,

@@ -123,9 +123,13 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor
     margin = r_chosen - r_rejected
     loss = -F.logsigmoid(margin).mean()
     with torch.no_grad():
-        score = (margin > 0).to(loss.dtype) + 0.5 * (margin == 0).to(loss.dtype)
-        stats = {"accuracy": score.mean(), "margin_mean": margin.detach().mean()}
+        stats = {"accuracy": _ranked_right(margin).mean(), "margin_mean": margin.detach().mean()}
     return loss, stats
+
+
+def _ranked_right(margin: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where the chosen response scores higher, 1/2 for a tie, else 0."""
+    return (margin > 0).to(margin.dtype) + 0.5 * (margin == 0).to(margin.dtype)
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -142,7 +146,7 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     margin = chosen_reward - rejected_reward
     loss = -F.logsigmoid(margin).sum()
     with torch.no_grad():
-        stats = {"correct": ((margin > 0).float() + 0.5 * (margin == 0).float()).sum(),
+        stats = {"correct": _ranked_right(margin).sum(),
                  "margin_sum": margin.sum(), "chosen_reward_sum": chosen_reward.sum(),
                  "rejected_reward_sum": rejected_reward.sum()}
     return loss, stats
