@@ -224,6 +224,8 @@ def save_training_checkpoint(save_dir: str | Path, step: int, units: dict, train
                      **train_state}
             (partial / "train_state.json").write_text(json.dumps(state, indent=2))
 
+    for unit in units.values():  # overlap_param_gather: the stepped weights, not stale ones
+        unit.sync_params()
     parts = {name: _training_sharded_state_dict(unit.chunks, unit.optimizer, False,
                                                 optimizer_sharding)
              for name, unit in units.items()}

@@ -94,6 +94,9 @@ class ParallelConfig:
     # parameters per gradient bucket with overlap_grad_reduce (None: megatron's default,
     # max(40M, 1M x data-parallel size)); smaller buckets start reducing earlier
     ddp_bucket_size: Optional[int] = _checked(None, POSITIVE)
+    # distributed optimizer: all-gather each bucket's updated parameters during the next
+    # update's forward pass instead of after the optimizer step (--overlap-param-gather)
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -598,6 +601,10 @@ def validate_parallel(parallel: ParallelConfig, world_size: int) -> None:
     if parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs "
                           "parallel.tensor_model_parallel_size > 1")
+    if parallel.overlap_param_gather and not parallel.use_distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs "
+                          "parallel.use_distributed_optimizer=true (it overlaps the distributed "
+                          "optimizer's parameter all-gather)")
     if world_size % (tp * pp * cp):
         raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size"
                           f"={tp} x pipeline_model_parallel_size={pp} x context_parallel_size={cp}"

@@ -141,6 +141,31 @@ def test_resume_continues_exactly(pipeline, tmp_path):
             assert got[step] == pytest.approx(expected[step], abs=1e-6), (tag, step)
 
 
+@pytest.mark.multirank
+def test_overlapped_param_gather_changes_no_number(pipeline, tmp_path):
+    """DP=2, the distributed optimizer for the policy and the refreshed GVM: overlapping their
+    parameter all-gathers with the next forward pass leaves every logged number as it was."""
+    work, _ = pipeline
+    common = ["train_steps=4", "data.global_batch_size=16", "data.micro_batch_size=4",
+              "rl.kl_coef=0.1", "dvpo.refresh_interval=2", "dvpo.refresh_lr=1e-3",
+              "parallel.use_distributed_optimizer=true", "checkpoint.save_interval=0"]
+
+    def run(name, *extra):
+        run_dir = tmp_path / name
+        torchrun(["-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
+                  *dvpo_overrides(work, run_dir, *common, *extra)], nproc=2)
+        return scalars(run_dir / "tensorboard")
+
+    plain, overlapped = run("plain"), run("overlap", "parallel.overlap_param_gather=true")
+    for tag in ("policy/loss", "rollout/true_reward_mean", "policy/approx_kl",
+                "rollout/gvm_final_value_mean", "gvm_refresh/loss"):
+        expected, got = dict(plain[tag]), dict(overlapped[tag])
+        assert sorted(got) == sorted(expected) and len(got) >= 2, tag
+        for step, value in expected.items():
+            assert got[step] == pytest.approx(value, abs=1e-6), (tag, step)
+    assert len({round(v, 6) for _, v in plain["policy/loss"]}) > 1  # the policy does move
+
+
 def fake_checkpoint(src: Path, dst: Path, **model_changes) -> Path:
     """A copy of ``src``'s config (model section edited) next to its real weights."""
     dst.mkdir(parents=True)

@@ -130,12 +130,16 @@ def test_tp2_and_pp2_follow_the_tp1_loss_curve(synthetic, tmp_path):
 
 @pytest.mark.multirank
 def test_resume_continues_exactly(synthetic, tmp_path):
-    """DP=2 with the distributed optimizer: stop at step 10, resume, and match an unbroken run."""
+    """DP=2 with the distributed optimizer: stop at step 10, resume, and match an unbroken run.
+    The broken run overlaps the parameter all-gather and the resumed one does not: neither
+    changes a number (tests/distributed/param_gather.py checks the saved weights directly)."""
     common = ["logging.log_interval=1", "gvm.eval_interval=0", "data.eval_path=null",
               "checkpoint.save_interval=10", "parallel.use_distributed_optimizer=true",
               "data.micro_batch_size=8"]
+    overlap = ["parallel.overlap_param_gather=true"]  # the same buckets: the same sums
     unbroken = train(tmp_path / "unbroken", synthetic, 2, "train_steps=20", *common)
-    train(tmp_path / "broken", synthetic, 2, "train_steps=20", "exit_interval=10", *common)
+    train(tmp_path / "broken", synthetic, 2, "train_steps=20", "exit_interval=10", *common,
+          *overlap)
     assert not (tmp_path / "broken/checkpoints/iter_0000020").exists()
     resumed = train(tmp_path / "broken", synthetic, 2, "train_steps=20", *common)
     expected = dict(unbroken["gvm/loss"])

@@ -1,6 +1,7 @@
-"""Activation recompute and overlapped gradient reduction (issue 16): the modules are really
-recomputed and the reductions really start in the backward pass, and no gradient or updated
-weight changes (exactly, in fp32), with different data on each data-parallel rank."""
+"""Activation recompute and overlapped gradient reduction and parameter gather (issue 16): the
+modules are really recomputed, the reductions really start in the backward pass, the gathers
+really wait for the next forward pass, and no gradient or updated weight changes (exactly, in
+fp32), with different data on each data-parallel rank."""
 
 import json
 
@@ -45,6 +46,25 @@ def test_the_knobs_are_really_on(result, model):
         overlap["buckets"]
 
 
+@pytest.fixture(scope="module")
+def gathered(tmp_path_factory):
+    work = tmp_path_factory.mktemp("gather")
+    torchrun([str(REPO / "tests" / "distributed" / "param_gather.py"), str(work / "out.json"),
+              str(work / "checkpoints")], nproc=2)
+    return json.loads((work / "out.json").read_text())
+
+
+@pytest.mark.multirank
+def test_overlapped_param_gather_changes_no_weight(gathered):
+    assert gathered["buckets"] > 1  # the gathers chain from bucket to bucket
+    assert gathered["stale_before_forward"] > 1e-4  # the step left the gather to the forward
+    assert gathered["logprob_diff_first_forward"] == 0.0  # ... whose pre-hooks did it
+    assert gathered["after_forward"] == 0.0
+    assert gathered["after_sync_params"] == 0.0  # a rollout or a copy needs no forward
+    assert gathered["checkpoint"] == 0.0  # saved straight after a step: the stepped weights
+    assert gathered["hooks_after_sync"] == 0 and gathered["hooks_in_update"] > 0
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["recompute.granularity=full", "recompute.num_layers=5"],
      "recompute.num_layers=5 exceeds the 4 model.num_layers (recompute.method=uniform)"),
@@ -53,6 +73,8 @@ def test_the_knobs_are_really_on(result, model):
      "recompute.num_layers=3 exceeds the 2 layers per pipeline stage (recompute.method=block)"),
     (["recompute.granularity=everything"], "recompute.granularity"),
     (["parallel.ddp_bucket_size=0"], "parallel.ddp_bucket_size must be > 0"),
+    (["parallel.overlap_param_gather=true"],
+     "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true"),
 ])
 def test_recompute_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

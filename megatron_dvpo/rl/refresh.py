@@ -108,6 +108,7 @@ class GVMRefresh:
         batch = collate(samples, width, self.pad_id)
         trained = [train_on_batch(self.scorer.model, self.objective, batch,
                                   self.micro_batch_size) for _ in range(self.updates)]
+        self.scorer.model.sync_params()  # the next step scores with the refreshed weights
         pairs = distributed.all_reduce_data_parallel(float(len(prompts)))
         metrics = {f"gvm_refresh/{tag.split('/')[-1]}": value
                    for tag, value in trained[-1].metrics(self.objective).items()}

@@ -78,6 +78,7 @@ def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str,
                 **{k: v[index] for k, v in tensors.items()})
             update = model.update(microbatches, head, loss_for(dp, tokens), check)
             done.append(MinibatchUpdate(update, sums))
+    model.sync_params()  # the next rollout or scoring pass reads the stepped weights
     return done
 
 

@@ -38,6 +38,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_param_gather=parallel.overlap_param_gather,
         bucket_size=parallel.ddp_bucket_size,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         # FP8 parameters (precision.fp8_param_gather): the optimizer's updated shards are
@@ -126,6 +127,10 @@ class TrainedModel:
         self.ddp = wrap_ddp(chunks, parallel)
         self.optimizer = build_optimizer(self.ddp, optim, parallel, precision)
         self.scheduler = build_scheduler(self.optimizer, optim, total_updates, override_scheduler)
+        # overlap_param_gather: megatron DDP's forward pre-hooks finish each bucket's gather of
+        # stepped weights in the next forward pass; on only during updates (see sync_params)
+        self._gather_hooks_on = self.ddp[0].use_forward_hook
+        self.sync_params()
 
     @property
     def lr(self) -> float:
@@ -142,6 +147,10 @@ class TrainedModel:
         """Gradients of ``sum(loss_fn)`` over ``microbatches``, then one optimizer step, unless
         a loss or gradient is NaN/Inf on any rank (no weight changes then) or ``accept``,
         called with the outputs on every rank, says no (the ratio-threshold rule)."""
+        if self.ddp[0].use_forward_hook and not self._gather_hooks_on:
+            for chunk in self.ddp:
+                chunk.enable_forward_pre_hook()
+            self._gather_hooks_on = True
         for chunk in self.ddp:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -156,6 +165,17 @@ class TrainedModel:
             return UpdateResult(outputs, False, NON_FINITE)
         self.scheduler.step(increment=1)
         return UpdateResult(outputs, True, None, float(grad_norm or 0.0))
+
+    def sync_params(self) -> None:
+        """With overlap_param_gather, an optimizer step leaves this rank's parameters stale
+        outside its own shard until the next forward pass gathers them. Code that reads the
+        weights outside an update (a rollout, a checkpoint) calls this first: it finishes the
+        gathers (a collective over the data-parallel group) and turns the pre-hooks off, so the
+        rollout's many small forward passes do not pay for them. A no-op otherwise."""
+        if self._gather_hooks_on:
+            for chunk in self.ddp:
+                chunk.disable_forward_pre_hook(param_sync=True)
+            self._gather_hooks_on = False
 
     def _all_finite(self, outputs: list[dict]) -> bool:
         """Every rank's losses and gradients are finite (megatron checks only under fp16)."""
