@@ -95,7 +95,7 @@ def test_the_lean_head_scores_response_positions_in_chunks_like_the_full_one(
     assert lean_grad[:, :start].abs().sum() == 0
 
 
-def test_gumbel_max_sampling_draws_the_tempered_distribution():
+def test_sampling_draws_the_tempered_distribution():
     """Shares of 40k draws at temperature 0.7 match softmax(logits / 0.7) within 1 point, and
     padded-vocabulary columns (-inf) are never drawn."""
     from megatron_dvpo.models.generation import mask_padded_vocab
@@ -107,6 +107,17 @@ def test_gumbel_max_sampling_draws_the_tempered_distribution():
     expected = (logits[0] / 0.7).softmax(-1)
     assert shares[5] == 0
     assert (shares - expected).abs().max() < 0.01, (shares, expected)
+
+
+def test_the_cdf_inversion_never_picks_a_zero_weight_column():
+    """At the ends of [0, 1): the first column of non-zero weight, and the last one, never the
+    zero-weight (padded-vocabulary) columns around them."""
+    from megatron_dvpo.models.generation import invert_cdf
+
+    weights = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0, 0.0]], dtype=torch.float64)
+    cdf = weights.cumsum(-1).repeat(4, 1)
+    uniform = torch.tensor([[0.0], [0.2], [0.7], [1.0]], dtype=torch.float64)  # 1: rounding
+    assert invert_cdf(cdf, uniform).tolist() == [1, 3, 4, 4]
 
 
 def test_decode_splits_rows_over_the_pipeline_stages():

@@ -20,7 +20,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_dvpo.config import ConfigError
-from megatron_dvpo.models.generation import gumbel_argmax, step_mask
+from megatron_dvpo.models.generation import categorical_draw, step_mask
 from megatron_dvpo.models.precision import sequence_parallel_disabled
 
 
@@ -73,7 +73,7 @@ class ValueGuide:
                                mask).view(rows, k)
         self.context.sequence_len_offset += 1
         shifted = candidate_logits + self.cfg.beta * (values - values.mean(1, keepdim=True))
-        pick = shifted.argmax(-1) if temperature == 0 else gumbel_argmax(shifted, generator)
+        pick = shifted.argmax(-1) if temperature == 0 else categorical_draw(shifted, generator)
         keep = torch.arange(rows, device=logits.device) * k + pick
         self.context.swap_key_value_dict(keep.repeat_interleave(k))
         return candidates.gather(1, pick[:, None]).squeeze(1)
