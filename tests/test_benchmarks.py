@@ -88,7 +88,8 @@ def test_bench_gvm_quick(tmp_path):
 
 def test_bench_memory_quick(tmp_path):
     """Small shapes: the lean head's microbatch peaks below the full head's (at the real shape,
-    V=128k and S=1024, the benchmark measures 0.28x; README)."""
+    V=128k and S=1024, the benchmark measures 0.28x; README), and GVM scoring without a dense
+    mask below the dense mask's math-kernel path (0.27x at the default shape)."""
     out = tmp_path / "memory.json"
     proc = subprocess.run([sys.executable, "tools/bench_memory.py", "--quick", "--out",
                            str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -96,6 +97,9 @@ def test_bench_memory_quick(tmp_path):
     report = json.loads(out.read_text())
     assert 0 < report["lean"]["peak_increase"] < report["full"]["peak_increase"]
     assert report["lean_over_full"] < 0.8
+    scoring = report["gvm_scoring"]
+    assert 0 < scoring["causal"]["peak_increase"] < scoring["dense_mask_math"]["peak_increase"]
+    assert scoring["causal_over_dense_mask_math"] < 0.8
 
 
 def _quick(tmp_path, script: str, *args: str) -> dict:

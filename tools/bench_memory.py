@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Peak memory of one policy-update microbatch: the lean log-prob head against the full one.
+"""Peak memory of one policy-update microbatch (the lean log-prob head against the full one)
+and of one GVM scoring microbatch (rollout rows without a dense mask against with one).
 
     python tools/bench_memory.py --out bench_memory.json [--vocab 128256 --seq 1024 ...]
 
@@ -13,8 +14,18 @@ sampled every 2 ms:
 - ``lean``: the response's positions only, in chunks of ``LOGPROB_CHUNK`` recomputed in the
   backward pass.
 
+A GVM of ``--score-layers`` x ``--score-hidden`` with ``--score-heads`` heads scores
+``--score-rows`` left-padded rollout rows of ``--seq`` tokens (a quarter of them padded by up to
+half the row), forward only, as DVPO's scoring pass does:
+
+- ``dense_mask``: a [b, 1, s, s] padding mask (the code before issue 16, and sequence
+  parallelism's path today), SDPA choosing its kernel (on CPU its flash kernel takes masks);
+- ``dense_mask_math``: the same with SDPA held to its math kernel, the one CUDA falls back to
+  for a dense mask where its fused kernels cannot take it (the case issue 16 describes);
+- ``causal``: each row rotated so its padding sits at its end, plain causal attention.
+
 It writes each variant's peak increase over the process's baseline (the model built and the
-batch made) and the ratio lean / full, in one run.
+batch made) and the ratios lean / full and causal / each dense-mask variant, in one run.
 """
 
 from __future__ import annotations
@@ -66,9 +77,42 @@ print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": rss.baseline,
 """
 
 
-def measure(variant: str, args) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, variant, str(args.vocab),
-                           str(args.seq), str(args.prompt), str(args.micro_batch)],
+_MEASURE_SCORING = r"""
+import json, sys, time
+import torch
+from megatron_dvpo import distributed
+from megatron_dvpo.config import ParallelConfig, load_config
+from megatron_dvpo.logging import PeakRSS
+from megatron_dvpo.models import forward
+from megatron_dvpo.models.gvm import build_gvm_chunks
+
+variant, seq, rows, layers, hidden, heads = sys.argv[1], *map(int, sys.argv[2:7])
+distributed.init_distributed(ParallelConfig(), seed=0)
+cfg = load_config(None, ["model.vocab_size=1024", f"model.num_layers={layers}",
+                         f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
+                         f"model.ffn_hidden_size={2 * hidden}",
+                         f"model.max_position_embeddings={seq}"])
+chunks = build_gvm_chunks(cfg, value_head_init_std=0.02)
+g = torch.Generator().manual_seed(0)
+left_pad = torch.zeros(rows, dtype=torch.long)
+left_pad[: max(rows // 4, 1)] = torch.randint(1, seq // 2, (max(rows // 4, 1),), generator=g)
+batch = {"tokens": torch.randint(0, 1024, (rows, seq), generator=g), "left_pad": left_pad}
+tokens, positions, mask = forward.model_inputs(batch, seq, padding_right=variant == "causal")
+kernels = ([torch.nn.attention.SDPBackend.MATH] if variant == "dense_mask_math"
+           else [torch.nn.attention.SDPBackend.FLASH_ATTENTION,
+                 torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
+                 torch.nn.attention.SDPBackend.MATH])
+with PeakRSS() as rss, torch.no_grad(), torch.nn.attention.sdpa_kernel(kernels):
+    start = time.perf_counter()
+    chunks[0](tokens, positions, mask)
+    seconds = time.perf_counter() - start
+print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": rss.baseline,
+                              "peak_increase": rss.peak - rss.baseline}))
+"""
+
+
+def _run_measure(script: str, variant: str, *numbers: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, variant, *map(str, numbers)],
                           capture_output=True, text=True, cwd=REPO,
                           env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin",
                                "PYTHONPATH": str(REPO)})
@@ -85,15 +129,28 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--score-rows", type=int, default=4)
+    parser.add_argument("--score-layers", type=int, default=2)
+    parser.add_argument("--score-hidden", type=int, default=512)
+    parser.add_argument("--score-heads", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="small shapes (tests)")
     args = parser.parse_args(argv)
     if args.quick:
         args.vocab, args.seq, args.prompt = 8192, 384, 128
+        args.score_hidden, args.score_heads = 128, 4
     result = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
     for variant in ("full", "lean"):
-        result[variant] = measure(variant, args)
+        result[variant] = _run_measure(_MEASURE, variant, args.vocab, args.seq, args.prompt,
+                                       args.micro_batch)
     result["lean_over_full"] = result["lean"]["peak_increase"] / result["full"]["peak_increase"]
-    result["target"] = {"lean_over_full_at_most": 0.35}
+    scoring = {variant: _run_measure(_MEASURE_SCORING, variant, args.seq, args.score_rows,
+                                     args.score_layers, args.score_hidden, args.score_heads)
+               for variant in ("dense_mask", "dense_mask_math", "causal")}
+    result["gvm_scoring"] = {**scoring, **{f"causal_over_{variant}": (
+        scoring["causal"]["peak_increase"] / scoring[variant]["peak_increase"])
+        for variant in ("dense_mask", "dense_mask_math")}}
+    result["target"] = {"lean_over_full_at_most": 0.35,
+                        "causal_over_dense_mask_math_at_most": 0.35}
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -10,10 +10,10 @@ prompt is prefilled once, then each step runs one token per row with megatron's 
 The decode loop does not wait on the host: tokens are drawn by inverting each row's cumulative
 distribution at one uniform draw (``categorical_draw``: the same distribution as
 ``multinomial`` without its checks), and whether every row has finished is read every
-``FINISHED_CHECK_INTERVAL`` steps only (rows past their EOS are padding either way). With one pipeline stage the model is
-called directly; with several, each step goes through megatron's forward-only schedule in as
-many row blocks as there are stages, each with its own rows of the KV cache, so that the
-stages work at once instead of in turn.
+``FINISHED_CHECK_INTERVAL`` steps only (rows past their EOS are padding either way). With one
+pipeline stage the model is called directly; with several, each step goes through megatron's
+forward-only schedule in as many row blocks as there are stages, each with its own rows of the
+KV cache, so that the stages work at once instead of in turn.
 
 The last stage gathers the vocabulary (as megatron-core's own inference does), samples with a
 generator seeded identically on every rank, and broadcasts the tokens to all ranks of its
