@@ -301,6 +301,8 @@ class PPOConfig:
     """The classic RLHF PPO baseline (docs/algorithm.md §3); the shared knobs are in ``rl``."""
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
+    # or the user's function of the text instead (a verifier): a scorer spec, as rl.true_reward
+    scorer: Optional[str] = None
     critic: Optional[str] = None  # the critic's initial weights; default: the reward model
     value_clip_eps: float = _checked(0.2, POSITIVE)
 
@@ -310,6 +312,8 @@ class GRPOConfig:
     """Critic-free baselines over rollout.n_samples samples per prompt (docs/algorithm.md §3)."""
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
+    # or the user's function of the text instead (a verifier): a scorer spec, as rl.true_reward
+    scorer: Optional[str] = None
     # grpo: group-normalised rewards; rloo: leave-one-out baseline
     estimator: Literal["grpo", "rloo"] = "grpo"
 

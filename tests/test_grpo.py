@@ -50,6 +50,19 @@ def test_grpo_needs_several_samples_per_prompt():
         GRPO.check_inputs(cfg)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ([], "set exactly one of grpo.reward_model"),
+    (["grpo.reward_model=x", "grpo.scorer=synthetic:0"], "set exactly one of grpo.reward_model"),
+    (["grpo.scorer=no_such_module:fn"], "grpo.scorer='no_such_module:fn': cannot import"),
+])
+def test_grpo_needs_one_scorer_that_works(overrides, message):
+    from megatron_dvpo.rl.grpo import GRPO
+
+    cfg = load_config("examples/dvpo_tiny.yaml", ["rollout.n_samples=4", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        GRPO.check_inputs(cfg)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return tiny_policy_and_gvm(tmp_path_factory.mktemp("grpo"), train_rows=400, eval_rows=16)
@@ -71,3 +84,22 @@ def test_group_methods_run_at_dp2_with_a_reference(models, tmp_path, estimator):
     for tag in ("policy/loss", "rollout/kl_ref", "rollout/true_reward_mean", "policy/approx_kl"):
         assert len(logs[tag]) == 2 and all(math.isfinite(v) for _, v in logs[tag]), tag
     assert "critic/loss" not in logs
+
+
+@pytest.mark.multirank
+def test_a_text_scorer_is_the_group_reward(models, tmp_path):
+    """grpo.scorer=synthetic:0 (the task's own rule, as a user's verifier would be): every
+    response's reward is its true reward, so their logged means are equal, at DP=2."""
+    torchrun(["-m", "megatron_dvpo.rl.grpo", "--config", "examples/dvpo_tiny.yaml",
+              f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
+              f"rl.policy={models}/policy", "grpo.scorer=synthetic:0", "grpo.estimator=rloo",
+              "rollout.n_samples=4", f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null",
+              "train_steps=2", "data.global_batch_size=4", "data.micro_batch_size=2",
+              "rl.kl_coef=0", "logging.log_interval=1", "rl.eval_interval=0",
+              "rl.true_reward=synthetic:0"], nproc=2)
+    logs = scalars(tmp_path / "tensorboard")
+    rewards, true = logs["rollout/gvm_final_value_mean"], logs["rollout/true_reward_mean"]
+    assert len(rewards) == 2 and [s for s, _ in rewards] == [s for s, _ in true]
+    for (_, got), (_, expected) in zip(rewards, true):
+        assert got == pytest.approx(expected, abs=1e-6)
+    assert any(v != 0 for _, v in true)  # the rule scored something

@@ -66,6 +66,19 @@ class Rollout:
         return self.tokens[:, self.prompt_width:]
 
 
+def rollout_responses(rollout: Rollout) -> list[list[int]]:
+    """Each row's response tokens, its EOS included, padding not."""
+    return [row[:n].tolist() for row, n in zip(rollout.responses,
+                                                rollout.response_lengths.tolist())]
+
+
+def rollout_prompts(rollout: Rollout) -> list[list[int]]:
+    """Each row's prompt tokens, its left padding not."""
+    width = rollout.prompt_width
+    return [row[pad:width].tolist() for row, pad in zip(rollout.tokens,
+                                                         rollout.prompt_pad.tolist())]
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Host tensors ``(tokens [B, P], left padding [B])``; ``generate`` moves them."""
     width = max(len(p) for p in prompts)

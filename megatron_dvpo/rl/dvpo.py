@@ -20,7 +20,7 @@ from megatron_dvpo.training.cli import run_trainer
 
 DVPO = RLAlgorithm(
     name="DVPO",
-    value_keys=("dvpo.gvm",),
+    value_keys=lambda cfg: ("dvpo.gvm",),
     make_scorer=lambda cfg, value_cfgs, total: GVMScorer(cfg, value_cfgs["dvpo.gvm"]),
     estimator=lambda cfg: cfg.dvpo.estimator,
     needs_reference=lambda cfg: cfg.rl.kl_coef > 0,

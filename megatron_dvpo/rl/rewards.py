@@ -68,3 +68,12 @@ def load_scorer(spec: Optional[str], key: str = "rl.true_reward") -> Optional[Tr
         raise ConfigError(f"{key}={spec!r}: {attr}(prompt, response) returned {probe}, not a "
                           "finite number")
     return fn
+
+
+def score_texts(scorer: TrueReward, tokenizer, prompts: list[list[int]],
+                responses: list[list[int]]) -> list[float]:
+    """``scorer`` on each (prompt, response) as text, the response without its EOS."""
+    eos = tokenizer.eos_id
+    return [float(scorer(tokenizer.decode(prompt),
+                         tokenizer.decode([t for t in response if t != eos])))
+            for prompt, response in zip(prompts, responses)]

@@ -1,9 +1,10 @@
-"""Scorers: what judges a rollout. One small protocol, two implementations.
+"""Scorers: what judges a rollout. One small protocol, four implementations.
 
 - ``GVMScorer`` (DVPO): one forward pass of the frozen Global Value Model.
 - ``RewardCriticScorer`` (the PPO baseline): a frozen reward model for the final reward and a
   critic for ``V(s_t)``, trained online after each policy update.
 - ``RewardModelScorer`` (GRPO, RLOO): the frozen reward model alone.
+- ``TextScorer`` (GRPO, RLOO with ``grpo.scorer``): the user's function of the text.
 
 ``score`` returns ``Scores`` on every pipeline stage (per-token outputs are made on the last
 stage and broadcast once), so the RL step has no branch on the stage. ``learn`` trains what the
@@ -23,11 +24,13 @@ from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import load_model
 from megatron_dvpo.config import ModelConfig, RunConfig
 from megatron_dvpo.models import build_chunks, forward
-from megatron_dvpo.models.generation import Rollout
+from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.models.generation import Rollout, rollout_prompts, rollout_responses
 from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.rl.estimators import Advantages, Scores
 from megatron_dvpo.rl.gaming import out_of_range
 from megatron_dvpo.rl.refresh import refresh_optimizer, refresh_updates_total
+from megatron_dvpo.rl.rewards import load_scorer, score_texts
 from megatron_dvpo.rl.scoring import estimator_inputs, rollout_q_view
 from megatron_dvpo.rl.updates import UpdateSummary, update_critic
 from megatron_dvpo.training.trained_model import TrainedModel
@@ -82,6 +85,27 @@ class RewardModelScorer:
 
     def score(self, rollout: Rollout) -> Scores:
         reward = sequence_rewards(self.reward_model, rollout, self.micro_batch_size)
+        return Scores(final_value=reward, sequence_rewards=reward)
+
+    def learn(self, rollout, scores, advantages, seed) -> None:
+        return None
+
+
+class TextScorer:
+    """GRPO's and RLOO's with ``grpo.scorer``: the user's function of (prompt, response) text
+    (a verifier, a rule) as each response's reward; no model. Every rank of a model-parallel
+    group holds the same rollout and scores it alike."""
+
+    def __init__(self, cfg: RunConfig):
+        self.units: dict[str, TrainedModel] = {}
+        self.frozen: dict[str, list[torch.nn.Module]] = {}
+        self.scorer = load_scorer(cfg.grpo.scorer, "grpo.scorer")
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+
+    def score(self, rollout: Rollout) -> Scores:
+        reward = torch.tensor(score_texts(self.scorer, self.tokenizer, rollout_prompts(rollout),
+                                          rollout_responses(rollout)),
+                              dtype=torch.float32, device=rollout.tokens.device)
         return Scores(final_value=reward, sequence_rewards=reward)
 
     def learn(self, rollout, scores, advantages, seed) -> None:

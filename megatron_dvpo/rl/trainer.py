@@ -18,12 +18,13 @@ from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
-from megatron_dvpo.models.generation import Rollout, SamplingConfig, generate
+from megatron_dvpo.models.generation import (Rollout, SamplingConfig, generate,
+                                              rollout_responses)
 from megatron_dvpo.models.guided import GuideConfig, ValueGuide
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
-from megatron_dvpo.rl.rewards import TrueReward, load_scorer
+from megatron_dvpo.rl.rewards import TrueReward, load_scorer, score_texts
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
 from megatron_dvpo.rl.step import rl_step
 from megatron_dvpo.rl.updates import UpdateSummary, update_policy
@@ -38,7 +39,7 @@ class RLAlgorithm:
     """One algorithm: the config keys of its scoring models, its scorer and estimator."""
 
     name: str
-    value_keys: tuple[str, ...]
+    value_keys: Callable[[RunConfig], tuple[str, ...]]  # the config keys of its value models
     make_scorer: Callable[[RunConfig, dict[str, RunConfig], int], Scorer]
     estimator: Callable[[RunConfig], str]
     needs_reference: Callable[[RunConfig], bool]
@@ -54,7 +55,7 @@ class RLAlgorithm:
     def check_inputs(self, cfg: RunConfig, overrides: list[str] | tuple = ()) -> RLInputs:
         self.prepare(cfg)
         if cfg.rollout.guide_beta > 0:
-            if "dvpo.gvm" not in self.value_keys:
+            if "dvpo.gvm" not in self.value_keys(cfg):
                 raise ConfigError(f"rollout.guide_beta steers sampling by DVPO's GVM; "
                                   f"{self.name} has none")
             if (cfg.dvpo.refresh_interval or cfg.dvpo.gvm_offload
@@ -63,7 +64,7 @@ class RLAlgorithm:
                                   "on the device (dvpo.refresh_interval=0, "
                                   "dvpo.gvm_offload=false) and "
                                   "parallel.pipeline_model_parallel_size=1")
-        return check_rl_inputs(cfg, overrides, self.value_keys, self.needs_reference(cfg))
+        return check_rl_inputs(cfg, overrides, self.value_keys(cfg), self.needs_reference(cfg))
 
     def __call__(self, cfg: RunConfig) -> "RLTrainer":
         return RLTrainer(cfg, self, self.check_inputs(cfg))
@@ -208,12 +209,7 @@ class RLTrainer:
     def text_scores(self, scorer: TrueReward, prompts: list[list[int]],
                     rollout: Rollout) -> list[float]:
         """``scorer`` on each (prompt, response) as text, the response without its EOS."""
-        eos = self.tokenizer.eos_id
-        return [scorer(self.tokenizer.decode(prompt),
-                                 self.tokenizer.decode([t for t in response[:n].tolist()
-                                                        if t != eos]))
-                for prompt, response, n in zip(prompts, rollout.responses,
-                                               rollout.response_lengths.tolist())]
+        return score_texts(scorer, self.tokenizer, prompts, rollout_responses(rollout))
 
     def evaluate(self) -> dict[str, float]:
         """Mean true reward of sampled responses to the held-out prompts."""
