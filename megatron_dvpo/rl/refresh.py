@@ -23,7 +23,7 @@ from megatron_dvpo.config import OptimizerConfig, RunConfig
 from megatron_dvpo.data.dataset import collate
 from megatron_dvpo.data.preference import Sample
 from megatron_dvpo.gvm.objectives import OBJECTIVES, train_on_batch
-from megatron_dvpo.models.generation import Rollout
+from megatron_dvpo.models.generation import Rollout, rollout_responses
 from megatron_dvpo.rl.rewards import load_scorer
 from megatron_dvpo.training.trained_model import UpdateResult
 
@@ -48,9 +48,8 @@ def ranked_pairs(prompts: list[list[int]], first: Rollout, second: Rollout,
     chosen_label, rejected_label = labels
     tie = (chosen_label + rejected_label) / 2
     samples, ties = [], 0
-    for i, prompt in enumerate(prompts):
-        a = first.responses[i, :int(first.response_lengths[i])].tolist()
-        b = second.responses[i, :int(second.response_lengths[i])].tolist()
+    for i, (prompt, a, b) in enumerate(zip(prompts, rollout_responses(first),
+                                           rollout_responses(second))):
         if first_scores[i] == second_scores[i]:
             ties += 1
             samples += [Sample(prompt, a, tie), Sample(prompt, b, tie)]
