@@ -25,6 +25,7 @@ from megatron_dvpo.checkpointing import load_model
 from megatron_dvpo.config import ModelConfig, RunConfig
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.device import device
 from megatron_dvpo.models.generation import Rollout, rollout_prompts, rollout_responses
 from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.rl.estimators import Advantages, Scores
@@ -105,7 +106,7 @@ class TextScorer:
     def score(self, rollout: Rollout) -> Scores:
         reward = torch.tensor(score_texts(self.scorer, self.tokenizer, rollout_prompts(rollout),
                                           rollout_responses(rollout)),
-                              dtype=torch.float32, device=rollout.tokens.device)
+                              dtype=torch.float32, device=device())
         return Scores(final_value=reward, sequence_rewards=reward)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
