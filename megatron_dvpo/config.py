@@ -301,8 +301,6 @@ class PPOConfig:
     """The classic RLHF PPO baseline (docs/algorithm.md §3); the shared knobs are in ``rl``."""
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
-    # or the user's function of the text instead (a verifier): a scorer spec, as rl.true_reward
-    scorer: Optional[str] = None
     critic: Optional[str] = None  # the critic's initial weights; default: the reward model
     value_clip_eps: float = _checked(0.2, POSITIVE)
 

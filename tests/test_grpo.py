@@ -63,6 +63,12 @@ def test_grpo_needs_one_scorer_that_works(overrides, message):
         GRPO.check_inputs(cfg)
 
 
+def test_only_grpo_takes_a_text_scorer():
+    """PPO's reward comes from its reward model: a ppo.scorer key would be silently ignored."""
+    with pytest.raises(ConfigError, match="ppo.scorer"):
+        load_config("examples/dvpo_tiny.yaml", ["ppo.scorer=synthetic:0"])
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return tiny_policy_and_gvm(tmp_path_factory.mktemp("grpo"), train_rows=400, eval_rows=16)
