@@ -70,6 +70,12 @@ def logit_temperature(sampling_temperature: float) -> float:
     return sampling_temperature if sampling_temperature > 0 else 1.0
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``; the logits themselves at 1, so that the common case makes no
+    copy of a vocabulary-wide tensor."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 # Positions whose vocabulary-wide softmax is computed at once (and recomputed in the backward
 # pass) by the log-prob head of RL: bounds its fp32 temporaries at any response length.
 LOGPROB_CHUNK = 128
@@ -91,8 +97,7 @@ def policy_logprobs_head(vocab_size: int, temperature: float = 1.0,
     """
 
     def positions(logits: torch.Tensor, labels: torch.Tensor) -> tuple:
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = tempered(logits, temperature)
         logprobs = vocab_parallel_logprobs(logits, labels, vocab_size)
         if not entropy:
             return (logprobs,)

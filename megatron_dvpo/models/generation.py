@@ -35,7 +35,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dvpo.device import device as current_device
-from megatron_dvpo.models.forward import logit_temperature
+from megatron_dvpo.models.forward import logit_temperature, tempered
 from megatron_dvpo.models.precision import fp8_disabled, sequence_parallel_disabled
 
 
@@ -111,7 +111,7 @@ FINISHED_CHECK_INTERVAL = 8
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Tempered [B, V] logits with top-k and top-p's dropped tokens at -inf."""
-    logits = logits / cfg.temperature
+    logits = tempered(logits, cfg.temperature)
     if cfg.top_k > 0:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -244,8 +244,7 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
                 last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
                 chosen = (guide.choose(last, cfg.temperature, generator) if guide is not None
                           else sample_tokens(last, cfg, generator))
-                tempered = last if temperature == 1.0 else last / temperature
-                chosen_logprob = F.log_softmax(tempered, -1).gather(
+                chosen_logprob = F.log_softmax(tempered(last, temperature), -1).gather(
                     -1, chosen[:, None]).squeeze(-1)
             _broadcast_from_last_stage(chosen)
             _broadcast_from_last_stage(chosen_logprob)

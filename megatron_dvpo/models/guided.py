@@ -20,6 +20,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_dvpo.config import ConfigError
+from megatron_dvpo.models.forward import logit_temperature, tempered
 from megatron_dvpo.models.generation import categorical_draw, step_mask
 from megatron_dvpo.models.precision import sequence_parallel_disabled
 
@@ -64,8 +65,8 @@ class ValueGuide:
                generator: torch.Generator) -> torch.Tensor:
         """One token per row from the policy's [B, V] logits for the next position."""
         rows, k = logits.shape[0], self.cfg.top_k
-        scale = temperature if temperature > 0 else 1.0
-        candidate_logits, candidates = (logits.float() / scale).topk(k, dim=-1)
+        candidate_logits, candidates = tempered(logits.float(),
+                                                logit_temperature(temperature)).topk(k, dim=-1)
         position = self.context.sequence_len_offset
         mask = step_mask(self.key_pad, position, position + 1)
         values = self._forward(candidates.reshape(rows * k, 1),
