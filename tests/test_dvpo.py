@@ -30,10 +30,11 @@ def pipeline(tmp_path_factory):
 @pytest.mark.multirank
 def test_dvpo_raises_the_true_reward(pipeline):
     """Seed 1234, 40 DVPO steps of 64 prompts at DP=2: the held-out true reward of the policy
-    rises by at least 0.25, from below 0 (the SFT policy's) to above (measured -0.19 -> +0.28
-    with the GVM at pairwise weight 2 and the CDF sampler; -0.13 -> +0.17 with Gumbel-max)."""
+    rises by at least 0.6, from below 0 (the SFT policy's) to above (measured -0.19 -> +0.72
+    with gae at lambda 0 over per-sequence whitened values; -0.19 -> +0.28 with the released
+    lambda 0.95 and whitening, which this threshold fails)."""
     work, result = pipeline
-    assert result["true_reward_after"] >= result["true_reward_before"] + 0.25, result
+    assert result["true_reward_after"] >= result["true_reward_before"] + 0.6, result
     assert result["true_reward_before"] < 0 < result["true_reward_after"], result
     assert result["gvm_pair_acc_last"] >= 0.90, result
     logs = scalars(work / "dvpo" / "tensorboard")
