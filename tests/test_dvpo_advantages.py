@@ -227,6 +227,30 @@ def test_dvpo_gae_whitens_each_sequence_on_its_own():
     assert ret[1].tolist() == pytest.approx([0.05, 0.0, 0.0], abs=1e-6)
 
 
+def test_dvpo_gae_lambda_decides_whether_the_action_counts():
+    """docs/algorithm.md, "Which estimator": with zero rewards and V(s_T) = 0, lambda 1 gives
+    A_t = -V(s_t), blind to y_t's own value q_t; lambda 0 gives the td advantage q_t - q_{t-1}
+    for every token but the last, which gets -V(s_{T-1}) and never reads q_{T-1}."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([4, 6, 2])
+    q = torch.randn(3, 6, generator=gen, dtype=F64)
+    q_prompt = torch.randn(3, generator=gen, dtype=F64)
+    mask = torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)
+    zeros = torch.zeros(3, 6, dtype=F64)
+    states = torch.cat([q_prompt[:, None], q[:, :-1]], 1)  # V(s_t) = q_{t-1}
+    blind, _ = gae_advantages(q, q_prompt, mask, zeros, 1.0, 1.0, whiten_values=False)
+    assert torch.allclose(blind, torch.where(mask, -states, 0.0), atol=1e-12)
+    one_step, _ = gae_advantages(q, q_prompt, mask, zeros, 1.0, 0.0, whiten_values=False)
+    td = td_advantages(q, q_prompt, mask)
+    last = (lengths - 1).unsqueeze(1)
+    not_last = mask & (torch.arange(6).unsqueeze(0) < last)
+    assert torch.allclose(one_step[not_last], td[not_last], atol=1e-12)
+    assert torch.allclose(one_step.gather(1, last), -states.gather(1, last), atol=1e-12)
+    q_eos = q.clone().scatter_(1, last, 100.0)  # the value at EOS: lambda 0 never reads it
+    assert torch.equal(gae_advantages(q_eos, q_prompt, mask, zeros, 1.0, 0.0,
+                                      whiten_values=False)[0], one_step)
+
+
 def test_dvpo_gae_single_token_row():
     # One value, V = [q_-1]: std 0, so it whitens to exactly 0 (the epsilon avoids 0/0);
     # A_0 = r_0 + 0 - 0.
