@@ -228,6 +228,18 @@ def test_gaming_detectors():
         "r 0.7 > 0.5", "e 0.01 < 0.05"]
 
 
+def test_a_nearly_constant_gvm_is_named():
+    """The bench_methods bigram GVM's recorded range (53% held-out accuracy) is flagged; the
+    demo GVM's (99%) and one just at 1% of the label gap are not."""
+    from megatron_dvpo.rl.gaming import flat_value_range
+
+    warning = flat_value_range((-0.0144, -0.0106), 2.0)
+    assert warning is not None and "span 0.0038" in warning and "gap 2" in warning
+    assert flat_value_range((-3.59, 3.52), 2.0) is None
+    assert flat_value_range((0.0, 0.02), -2.0) is None
+    assert flat_value_range((0.0, 0.0199), 2.0) is not None
+
+
 def test_a_gvm_that_rewards_repetition_is_caught(pipeline, tmp_path):
     """A GVM trained to prefer one word repeated over varied words: DVPO learns to repeat, the
     repetition detector warns, and with rl.stop_on_gaming the run saves and stops (exit 3)."""

@@ -41,6 +41,22 @@ def out_of_range(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return (values < low) | (values > high)
 
 
+# A GVM whose values on its own training data span less than this share of the gap between its
+# labels has learned no ranking (the bench_methods bigram GVM at 53%: 0.004 against 2).
+FLAT_VALUE_SHARE = 0.01
+
+
+def flat_value_range(value_range: tuple[float, float], label_gap: float) -> str | None:
+    """Why a GVM is nearly constant, or None: DVPO's whitened advantages would follow its
+    noise (README, "Choosing a method")."""
+    span = value_range[1] - value_range[0]
+    if span >= FLAT_VALUE_SHARE * abs(label_gap):
+        return None
+    return (f"its values on its own training data span {span:.3g} (p0.5 .. p99.5), under "
+            f"{FLAT_VALUE_SHARE:g} of its labels' gap {abs(label_gap):g}: it has not learned "
+            "to rank, and DVPO's advantages would follow its noise")
+
+
 def gaming_warnings(metrics: dict[str, float], thresholds: dict[str, tuple[str, float]]
                     ) -> list[str]:
     """``tag value > limit`` (or ``< limit`` for a ``min``) for each metric past its

@@ -29,7 +29,7 @@ from megatron_dvpo.device import device
 from megatron_dvpo.models.generation import Rollout, rollout_prompts, rollout_responses
 from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.rl.estimators import Advantages, Scores
-from megatron_dvpo.rl.gaming import out_of_range
+from megatron_dvpo.rl.gaming import flat_value_range, out_of_range
 from megatron_dvpo.rl.refresh import refresh_optimizer, refresh_updates_total
 from megatron_dvpo.rl.rewards import load_scorer, score_texts
 from megatron_dvpo.rl.scoring import estimator_inputs, rollout_q_view
@@ -144,6 +144,9 @@ class GVMScorer:
         if self.value_range is None:
             distributed.print_rank0(f"dvpo.gvm={cfg.dvpo.gvm} records no value range (not "
                                     "trained here): rollout/gvm_value_ood_rate is not logged")
+        elif flat := flat_value_range(self.value_range, gvm_cfg.data.chosen_reward
+                                      - gvm_cfg.data.rejected_reward):
+            distributed.print_rank0(f"warning: dvpo.gvm={cfg.dvpo.gvm}: {flat}")
 
     def initialize(self) -> None:
         if self.model is not None:
