@@ -48,7 +48,8 @@ TASK_SHAPES = {"synthetic": (), "bigram": ("--layers", "4", "--hidden", "128", "
 def rl_methods(value: Path, reward_model: Path, batch: int) -> dict[str, tuple[str, list]]:
     """The RL methods' modules and their own keys; every other key is shared. DVPO runs the
     example's gae (lambda 0 over per-sequence whitened GVM values); PPO's GAE over its critic
-    keeps the usual lambda 0.95 (its true reward barely moves with lambda, README)."""
+    keeps the usual lambda 0.95 (its true reward barely moves with lambda: docs/algorithm.md,
+    "Which estimator")."""
     return {"dvpo": ("megatron_dvpo.rl.dvpo", [f"dvpo.gvm={value}"]),
             "ppo": ("megatron_dvpo.rl.ppo", [f"ppo.reward_model={reward_model}", "rl.lam=0.95"]),
             "grpo": ("megatron_dvpo.rl.grpo", [f"grpo.reward_model={reward_model}",
