@@ -28,7 +28,8 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_dvpo.config import ConfigError
-from megatron_dvpo.mcore_compat import (EXTRA_STATE, StrictHandling, adam_step, init_adam_state,
+from megatron_dvpo.mcore_compat import (EXTRA_STATE, StrictHandling, adam_step,
+                                        collect_write_results_in_process, init_adam_state,
                                         restore_adam_step)
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -77,6 +78,7 @@ def save_sharded(parts: dict[str, dict], directory: str | Path, overwrite: bool 
         for subdir in parts:
             (partial / subdir).mkdir(parents=True, exist_ok=True)
     _barrier()
+    collect_write_results_in_process()
     for subdir, sharded_state_dict in parts.items():
         dist_checkpointing.save(sharded_state_dict, str(partial / subdir))
     if write_extras is not None:

@@ -9,6 +9,7 @@ Transformer Engine (torch's Adam underneath), which the releases handle alike.
 
 from __future__ import annotations
 
+import queue
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from megatron.core import __version__ as MCORE_VERSION
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 __all__ = ["MCORE_VERSION", "SUPPORTED", "EXTRA_STATE", "StrictHandling", "check_supported",
-           "adam_step", "restore_adam_step", "init_adam_state"]
+           "adam_step", "restore_adam_step", "init_adam_state", "collect_write_results_in_process"]
 
 SUPPORTED = ((0, 16, 1), (0, 20, 0))  # [lowest, first unsupported)
 # The state-dict suffix of a module's non-parameter state (Transformer Engine's FP8 metadata).
@@ -76,6 +77,23 @@ def init_adam_state(optimizer) -> None:
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+def collect_write_results_in_process() -> None:
+    """Give megatron's checkpoint writer a plain queue for its write results.
+
+    ``filesystem_async`` makes that queue, on first use, with a spawned ``multiprocessing``
+    Manager: a server process that takes about 1.4 s to start and lives as long as the job. It
+    exists for asynchronous saves, whose writes run in another process; every save here is
+    synchronous, so the results are put and taken in this process and a ``queue.Queue`` serves.
+    There is then no helper process for a stop signal to kill: Slurm signals every process of
+    a job step, and a Manager on the signal's default action took the next save down with a
+    ``BrokenPipeError`` (the same module-level ``_results_queue`` in 0.16.1 and 0.19.2).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 check_supported()
