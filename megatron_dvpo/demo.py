@@ -18,19 +18,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The title of the reward model's stage (tools/bench_methods.py, the tests): a stamped stage is
+# recognised by it
+REWARD_MODEL_STAGE = "reward model on the same pairs"
 
 
-def _run(title: str, args: list[str], nproc: int = 0) -> str:
-    """Run one stage as a user would; ``nproc`` > 0 launches it under torchrun."""
+def _run(title: str, args: list[str], nproc: int = 1, stamp: Path | None = None) -> str:
+    """Run one stage as a user would: under torchrun with ``nproc`` > 1 ranks, else as one
+    process. With ``stamp``, a stage already run with this very command (its stamp file says
+    so) is not run again: tests and benchmarks share the stages they have in common."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 "--nproc-per-node", str(nproc)] if nproc else [sys.executable])
-    print(f"\n== {title}\n$ {' '.join(['torchrun' if nproc else 'python', *args])}", flush=True)
+                 "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable])
+    command = ["torchrun" if nproc > 1 else "python", *args]
+    print(f"\n== {title}\n$ {' '.join(command)}", flush=True)
+    if stamp is not None and stamp.is_file():
+        done = json.loads(stamp.read_text())
+        if done["command"] == command:
+            print("   (done before, with this command)", flush=True)
+            return done["stdout"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True)
@@ -41,6 +53,9 @@ def _run(title: str, args: list[str], nproc: int = 0) -> str:
     for line in lines[-4:]:
         print(f"   {line}")
     print(f"   ({time.perf_counter() - start:.0f}s)", flush=True)
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"command": command, "stdout": proc.stdout}))
     return proc.stdout
 
 
@@ -53,59 +68,82 @@ def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"]}
 
 
+def _stages(work: Path, reuse: bool):
+    """``_run`` for the stages of ``work``, stamped there when ``reuse``."""
+    def run(title: str, args: list[str], nproc: int = 1) -> str:
+        stamp = work / ".stages" / (re.sub(r"[^A-Za-z0-9]+", "_", title).strip("_") + ".json")
+        return _run(title, args, nproc, stamp if reuse else None)
+
+    return run
+
+
+def task_and_models(work: Path, rule: str = "synthetic", shape: tuple[str, ...] = (),
+                    reuse: bool = False) -> tuple[Path, Path]:
+    """Stages 1-3b into ``work``: a built-in task (``rule``), a tiny random HF policy
+    (``shape``: tools/build_tiny_hf.py arguments), imported as a policy (``work/policy``) and
+    as a zero-head GVM (``work/gvm_init``); returns (task data, policy) directories."""
+    work.mkdir(parents=True, exist_ok=True)
+    run = _stages(work, reuse)
+    data, hf, policy = work / "synthetic", work / "hf_policy", work / "policy"
+    run("1. synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data), "--rule", rule])
+    run("2. tiny random HF policy", ["tools/build_tiny_hf.py", "--tokenizer",
+                                     str(data / "tokenizer.model"), "--out", str(hf), *shape])
+    run("3a. import the policy", ["tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out",
+                                  str(policy), "--overwrite"])
+    run("3b. import a GVM starting point", ["tools/convert_hf_to_megatron.py", "--hf", str(hf),
+                                            "--out", str(work / "gvm_init"), "--target", "gvm",
+                                            "--overwrite"])
+    return data, policy
+
+
 def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
                    rule: str = "synthetic", shape: tuple[str, ...] = (),
-                   gvm_overrides: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
-    """Stages 1-5 into ``work``: a built-in task (``rule``), an SFT policy (``shape``:
-    tools/build_tiny_hf.py arguments), preference pairs sampled from it and a GVM trained on
-    them; returns (task data, policy, GVM) directories."""
-    work.mkdir(parents=True, exist_ok=True)
-    data, hf, policy = work / "synthetic", work / "hf_policy", work / "policy"
-    _run("1. synthetic task", ["-m", "megatron_dvpo.data.synthetic", str(data), "--rule", rule])
-    _run("2. tiny random HF policy", ["tools/build_tiny_hf.py", "--tokenizer",
-                                      str(data / "tokenizer.model"), "--out", str(hf), *shape])
-    _run("3a. import the policy", ["tools/convert_hf_to_megatron.py", "--hf", str(hf), "--out",
-                                   str(policy), "--overwrite"])
-    _run("3b. import a GVM starting point", ["tools/convert_hf_to_megatron.py", "--hf", str(hf),
-                                             "--out", str(work / "gvm_init"), "--target", "gvm",
-                                             "--overwrite"])
+                   gvm_overrides: tuple[str, ...] = (), reuse: bool = False
+                   ) -> tuple[Path, Path, Path]:
+    """Stages 1-5 into ``work``: ``task_and_models``, an SFT policy, preference pairs sampled
+    from it and a GVM trained on them; returns (task data, policy, GVM) directories. With
+    ``reuse``, stages that already ran in ``work`` with the same commands are skipped."""
+    data, policy = task_and_models(work, rule, shape, reuse)
+    run = _stages(work, reuse)
     sft = work / "sft"
-    _run("3c. SFT warm start", [
+    run("3c. SFT warm start", [
         "-m", "megatron_dvpo.sft", "--config", "examples/sft_tiny.yaml",
         f"data.train_path={data}/train.jsonl", f"data.tokenizer={data}/tokenizer.model",
         f"checkpoint.init_from={policy}", f"logging.run_dir={sft}",
         f"checkpoint.save_dir={sft}/checkpoints", f"train_steps={sft_steps}"], nproc)
     policy = sft / "checkpoints" / f"iter_{sft_steps:07d}"
     for split, seed in (("train", 0), ("eval", 1)):
-        _run(f"4. sample the policy into preference pairs ({split})",
-             ["-m", "megatron_dvpo.sample", "--policy", str(policy), "--prompts",
-              str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
-              "--pairs", "--true-reward", f"{rule}:0", "--max-new-tokens", "12",
-              "--seed", str(seed)], nproc)
+        run(f"4. sample the policy into preference pairs ({split})",
+            ["-m", "megatron_dvpo.sample", "--policy", str(policy), "--prompts",
+             str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
+             "--pairs", "--true-reward", f"{rule}:0", "--max-new-tokens", "12",
+             "--seed", str(seed)], nproc)
     gvm = train_value_model(work, "gvm", "5. pretrain the GVM", gvm_steps,
-                            "gvm.eval_interval=100", *gvm_overrides)
+                            "gvm.eval_interval=100", *gvm_overrides, reuse=reuse)
     return data, policy, gvm
 
 
-def train_value_model(work: Path, name: str, title: str, steps: int, *overrides: str) -> Path:
+def train_value_model(work: Path, name: str, title: str, steps: int, *overrides: str,
+                      reuse: bool = False) -> Path:
     """A value model trained on the pairs sampled into ``work`` (stage 5: the GVM; with
     ``gvm.objective=bradley_terry``, a reward model), from ``work/gvm_init``, in
     ``work/<name>``; returns its final checkpoint."""
     run = work / name
-    _run(title, [
+    _stages(work, reuse)(title, [
         "-m", "megatron_dvpo.gvm.train", "--config", "examples/gvm_tiny.yaml",
         f"data.train_path={work}/pairs_train.jsonl", f"data.eval_path={work}/pairs_eval.jsonl",
         f"data.tokenizer={work}/synthetic/tokenizer.model",
         f"checkpoint.init_from={work}/gvm_init", f"logging.run_dir={run}",
         f"checkpoint.save_dir={run}/checkpoints", f"train_steps={steps}",
-        "logging.log_interval=50", "checkpoint.save_interval=0", *overrides], nproc=1)
+        "logging.log_interval=5", "checkpoint.save_interval=0", *overrides])
     return run / "checkpoints" / f"iter_{steps:07d}"
 
 
 def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
-                 dvpo_steps: int = 40) -> dict:
-    """All stages into ``work``; returns the headline numbers."""
-    data, policy, gvm_ckpt = policy_and_gvm(work, nproc, sft_steps, gvm_steps)
+                 dvpo_steps: int = 40, reuse: bool = False) -> dict:
+    """All stages into ``work``; returns the headline numbers. With ``reuse``, stages 1-5
+    that already ran in ``work`` with the same commands are skipped (``policy_and_gvm``)."""
+    data, policy, gvm_ckpt = policy_and_gvm(work, nproc, sft_steps, gvm_steps, reuse=reuse)
     gvm_dir = work / "gvm"
     dvpo_dir = work / "dvpo"
     _run("6. DVPO", [

@@ -1,27 +1,53 @@
-"""Shared test helpers: launching real multi-rank runs with torchrun on gloo."""
+"""Shared test helpers: launching real multi-rank runs, and the artifacts many tests share.
+
+The demo's stages 1-5 (``megatron_dvpo.demo.policy_and_gvm``: the synthetic task, a tiny random
+Llama imported as policy and zero-head GVM, the SFT policy, its preference pairs, the trained
+GVM) and a Bradley-Terry reward model on the same pairs are built once per test session, in one
+directory, through the user's command lines; fixtures hand out their paths. Tests write only
+to their own directories.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+NPROC = 2  # the demo's ranks for SFT and sampling
 
 
-def torchrun(args: list[str], nproc: int, timeout: int = 600, cwd: Path = REPO):
-    """Run ``torchrun --nproc-per-node nproc args``; fail the test with the output on error."""
+def launch(args: list[str], nproc: int, timeout: int = 600, cwd: Path = REPO):
+    """``args`` (a script or ``-m module`` and its arguments) under ``torchrun`` with ``nproc``
+    ranks, or as one plain process when ``nproc`` is 1 (torchrun's own start costs 1.4 s);
+    fail the test with the output on error."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--standalone", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--standalone"] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        pytest.fail(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n"
+        pytest.fail(f"launch {' '.join(args)} at {nproc} ranks failed ({proc.returncode}):\n"
                     f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def resumed_from(run: Path, into: Path, step: int) -> Path:
+    """A copy of ``run``'s step-``step`` checkpoint as the latest of ``into``'s save directory:
+    a run there resumes at that step as if it had stopped there: one launch fewer than a run
+    stopped by ``exit_interval`` (test_dpo.py and test_fault_tolerance.py stop real ones)."""
+    from megatron_dvpo.checkpointing import TRACKER, iteration_dir
+
+    saves = into / "checkpoints"
+    saves.mkdir(parents=True)
+    shutil.copytree(iteration_dir(run / "checkpoints", step), iteration_dir(saves, step))
+    (saves / TRACKER).write_text(f"{step}\n")
+    return saves
 
 
 @pytest.fixture
@@ -38,26 +64,79 @@ def single_rank():
     cpu_compat.uninstall()
 
 
-def tiny_policy_and_gvm(work: Path, train_rows: int = 8000, eval_rows: int = 400,
-                        shape: tuple[str, ...] = ()) -> Path:
-    """Synthetic data in ``work/synthetic``, a tiny random policy (``work/policy``; ``shape``:
-    tools/build_tiny_hf.py arguments) and a zero-head GVM from it (``work/gvm``), made with the
-    user-facing tools."""
-    from megatron_dvpo.data import synthetic
+@dataclass(frozen=True)
+class Task:
+    """The shared artifacts' paths (``megatron_dvpo.demo``'s layout)."""
 
-    synthetic.main([str(work / "synthetic"), "--train-rows", str(train_rows),
-                    "--eval-rows", str(eval_rows)])
-    return tiny_models(work, work / "synthetic" / "tokenizer.model", shape)
+    root: Path
+
+    @property
+    def data(self) -> Path:  # train.jsonl (8000 rows), eval.jsonl (400), tokenizer.model
+        return self.root / "synthetic"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.data / "tokenizer.model"
+
+    @property
+    def policy(self) -> Path:  # the random policy, imported
+        return self.root / "policy"
+
+    @property
+    def gvm_init(self) -> Path:  # the random policy's trunk with a zero value head
+        return self.root / "gvm_init"
+
+    @property
+    def sft(self) -> Path:  # after 100 SFT steps at 2 ranks
+        return self.root / "sft" / "checkpoints" / "iter_0000100"
+
+    @property
+    def gvm(self) -> Path:  # 300 steps of td_pairwise on the SFT policy's pairs
+        return self.root / "gvm" / "checkpoints" / "iter_0000300"
+
+    @property
+    def reward_model(self) -> Path:  # 300 steps of Bradley-Terry on the same pairs
+        return self.root / "reward_model" / "checkpoints" / "iter_0000300"
+
+    def linked(self, directory: Path) -> Path:
+        """``directory`` with the random models' layout (``synthetic/``, ``policy/`` and the
+        zero-head ``gvm/``) as links to the shared ones, for a test that writes beside them."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, target in (("synthetic", self.data), ("policy", self.policy),
+                             ("gvm", self.gvm_init)):
+            (directory / name).symlink_to(target, target_is_directory=True)
+        return directory
 
 
-def tiny_models(work: Path, tokenizer: Path, shape: tuple[str, ...] = ()) -> Path:
-    """A tiny random HF Llama around ``tokenizer`` (``work/hf``), imported as a policy
-    (``work/policy``) and as a zero-head GVM (``work/gvm``)."""
-    for args in (["tools/build_tiny_hf.py", "--tokenizer", str(tokenizer), "--out",
-                  f"{work}/hf", *shape],
-                 ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
-                  f"{work}/policy"],
-                 ["tools/convert_hf_to_megatron.py", "--hf", f"{work}/hf", "--out",
-                  f"{work}/gvm", "--target", "gvm"]):
-        subprocess.run([sys.executable, *args], cwd=REPO, check=True, capture_output=True)
-    return work
+def _task_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "tasks" / "synthetic"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> Task:
+    """Stages 1-3b only: the task's data and the random policy and zero-head GVM."""
+    from megatron_dvpo.demo import task_and_models
+
+    root = _task_root(tmp_path_factory)
+    task_and_models(root, reuse=True)
+    return Task(root)
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory) -> Task:
+    """The demo's stages 1-5, as ``make demo`` runs them."""
+    from megatron_dvpo.demo import policy_and_gvm
+
+    root = _task_root(tmp_path_factory)
+    policy_and_gvm(root, NPROC, reuse=True)
+    return Task(root)
+
+
+@pytest.fixture(scope="session")
+def reward_model(task) -> Task:
+    """PPO's and GRPO's reward model, trained as tools/bench_methods.py trains it."""
+    from megatron_dvpo.demo import REWARD_MODEL_STAGE, train_value_model
+
+    train_value_model(task.root, "reward_model", REWARD_MODEL_STAGE, 300,
+                      "gvm.objective=bradley_terry", reuse=True)
+    return task

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import NPROC, REPO
 
 
 def test_bench_convert_quick(tmp_path):
@@ -125,9 +125,16 @@ def test_bench_packing_quick(tmp_path):
     assert 0 <= result["grad_max_abs_diff"] <= 1e-6
 
 
-def test_bench_guided_quick(tmp_path):
+def reusing(task) -> list[str]:
+    """A benchmark's options that reuse the shared demo stages instead of making its own."""
+    return ["--task-dir", str(task.root.parent), "--nproc", str(NPROC), "--sft-steps", "100",
+            "--gvm-steps", "300"]
+
+
+def test_bench_guided_quick(task, tmp_path):
     """Plain, best-of-n and GVM-guided sampling on the same held-out prompts, end to end."""
-    methods = _quick(tmp_path, "bench_guided.py", "--workdir", str(tmp_path))["methods"]
+    methods = _quick(tmp_path, "bench_guided.py", "--workdir", str(tmp_path),
+                     *reusing(task))["methods"]
     assert set(methods) == {"plain", "best_of_2", "guided_beta_1"}
     for result in methods.values():
         assert result["prompts"] == 400 and -1 <= result["true_reward_mean"] <= 1
@@ -136,10 +143,13 @@ def test_bench_guided_quick(tmp_path):
         methods["plain"]["generated_tokens_per_prompt"]
 
 
-def test_bench_methods_quick(tmp_path):
-    """All four methods in both settings, measured model state, and the quality runs; without a
-    reference DVPO holds one model fewer than with one, and PPO a critic more than DVPO."""
-    result = _quick(tmp_path, "bench_methods.py", "--workdir", str(tmp_path))
+def test_bench_methods_quick(reward_model, tmp_path):
+    """All four methods in both settings, measured model state, and the quality runs (on the
+    shared demo stages and reward model); without a reference DVPO holds one model fewer than
+    with one, and PPO a critic more than DVPO."""
+    # 16 rows: DPO's 8 pairs split over micro-batches of 4 at 2 ranks
+    result = _quick(tmp_path, "bench_methods.py", "--workdir", str(tmp_path), "--batch", "16",
+                    *reusing(reward_model))
     for setting in ("with_reference", "without_reference"):
         row = result["cost"][setting]
         assert set(row) == {"dvpo", "ppo", "grpo", "dpo", "dvpo_over_ppo"}

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_models
-from conftest import REPO, torchrun
+from conftest import REPO, launch
 from megatron_dvpo.conversion.convert import export_hf, import_hf
 from megatron_dvpo.conversion.safetensors_io import CheckpointError
 
@@ -53,7 +53,7 @@ def test_logits_match_hf_at_tp1_tp2_pp2(hf_dirs, converted, tmp_path):
              f"{hf_dirs['mistral']}:{converted['mistral']}:tp1pp1,tp2pp1",
              f"{hf_dirs['qwen2']}:{converted['qwen2']}:tp1pp1,tp2pp1,tp1pp2"]
     out = tmp_path / "logits.json"
-    torchrun([str(REPO / "tests" / "distributed" / "hf_logits.py"), str(out), *specs], nproc=2)
+    launch([str(REPO / "tests" / "distributed" / "hf_logits.py"), str(out), *specs], nproc=2)
     diffs = json.loads(out.read_text())
     for kind in ("llama", "mistral", "qwen2"):
         for layout, diff in diffs[kind].items():

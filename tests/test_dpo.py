@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_policy_and_gvm, torchrun
+from conftest import launch
 from megatron_dvpo.demo import scalars
 from megatron_dvpo.rl.losses import dpo_loss
 
@@ -28,18 +28,13 @@ def test_dpo_loss_by_hand():
     assert stats["correct"] == 1
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_policy_and_gvm(tmp_path_factory.mktemp("dpo"), train_rows=2000, eval_rows=16)
-
-
 def dpo(models, run_dir, nproc=1, *extra):
-    torchrun(["-m", "megatron_dvpo.rl.dpo", "--config", "examples/sft_tiny.yaml",
-              f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-              f"data.tokenizer={models}/synthetic/tokenizer.model",
-              f"checkpoint.init_from={models}/policy", f"logging.run_dir={run_dir}",
-              f"checkpoint.save_dir={run_dir}/checkpoints", "data.global_batch_size=8",
-              "data.micro_batch_size=4", "logging.log_interval=1", *extra], nproc=nproc)
+    launch(["-m", "megatron_dvpo.rl.dpo", "--config", "examples/sft_tiny.yaml",
+            f"data.train_path={models.data}/train.jsonl", "data.eval_path=null",
+            f"data.tokenizer={models.data}/tokenizer.model",
+            f"checkpoint.init_from={models.policy}", f"logging.run_dir={run_dir}",
+            f"checkpoint.save_dir={run_dir}/checkpoints", "data.global_batch_size=8",
+            "data.micro_batch_size=4", "logging.log_interval=1", *extra], nproc=nproc)
     return scalars(run_dir / "tensorboard")
 
 

@@ -11,17 +11,13 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from megatron_dvpo.checkpointing import find_latest_checkpoint
+from megatron_dvpo.checkpointing import complete_checkpoints, find_latest_checkpoint
 from megatron_dvpo.demo import scalars
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    from megatron_dvpo.data import synthetic
-
-    out = tmp_path_factory.mktemp("synthetic")
-    synthetic.main([str(out)])
-    return out
+def synthetic(models):
+    return models.data
 
 
 def command(data: Path, run: Path, *overrides: str) -> list[str]:
@@ -44,12 +40,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return dict(scalars(run_dir / "tensorboard")["gvm/loss"])
 
 
-STEPS = ["train_steps=80", "checkpoint.save_interval=0"]
+STEPS = ["train_steps=30", "checkpoint.save_interval=0"]
 
 
 @pytest.fixture(scope="module")
 def unbroken(synthetic, tmp_path_factory):
-    """The losses of an 80-step run that nothing interrupts."""
+    """The losses of a 30-step run that nothing interrupts."""
     run_dir = tmp_path_factory.mktemp("unbroken")
     proc = run(command(synthetic, run_dir, *STEPS))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -72,22 +68,22 @@ def test_signal_saves_exits_and_resumes_exactly(synthetic, unbroken, tmp_path, s
     assert f"{signal.Signals(signum).name} received" in output
     stopped = find_latest_checkpoint(broken / "checkpoints")
     stopped_at = json.loads((stopped / "train_state.json").read_text())["step"]
-    assert 5 <= stopped_at < 80
+    assert 5 <= stopped_at < 30
     resumed = run(command(synthetic, broken, *steps))
     assert resumed.returncode == 0 and f"resumed from {stopped}" in resumed.stdout
     expected, got = unbroken, losses(broken)
-    for step in range(stopped_at + 1, 81):
+    for step in range(stopped_at + 1, 31):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
 def test_sigterm_to_the_launcher_waits_for_a_save_slower_than_30s(synthetic, tmp_path):
     """torchrun alone kills its workers about 30 s after a SIGTERM; through our launcher the
-    signal reaches the trainer, which finishes its step and saves (here in 40 s), and the job
+    signal reaches the trainer, which finishes its step and saves (here in 35 s), and the job
     exits 0 with the checkpoint complete."""
     launcher = [sys.executable, "-m", "megatron_dvpo.launch", "--standalone",
                 "--nproc-per-node", "1", str(REPO / "tests/distributed/slow_save.py")]
     args = command(synthetic, tmp_path, "train_steps=200", "checkpoint.save_interval=0")[3:]
-    proc = subprocess.Popen(launcher + args, cwd=REPO, env={**env(), "SLOW_SAVE_S": "40"},
+    proc = subprocess.Popen(launcher + args, cwd=REPO, env={**env(), "SLOW_SAVE_S": "35"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if line.startswith("step 3/"):
@@ -96,7 +92,7 @@ def test_sigterm_to_the_launcher_waits_for_a_save_slower_than_30s(synthetic, tmp
             break
     output = proc.stdout.read()
     assert proc.wait(timeout=300) == 0, output[-3000:]
-    assert time.monotonic() - signalled > 40
+    assert time.monotonic() - signalled > 35
     assert "saving slowly" in output and "SIGTERM received: saved step" in output, output[-3000:]
     latest = find_latest_checkpoint(tmp_path / "checkpoints")
     assert latest is not None and 3 <= json.loads((latest / "train_state.json").read_text())[
@@ -127,6 +123,9 @@ def test_kill_9_during_a_save_leaves_a_loadable_checkpoint(synthetic, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {latest}" in resumed.stdout
     assert find_latest_checkpoint(checkpoints).name == f"iter_{step + 3:07d}"
+    # keep_last=3: the older checkpoints were pruned
+    assert [p.name for p in complete_checkpoints(checkpoints)] == [
+        f"iter_{s:07d}" for s in range(step + 1, step + 4)]
 
 
 class NaNAtSteps:

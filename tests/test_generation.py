@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, torchrun
+from conftest import REPO, launch
 from megatron_dvpo.models.generation import SamplingConfig, left_pad, sample_tokens
 
 
@@ -15,8 +15,8 @@ def test_rollout_tp2_pp2_equal_tp1_and_match_fresh_forward(tmp_path):
     """Also with sequence parallelism (tp2pp1sp): decoding runs it off (one token per row),
     and the fresh forward pads each sequence to a multiple of TP."""
     out = tmp_path / "rollout.json"
-    torchrun([str(REPO / "tests/distributed/rollout_check.py"), str(out), str(tmp_path),
-              "tp2pp1", "tp1pp2", "tp2pp1sp"], nproc=2)
+    launch([str(REPO / "tests/distributed/rollout_check.py"), str(out), str(tmp_path),
+            "tp2pp1", "tp1pp2", "tp2pp1sp"], nproc=2)
     result = json.loads(out.read_text())
     assert result["tp1pp1"]["response_lengths"][0] < 12  # a row stopped at EOS
     for layout in ("tp2pp1", "tp1pp2", "tp2pp1sp"):

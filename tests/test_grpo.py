@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_policy_and_gvm, torchrun
+from conftest import launch
 from megatron_dvpo.config import ConfigError, load_config
 from megatron_dvpo.demo import scalars
 from megatron_dvpo.rl.advantages import group_advantages
@@ -69,23 +69,18 @@ def test_only_grpo_takes_a_text_scorer():
         load_config("examples/dvpo_tiny.yaml", ["ppo.scorer=synthetic:0"])
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_policy_and_gvm(tmp_path_factory.mktemp("grpo"), train_rows=400, eval_rows=16)
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_methods_run_at_dp2_with_a_reference(models, tmp_path, estimator):
     """4 prompts x 4 samples over 2 ranks (each rank's groups its own), KL to the reference."""
-    torchrun(["-m", "megatron_dvpo.rl.grpo", "--config", "examples/dvpo_tiny.yaml",
-              f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-              f"rl.policy={models}/policy", f"grpo.reward_model={models}/gvm",
-              f"grpo.estimator={estimator}", "rollout.n_samples=4",
-              f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null", "train_steps=2",
-              "data.global_batch_size=4", "data.micro_batch_size=2", "rl.kl_coef=0.05",
-              "logging.log_interval=1", "rl.eval_interval=0", "rl.true_reward=synthetic:0"],
-             nproc=2)
+    launch(["-m", "megatron_dvpo.rl.grpo", "--config", "examples/dvpo_tiny.yaml",
+            f"data.train_path={models.data}/train.jsonl", "data.eval_path=null",
+            f"rl.policy={models.policy}", f"grpo.reward_model={models.gvm_init}",
+            f"grpo.estimator={estimator}", "rollout.n_samples=4",
+            f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null", "train_steps=2",
+            "data.global_batch_size=4", "data.micro_batch_size=2", "rl.kl_coef=0.05",
+            "logging.log_interval=1", "rl.eval_interval=0", "rl.true_reward=synthetic:0"],
+           nproc=2)
     logs = scalars(tmp_path / "tensorboard")
     for tag in ("policy/loss", "rollout/kl_ref", "rollout/true_reward_mean", "policy/approx_kl"):
         assert len(logs[tag]) == 2 and all(math.isfinite(v) for _, v in logs[tag]), tag
@@ -96,13 +91,13 @@ def test_group_methods_run_at_dp2_with_a_reference(models, tmp_path, estimator):
 def test_a_text_scorer_is_the_group_reward(models, tmp_path):
     """grpo.scorer=synthetic:0 (the task's own rule, as a user's verifier would be): every
     response's reward is its true reward, so their logged means are equal, at DP=2."""
-    torchrun(["-m", "megatron_dvpo.rl.grpo", "--config", "examples/dvpo_tiny.yaml",
-              f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-              f"rl.policy={models}/policy", "grpo.scorer=synthetic:0", "grpo.estimator=rloo",
-              "rollout.n_samples=4", f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null",
-              "train_steps=2", "data.global_batch_size=4", "data.micro_batch_size=2",
-              "rl.kl_coef=0", "logging.log_interval=1", "rl.eval_interval=0",
-              "rl.true_reward=synthetic:0"], nproc=2)
+    launch(["-m", "megatron_dvpo.rl.grpo", "--config", "examples/dvpo_tiny.yaml",
+            f"data.train_path={models.data}/train.jsonl", "data.eval_path=null",
+            f"rl.policy={models.policy}", "grpo.scorer=synthetic:0", "grpo.estimator=rloo",
+            "rollout.n_samples=4", f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null",
+            "train_steps=2", "data.global_batch_size=4", "data.micro_batch_size=2",
+            "rl.kl_coef=0", "logging.log_interval=1", "rl.eval_interval=0",
+            "rl.true_reward=synthetic:0"], nproc=2)
     logs = scalars(tmp_path / "tensorboard")
     rewards, true = logs["rollout/gvm_final_value_mean"], logs["rollout/true_reward_mean"]
     assert len(rewards) == 2 and [s for s, _ in rewards] == [s for s, _ in true]

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_policy_and_gvm
+from conftest import REPO
 from megatron_dvpo.config import ConfigError, load_config
 from megatron_dvpo.demo import scalars
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(models, tmp_path_factory):
     """Synthetic data, a tiny policy and GVM, and a GVM save directory with two iterations."""
-    work = tiny_policy_and_gvm(tmp_path_factory.mktemp("inputs"), train_rows=400, eval_rows=40)
+    work = models.linked(tmp_path_factory.mktemp("inputs"))
     proc = cli("megatron_dvpo.gvm.train", gvm_args(work, work / "gvm_run", "train_steps=4",
                                                    "checkpoint.save_interval=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import REPO, torchrun
+from conftest import REPO, launch
 from megatron_dvpo.config import ConfigError, load_config, validate
 
 VARIANTS = ["selective", "full_uniform", "full_block", "overlap", "full_uniform+overlap"]
@@ -16,8 +16,8 @@ VARIANTS = ["selective", "full_uniform", "full_block", "overlap", "full_uniform+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("knobs") / "result.json"
-    torchrun([str(REPO / "tests" / "distributed" / "memory_knobs.py"), str(out), *VARIANTS],
-             nproc=2)
+    launch([str(REPO / "tests" / "distributed" / "memory_knobs.py"), str(out), *VARIANTS],
+           nproc=2)
     return json.loads(out.read_text())
 
 
@@ -49,8 +49,8 @@ def test_the_knobs_are_really_on(result, model):
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory):
     work = tmp_path_factory.mktemp("gather")
-    torchrun([str(REPO / "tests" / "distributed" / "param_gather.py"), str(work / "out.json"),
-              str(work / "checkpoints")], nproc=2)
+    launch([str(REPO / "tests" / "distributed" / "param_gather.py"), str(work / "out.json"),
+            str(work / "checkpoints")], nproc=2)
     return json.loads((work / "out.json").read_text())
 
 

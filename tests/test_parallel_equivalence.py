@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import REPO, torchrun
+from conftest import REPO, launch
 
 pytestmark = pytest.mark.compat  # also run against the newest megatron-core (make test-compat)
 
@@ -24,7 +24,7 @@ OUTPUTS_PER_RUN = 4 * 11  # 4 sequences x 11 next-token log-probs: proves the co
 def _run(tmp_path_factory, nproc, layouts):
     work = tmp_path_factory.mktemp(f"equivalence{nproc}")
     out = work / "result.json"
-    torchrun([SCRIPT, str(out), str(work), *layouts], nproc=nproc)
+    launch([SCRIPT, str(out), str(work), *layouts], nproc=nproc)
     return json.loads(out.read_text())
 
 

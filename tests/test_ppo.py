@@ -7,32 +7,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_policy_and_gvm, torchrun
+from conftest import REPO, launch, resumed_from
 from megatron_dvpo.demo import scalars
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return tiny_policy_and_gvm(tmp_path_factory.mktemp("ppo"))
-
-
-@pytest.fixture(scope="module")
-def reward_model(models, tmp_path_factory):
-    """Bradley-Terry through the GVM trainer: 200 steps of 32 pairs, seed 1234; returns its save
-    directory and logs."""
-    data, run = models / "synthetic", tmp_path_factory.mktemp("rm")
-    torchrun(["-m", "megatron_dvpo.gvm.train", "--config", "examples/gvm_tiny.yaml",
-              f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
-              f"data.tokenizer={data}/tokenizer.model", f"logging.run_dir={run}",
-              f"checkpoint.save_dir={run}/checkpoints", "checkpoint.init_from=null",
-              "gvm.objective=bradley_terry", "train_steps=200", "data.global_batch_size=32",
-              "gvm.eval_interval=0", "logging.log_interval=20"], nproc=1)
-    return run / "checkpoints", scalars(run / "tensorboard")
-
-
 def test_reward_model_reaches_high_pairwise_accuracy(reward_model):
-    """>= 90% held-out pairwise accuracy."""
-    _, logs = reward_model
+    """Bradley-Terry through the GVM trainer, 300 steps on the SFT policy's pairs (the shared
+    reward model): >= 90% held-out pairwise accuracy, and the loss at least halves."""
+    logs = scalars(reward_model.reward_model.parent.parent / "tensorboard")
     assert logs["gvm/pair_acc_last"][-1][1] >= 0.90, logs["gvm/pair_acc_last"]
     losses = [v for _, v in logs["rm/loss"]]
     assert losses[-1] < 0.5 * losses[0]
@@ -42,38 +24,40 @@ def test_reward_model_reaches_high_pairwise_accuracy(reward_model):
 @pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2",
                                     "parallel.pipeline_model_parallel_size=2"])
 def test_ppo_steps_at_tp2_and_pp2(models, tmp_path, layout):
-    torchrun(["-m", "megatron_dvpo.rl.ppo", "--config", "examples/dvpo_tiny.yaml",
-              f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-              f"rl.policy={models}/policy", f"ppo.reward_model={models}/gvm",
-              f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null", "train_steps=2",
-              "data.global_batch_size=16", "data.micro_batch_size=4", "rl.kl_coef=0.05",
-              "logging.log_interval=1", "rl.eval_interval=0", layout], nproc=2)
+    launch(["-m", "megatron_dvpo.rl.ppo", "--config", "examples/dvpo_tiny.yaml",
+            f"data.train_path={models.data}/train.jsonl", "data.eval_path=null",
+            f"rl.policy={models.policy}", f"ppo.reward_model={models.gvm_init}",
+            f"logging.run_dir={tmp_path}", "checkpoint.save_dir=null", "train_steps=2",
+            "data.global_batch_size=16", "data.micro_batch_size=4", "rl.kl_coef=0.05",
+            "logging.log_interval=1", "rl.eval_interval=0", layout], nproc=2)
     logs = scalars(tmp_path / "tensorboard")
     for tag in ("policy/loss", "critic/loss", "rollout/kl_ref", "perf/score_time_s"):
         assert len(logs[tag]) == 2 and all(math.isfinite(v) for _, v in logs[tag]), tag
 
 
-def test_ppo_resumes_exactly_with_its_critic(models, reward_model, tmp_path):
-    """Stop at step 3, resume: steps 4-6 equal an unbroken run (policy and critic), because the
-    critic's weights, optimizer and schedule are checkpointed with the policy."""
+def test_ppo_resumes_exactly_with_its_critic(reward_model, tmp_path):
+    """Resumed from an unbroken run's step-3 checkpoint, steps 4-6 equal that run's (policy and
+    critic), because the critic's weights, optimizer and schedule are checkpointed with the
+    policy."""
     def run(name, *extra):
         run_dir = tmp_path / name
-        torchrun(["-m", "megatron_dvpo.rl.ppo", "--config", "examples/dvpo_tiny.yaml",
-                  f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-                  f"rl.policy={models}/policy", f"ppo.reward_model={reward_model[0]}",
-                  f"logging.run_dir={run_dir}", f"checkpoint.save_dir={run_dir}/checkpoints",
-                  "train_steps=6", "checkpoint.save_interval=3", "data.global_batch_size=16",
-                  "data.micro_batch_size=4", "rl.kl_coef=0.05", "logging.log_interval=1",
-                  "rl.eval_interval=0", *extra], nproc=1)
+        launch(["-m", "megatron_dvpo.rl.ppo", "--config", "examples/dvpo_tiny.yaml",
+                f"data.train_path={reward_model.data}/train.jsonl", "data.eval_path=null",
+                f"rl.policy={reward_model.policy}",
+                f"ppo.reward_model={reward_model.reward_model}",
+                f"logging.run_dir={run_dir}", f"checkpoint.save_dir={run_dir}/checkpoints",
+                "train_steps=6", "checkpoint.save_interval=3", "data.global_batch_size=16",
+                "data.micro_batch_size=4", "rl.kl_coef=0.05", "logging.log_interval=1",
+                "rl.eval_interval=0", *extra], nproc=1)
         return run_dir, scalars(run_dir / "tensorboard")
 
-    _, unbroken = run("unbroken")
-    broken, _ = run("broken", "exit_interval=3")
-    assert (broken / "checkpoints/iter_0000003/critic/metadata.json").is_file()
-    _, resumed = run("broken")
+    unbroken_dir, unbroken = run("unbroken")
+    assert (unbroken_dir / "checkpoints/iter_0000003/critic/metadata.json").is_file()
+    resumed_from(unbroken_dir, tmp_path / "resumed", 3)
+    _, resumed = run("resumed")
     for tag in ("policy/loss", "critic/loss", "rollout/beta", "policy/approx_kl"):
         expected, got = dict(unbroken[tag]), dict(resumed[tag])
-        assert sorted(got) == list(range(1, 7)), tag
+        assert sorted(got) == [4, 5, 6], tag
         for step in (4, 5, 6):
             assert got[step] == pytest.approx(expected[step], abs=1e-6), (tag, step)
     assert any(abs(v) > 1e-4 for _, v in unbroken["critic/loss"])  # the critic does learn

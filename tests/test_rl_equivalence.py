@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import REPO, tiny_policy_and_gvm, torchrun
+from conftest import REPO, launch
 
 SCRIPT = str(REPO / "tests" / "distributed" / "rl_equivalence.py")
 PER_TOKEN_TOL = 1e-6  # advantages and losses
@@ -14,12 +14,11 @@ WEIGHT_TOL = 1e-5  # gradients and weights after one Adam step (fp32 summation o
 
 
 @pytest.fixture(scope="module")
-def diffs(tmp_path_factory):
-    work = tiny_policy_and_gvm(tmp_path_factory.mktemp("rl_equivalence"), train_rows=400,
-                               eval_rows=8)
+def diffs(models, tmp_path_factory):
+    work = models.linked(tmp_path_factory.mktemp("rl_equivalence"))
     for layout, nproc in (("dp2pp1", 2), ("dp1pp2", 2), ("dp2pp1tok", 2), ("dp1pp2tok", 2),
                           ("dp1pp1", 1), ("compare", 1)):
-        torchrun([SCRIPT, str(work), layout], nproc=nproc)
+        launch([SCRIPT, str(work), layout], nproc=nproc)
     return json.loads((work / "diffs.json").read_text())
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_policy_and_gvm, torchrun
+from conftest import REPO, launch
 from megatron_dvpo.config import ConfigError
 from megatron_dvpo.rl.rewards import load_scorer
 
@@ -36,8 +36,8 @@ def test_scorer_specs(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tiny_policy_and_gvm(tmp_path_factory.mktemp("sample"), train_rows=200, eval_rows=10)
+def work(models, tmp_path_factory):
+    return models.linked(tmp_path_factory.mktemp("sample"))
 
 
 def sample(work, out, *args):
@@ -84,16 +84,16 @@ def test_a_bad_scorer_fails_at_start_up(work, tmp_path):
 
 
 @pytest.mark.multirank
-def test_samples_per_prompt_and_gvm_guidance_under_torchrun(work, tmp_path):
+def test_samples_per_prompt_and_gvm_guidance_under_launch(work, tmp_path):
     """torchrun's own parser takes every option it can: ``--samples-per-prompt`` (not the
     ambiguous ``--n``) reaches the sampler; ``--guide-gvm`` steers it, and refuses a policy."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in ["apple", "sun tree"]))
     out = tmp_path / "guided.jsonl"
-    torchrun(["-m", "megatron_dvpo.sample", "--policy", f"{work}/policy", "--prompts",
-              str(prompts), "--out", str(out), "--max-new-tokens", "4",
-              "--samples-per-prompt", "2", "--guide-gvm", f"{work}/gvm", "--guide-beta", "2",
-              "--guide-top-k", "3"], nproc=1)
+    launch(["-m", "megatron_dvpo.sample", "--policy", f"{work}/policy", "--prompts",
+            str(prompts), "--out", str(out), "--max-new-tokens", "4",
+            "--samples-per-prompt", "2", "--guide-gvm", f"{work}/gvm", "--guide-beta", "2",
+            "--guide-top-k", "3"], nproc=1)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["sample"]) for r in rows] == [("apple", 0), ("apple", 1),
                                                           ("sun tree", 0), ("sun tree", 1)]

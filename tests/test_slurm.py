@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
-from conftest import REPO, tiny_policy_and_gvm
+from conftest import REPO
 
 reason = slurm_cluster.available()
 pytestmark = pytest.mark.skipif(reason is not None, reason=reason or "")
@@ -25,8 +25,8 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_policy_and_gvm(tmp_path_factory.mktemp("inputs"), 2000, 50)
+def inputs(models, tmp_path_factory):
+    return models.linked(tmp_path_factory.mktemp("inputs"))
 
 
 def gvm_args(inputs: Path, run: Path, steps: int) -> list[str]:

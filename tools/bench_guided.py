@@ -2,6 +2,7 @@
 """GVM-guided decoding against best-of-n sampling scored by the same GVM, on held-out prompts.
 
     python tools/bench_guided.py --out bench_guided.json [--quick] [--n 4] [--betas 1,4]
+        [--task-dir DIR]
 
 The demo's stages 1-5 make a policy (SFT on the synthetic task) and a GVM trained on pairs
 sampled from it. Then, on the task's held-out prompts, each decoding method samples through
@@ -13,6 +14,9 @@ sampled from it. Then, on the task's held-out prompts, each decoding method samp
 
 For each: the true reward of the kept responses, the tokens generated per prompt, and the
 true reward's gain over ``plain`` per generated token (best-of-n pays n samples).
+
+``--task-dir DIR`` keeps the stages 1-5 in ``DIR/synthetic`` and reuses those already run there
+with the same commands (the test suite's shared artifacts, or a previous run's).
 """
 
 from __future__ import annotations
@@ -87,16 +91,21 @@ def main(argv=None) -> None:
     parser.add_argument("--sft-steps", type=int, default=100)
     parser.add_argument("--gvm-steps", type=int, default=300)
     parser.add_argument("--nproc", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="tiny budgets (tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny budgets (tests); options given explicitly still win")
+    parser.add_argument("--task-dir", default=None, help="stages 1-5 kept and reused here")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
     if args.quick:
-        args.sft_steps, args.gvm_steps, args.n, args.betas = 4, 4, 2, "1"
+        parser.set_defaults(sft_steps=4, gvm_steps=4, n=2, betas="1")
+        args = parser.parse_args(argv)
     from megatron_dvpo.data.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        data, policy, gvm = policy_and_gvm(work, args.nproc, args.sft_steps, args.gvm_steps)
+        task = Path(args.task_dir) / "synthetic" if args.task_dir else work
+        data, policy, gvm = policy_and_gvm(task, args.nproc, args.sft_steps, args.gvm_steps,
+                                           reuse=args.task_dir is not None)
         tokenizer = load_tokenizer(str(data / "tokenizer.model"))
         methods = {}
         plain = sample(work, "plain", data, policy, args)

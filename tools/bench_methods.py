@@ -2,7 +2,7 @@
 """DVPO against PPO, GRPO and DPO in the same code, matched: cost and quality in one run.
 
     python tools/bench_methods.py --out bench_methods.json [--quick] [--nproc 1]
-        [--tasks synthetic,bigram] [--skip-cost] [--skip-quality]
+        [--tasks synthetic,bigram] [--skip-cost] [--skip-quality] [--task-dir DIR]
 
 **Cost.** One random policy of ``--layers`` x ``--hidden`` (~54M parameters by default) is
 converted into every model the methods need (policy, reference, GVM, reward model, critic:
@@ -20,6 +20,9 @@ and a Bradley-Terry reward model are trained once on those pairs, for the same s
 GVM), PPO and GRPO (n=4; the reward model) then run ``--rl-steps`` steps of the same rollout
 rows (so about the same generated tokens), and DPO as many updates of as many rows on the
 pairs; each reports the held-out true reward (the task's hidden rule) before and after.
+``--task-dir DIR`` keeps each task's stages (and its reward model) in ``DIR/<task>`` and reuses
+those already run there with the same commands (the test suite's shared artifacts, or a
+previous run's).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_dvpo_vs_ppo import build_models, run_method  # noqa: E402
-from megatron_dvpo.demo import _run, policy_and_gvm, scalars, train_value_model  # noqa: E402
+from megatron_dvpo.demo import (REWARD_MODEL_STAGE, _run, policy_and_gvm, scalars,  # noqa: E402
+                                train_value_model)
 
 GROUP = 4  # GRPO's samples per prompt
 # The policy of each task for the quality runs: a word-pair rule needs more than the demo's
@@ -109,12 +113,15 @@ def cost(work: Path, args) -> dict:
 
 
 def quality(work: Path, rule: str, args) -> dict:
-    data, policy, gvm = policy_and_gvm(work, args.nproc, args.sft_steps, args.gvm_steps, rule,
-                                       TASK_SHAPES[rule])
-    pairs, tokenizer = work / "pairs_train.jsonl", data / "tokenizer.model"
-    reward_model = train_value_model(work, "reward_model", "reward model on the same pairs",
-                                     args.gvm_steps, "gvm.objective=bradley_terry")
-    accuracy = {name: scalars(work / name / "tensorboard")["gvm/pair_acc_last"][-1][1]
+    work.mkdir(parents=True, exist_ok=True)
+    reuse = args.task_dir is not None
+    task = Path(args.task_dir) / rule if reuse else work
+    data, policy, gvm = policy_and_gvm(task, args.nproc, args.sft_steps, args.gvm_steps, rule,
+                                       TASK_SHAPES[rule], reuse=reuse)
+    pairs, tokenizer = task / "pairs_train.jsonl", data / "tokenizer.model"
+    reward_model = train_value_model(task, "reward_model", REWARD_MODEL_STAGE, args.gvm_steps,
+                                     "gvm.objective=bradley_terry", reuse=reuse)
+    accuracy = {name: scalars(task / name / "tensorboard")["gvm/pair_acc_last"][-1][1]
                 for name in ("gvm", "reward_model")}
     result = {"held_out_pair_accuracy": accuracy}
     for name, (module, extra) in rl_methods(gvm, reward_model, args.rl_batch).items():
@@ -169,13 +176,17 @@ def main(argv=None) -> None:
     parser.add_argument("--gvm-steps", type=int, default=300)
     parser.add_argument("--rl-steps", type=int, default=30)
     parser.add_argument("--rl-batch", type=int, default=64, help="rollout rows per step")
+    parser.add_argument("--task-dir", default=None,
+                        help="each task's stages 1-5 and reward model kept and reused here")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.layers, args.hidden, args.heads, args.ffn, args.vocab = 2, 64, 4, 128, 256
-        args.cost_steps, args.batch, args.micro_batch, args.max_new_tokens = 2, 8, 4, 8
-        args.sft_steps, args.gvm_steps, args.rl_steps, args.tasks = 4, 4, 2, "synthetic"
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}}
+    if args.quick:  # tiny sizes and budgets; options given explicitly still win
+        parser.set_defaults(layers=2, hidden=64, heads=4, ffn=128, vocab=256, cost_steps=2,
+                            batch=8, micro_batch=4, max_new_tokens=8, sft_steps=4, gvm_steps=4,
+                            rl_steps=2, tasks="synthetic")
+        args = parser.parse_args(argv)
+    report = {"config": {k: v for k, v in vars(args).items()
+                         if k not in ("out", "workdir", "task_dir")}}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if not args.skip_cost:
             report["cost"] = cost(Path(tmp) / "cost", args)

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import REPO, tiny_policy_and_gvm, torchrun
+from conftest import REPO, launch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,8 +29,12 @@ FP8 = ["precision.params_dtype=bf16", "precision.fp8=hybrid"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return tiny_policy_and_gvm(tmp_path_factory.mktemp("fp8"), train_rows=4000, eval_rows=100,
-                               shape=SHAPE)
+    """The task's data and a 4 x 256 bf16 policy, also as a zero-head GVM (``gvm_init``)."""
+    from megatron_dvpo.demo import task_and_models
+
+    work = tmp_path_factory.mktemp("fp8")
+    task_and_models(work, shape=SHAPE)
+    return work
 
 
 def require(overrides: list[str], work) -> None:
@@ -49,12 +53,12 @@ def sft_losses(work, name: str, overrides: list[str]) -> list[float]:
     from megatron_dvpo.demo import scalars
 
     run = work / name
-    torchrun(["-m", "megatron_dvpo.sft", "--config", "examples/sft_tiny.yaml",
-              f"data.train_path={work}/synthetic/train.jsonl",
-              f"data.tokenizer={work}/synthetic/tokenizer.model",
-              f"checkpoint.init_from={work}/policy", "checkpoint.save_dir=null",
-              f"logging.run_dir={run}", "logging.log_interval=1", f"train_steps={STEPS}",
-              "data.seq_length=64", "optimizer.lr=1e-3", *overrides], nproc=1)
+    launch(["-m", "megatron_dvpo.sft", "--config", "examples/sft_tiny.yaml",
+            f"data.train_path={work}/synthetic/train.jsonl",
+            f"data.tokenizer={work}/synthetic/tokenizer.model",
+            f"checkpoint.init_from={work}/policy", "checkpoint.save_dir=null",
+            f"logging.run_dir={run}", "logging.log_interval=1", f"train_steps={STEPS}",
+            "data.seq_length=64", "optimizer.lr=1e-3", *overrides], nproc=1)
     return [value for _, value in scalars(run / "tensorboard")["sft/loss"]]
 
 
@@ -92,7 +96,7 @@ def test_fp8_dvpo_keeps_the_gvm_bf16_and_frozen(models, tmp_path, single_rank):
     overrides = FP8 + ["precision.fp8_recipe=tensorwise"]
     require(overrides, models)
     cfg = load_config(REPO / "examples/dvpo_tiny.yaml", [
-        f"rl.policy={models}/policy", f"dvpo.gvm={models}/gvm", "rl.kl_coef=0.1",
+        f"rl.policy={models}/policy", f"dvpo.gvm={models}/gvm_init", "rl.kl_coef=0.1",
         f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
         "rl.true_reward=null", "rl.eval_interval=0", f"logging.run_dir={tmp_path}",
         "logging.log_interval=1", "checkpoint.save_dir=null", "train_steps=3",
