@@ -26,8 +26,13 @@ $(VENV)/.installed: pyproject.toml
 demo: .venv
 	$(BIN)/python -m megatron_dvpo.demo --nproc $(NPROC)
 
+# Two workers: most launches run one process on one thread (OMP_NUM_THREADS=1, also for the
+# workers' own tensors), so the two cores stay busy; tests/conftest.py keeps the tests that share
+# a module's fixtures on one worker.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: .venv
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 $(COMPAT)/.installed: $(VENV)/.installed
 	rm -rf $(COMPAT) && mkdir -p $(COMPAT)/wheels
@@ -40,7 +45,7 @@ $(COMPAT)/.installed: $(VENV)/.installed
 
 test-compat: $(COMPAT)/.installed
 	MEGATRON_DVPO_EXPECT_MCORE=$(MCORE_NEWEST) PYTHONPATH=$(COMPAT)/site \
-	    $(BIN)/python -m pytest -q -m compat tests
+	    $(PYTEST) -m compat tests
 
 # GPU targets run in the environment they are called from (an NGC container: its CUDA torch,
 # Transformer Engine and megatron-core), after `pip install -e .` there; they build no venv.

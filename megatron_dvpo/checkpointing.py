@@ -14,6 +14,7 @@ directory if the tracker is missing or stale.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_dvpo.config import ConfigError
 from megatron_dvpo.mcore_compat import (EXTRA_STATE, StrictHandling, adam_step,
@@ -132,6 +134,27 @@ def _load_state(chunk: torch.nn.Module, state: dict, skip: tuple[str, ...] = ())
 def save_model(chunks: list[torch.nn.Module], directory: str | Path,
                overwrite: bool = False) -> Path:
     return save_sharded({"": model_sharded_state_dict(chunks)}, directory, overwrite=overwrite)
+
+
+def read_model(chunks: list[torch.nn.Module], directory: str | Path,
+               dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's shards of the checkpoint's weights as ``dtype`` tensors, keyed as
+    ``model_sharded_state_dict`` keys them; the chunks themselves are untouched. Entries the
+    checkpoint lacks are absent."""
+    def as_dtype(value):
+        if not isinstance(value, (ShardedTensor, ShardedTensorFactory)) \
+                or not value.data.is_floating_point():
+            return value
+        data = torch.empty_like(value.data, dtype=dtype)
+        extra = {"dtype": dtype} if isinstance(value, ShardedTensor) else {}
+        return dataclasses.replace(value, data=data, **extra)
+
+    requested = {part: {name: as_dtype(v) for name, v in state.items()}
+                 for part, state in model_sharded_state_dict(chunks).items()}
+    loaded = load_sharded(requested, directory)
+    return {part: {name: t for name, t in state.items()
+                   if isinstance(t, torch.Tensor) and not name.endswith(EXTRA_STATE)}
+            for part, state in loaded.items()}
 
 
 def load_model(chunks: list[torch.nn.Module], directory: str | Path,

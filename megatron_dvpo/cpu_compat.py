@@ -47,6 +47,8 @@ _REDIRECTED_MODULES = {
     "megatron.core.distributed.distributed_data_parallel": "Stream, synchronize",
     # MixedPrecisionOptimizer/FP32Optimizer: found_inf, _scale on device='cuda'; empty_cache()
     "megatron.core.optimizer.optimizer": "device='cuda', empty_cache",
+    # fp16's loss scalers: scale, growth and backoff tensors on device='cuda'
+    "megatron.core.optimizer.grad_scaler": "device='cuda'",
     # DistributedOptimizer: shard buffers on torch.cuda.current_device()
     "megatron.core.optimizer.distrib_optimizer": "current_device",
     # get_grad_norm_fp32 / clip_grad_by_total_norm_fp32: device='cuda' scratch tensors

@@ -14,10 +14,32 @@ import torch
 GIB = 2 ** 30
 
 
-def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+def _storage_ptr(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage; 0 for a tensor that owns none."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors with storage that hold ``t``'s bytes: ``t`` itself, or the inner tensors of
+    a wrapper subclass that owns no storage (Transformer Engine's FP8 parameters: one byte per
+    element plus scales), by torch's ``__tensor_flatten__`` protocol or else their tensor
+    attributes. Such a wrapper's own ``element_size`` is its nominal dtype's, not its data's."""
+    if _storage_ptr(t) or t.numel() == 0:
+        return [t]
+    flatten = getattr(t, "__tensor_flatten__", None)
+    names = (flatten()[0] if flatten is not None
+             else [n for n, v in vars(t).items() if isinstance(v, torch.Tensor)])
+    return [p for name in names for p in _plain_parts(getattr(t, name))]
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes held by ``tensors``, each storage region counted once."""
     seen, total = set(), 0
-    for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+    for t in (p for tensor in tensors for p in _plain_parts(tensor)):
+        key = (_storage_ptr(t), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
@@ -25,7 +47,7 @@ def _bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def parameter_bytes(chunks: list[torch.nn.Module]) -> int:
-    return _bytes(p for chunk in chunks for p in chunk.parameters())
+    return tensor_bytes(p for chunk in chunks for p in chunk.parameters())
 
 
 def _optimizers(optimizer) -> list:
@@ -36,18 +58,20 @@ def trained_bytes(model) -> dict[str, int]:
     """A ``TrainedModel``'s parameters, megatron DDP's gradient buffers, and the optimizer's
     state (Adam moments) and fp32 main copies of lower-precision parameters."""
     params = parameter_bytes(model.chunks)
-    grads = _bytes(buffer.grad_data for chunk in model.ddp
-                   for buffer in getattr(chunk, "buffers", []) + getattr(
-                       chunk, "expert_parallel_buffers", []))
-    model_ptrs = {p.untyped_storage().data_ptr() for c in model.chunks for p in c.parameters()}
+    grads = tensor_bytes(buffer.grad_data for chunk in model.ddp
+                         for buffer in getattr(chunk, "buffers", []) + getattr(
+                             chunk, "expert_parallel_buffers", []))
+    model_ptrs = {_storage_ptr(part) for c in model.chunks for p in c.parameters()
+                  for part in _plain_parts(p)}
     state, main = [], []
     for opt in _optimizers(model.optimizer):
         inner = getattr(opt, "optimizer", opt)
         state += [t for s in inner.state.values() for t in s.values()
                   if isinstance(t, torch.Tensor)]
         main += [p for group in inner.param_groups for p in group["params"]
-                 if p.untyped_storage().data_ptr() not in model_ptrs]
-    return {"params": params, "grads": grads, "optimizer": _bytes(state) + _bytes(main)}
+                 if _storage_ptr(p) not in model_ptrs]
+    return {"params": params, "grads": grads,
+            "optimizer": tensor_bytes(state) + tensor_bytes(main)}
 
 
 def model_state_metrics(trained: dict, frozen: dict[str, list[torch.nn.Module]]

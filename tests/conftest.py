@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,8 +109,20 @@ class Task:
         return directory
 
 
-def _task_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "tasks" / "synthetic"
+@contextmanager
+def _shared_task(tmp_path_factory):
+    """The shared artifacts' root, locked: with pytest-xdist the workers share one root (the
+    session's base directory above theirs), and the first to need a stage builds it while the
+    others wait; the stages' stamps make every later call a no-op."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    root = base / "tasks" / "synthetic"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.parent / "synthetic.lock")):
+        yield root
 
 
 @pytest.fixture(scope="session")
@@ -117,8 +130,8 @@ def models(tmp_path_factory) -> Task:
     """Stages 1-3b only: the task's data and the random policy and zero-head GVM."""
     from megatron_dvpo.demo import task_and_models
 
-    root = _task_root(tmp_path_factory)
-    task_and_models(root, reuse=True)
+    with _shared_task(tmp_path_factory) as root:
+        task_and_models(root, reuse=True)
     return Task(root)
 
 
@@ -127,16 +140,30 @@ def task(tmp_path_factory) -> Task:
     """The demo's stages 1-5, as ``make demo`` runs them."""
     from megatron_dvpo.demo import policy_and_gvm
 
-    root = _task_root(tmp_path_factory)
-    policy_and_gvm(root, NPROC, reuse=True)
+    with _shared_task(tmp_path_factory) as root:
+        policy_and_gvm(root, NPROC, reuse=True)
     return Task(root)
 
 
 @pytest.fixture(scope="session")
-def reward_model(task) -> Task:
+def reward_model(task, tmp_path_factory) -> Task:
     """PPO's and GRPO's reward model, trained as tools/bench_methods.py trains it."""
     from megatron_dvpo.demo import REWARD_MODEL_STAGE, train_value_model
 
-    train_value_model(task.root, "reward_model", REWARD_MODEL_STAGE, 300,
-                      "gvm.objective=bradley_terry", reuse=True)
+    with _shared_task(tmp_path_factory) as root:
+        train_value_model(root, "reward_model", REWARD_MODEL_STAGE, 300,
+                          "gvm.objective=bradley_terry", reuse=True)
     return task
+
+
+# Modules whose tests share module-scoped fixtures (a launch, a built model): with pytest-xdist
+# each runs on one worker (``--dist loadgroup``), so that no fixture is built twice. Tests of
+# other modules are spread one by one.
+SPREAD_MODULES = {"test_benchmarks.py", "test_input_errors.py", "test_bf16.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        if module not in SPREAD_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))

@@ -52,21 +52,46 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
 
 
 def test_gpu_smoke_dry_run_runs_every_phase(tmp_path):
-    """The one-shot GPU smoke script, on tiny shapes on this CPU, so that it cannot rot."""
+    """The one-shot GPU smoke script, on tiny shapes in bf16 on this CPU, so that it cannot rot:
+    every phase runs and every check of numbers passes."""
     out = tmp_path / "smoke.json"
     proc = subprocess.run([sys.executable, "tools/gpu_smoke.py", "--out", str(out), "--dry-run",
                            "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    failed = {k: v for k, v in report["phases"].items() if v["status"] != "ok"}
-    assert not failed, failed
+    assert report["failed"] == []
     phases = report["phases"]
+    assert all(phase["status"] == "ok" for phase in phases.values()), phases
     assert phases["env"]["fp8"].startswith("not run: ")  # no TE here, and it says why
-    assert phases["checkpoint"]["weights_equal"] and phases["nccl"]["device_all_reduce_ok"]
+    for phase, checks in (("nccl", {"device_all_reduce", "host_all_reduce"}),
+                          ("training", {"losses_finite"}),
+                          ("gvm_scoring", {"values_finite", "values_repeatable"}),
+                          ("gvm_step", {"losses_finite", "no_skipped_update"}),
+                          ("dvpo_step", {"losses_finite", "no_skipped_update"}),
+                          ("ppo_step", {"losses_finite", "no_skipped_update"}),
+                          ("checkpoint", {"weights_equal", "outputs_equal"})):
+        assert set(phases[phase]["checks"]) == checks, phase
+    assert phases["multi_gpu"]["ran"].startswith("not run: 0 GPU(s)")
     assert phases["sampler"]["ours_over_hf"] > 0 and phases["training"]["tokens_per_s"] > 0
     for step in ("dvpo_step", "ppo_step"):
         assert phases[step]["gen_time_s"] > 0 and phases[step]["peak_mem_gib"] > 0
+
+
+def test_a_smoke_phase_past_its_limit_is_killed_with_its_children():
+    """A phase's torchrun would keep the GPU if only the phase process were killed."""
+    import psutil
+    import pytest
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from gpu_smoke import run_limited
+
+    marker = "sleep 61.5"  # a grandchild's command line, to find it afterwards
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_limited(["bash", "-c", f"{marker} & {marker}; wait"], 1.0)
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if " ".join(p.info["cmdline"] or []) == marker]
+    assert not left, left
 
 
 def test_bench_gvm_quick(tmp_path):

@@ -1,5 +1,6 @@
 """Rollout generation: TP/PP equal TP=1, recorded log-probs equal a fresh forward pass."""
 
+import contextlib
 import json
 
 import pytest
@@ -128,3 +129,32 @@ def test_decode_splits_rows_over_the_pipeline_stages():
     assert decode_microbatches(4, 2) == 2
     assert [decode_microbatches(rows, 4) for rows in (1, 6, 8, 7)] == [1, 3, 4, 1]
     assert decode_microbatches(16, 1) == 1
+
+
+@pytest.mark.compat
+def test_the_sampler_receives_last_position_logits_only(single_rank, monkeypatch):
+    """On every supported megatron-core (0.19 trims to the last position only inside its own
+    engines), the prefill gives [B, 1, V] logits, not [B, P, V]; the tokens equal those of the
+    untrimmed head."""
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.models import generation
+    from megatron_dvpo.models.gpt import build_model_chunks
+
+    chunks = build_model_chunks(load_config(None, ["model.num_layers=1", "model.vocab_size=100"]))
+    seen, forward = [], generation._model_forward
+
+    def recording(*args):
+        logits = forward(*args)
+        seen.append(tuple(logits.shape))
+        return logits
+
+    monkeypatch.setattr(generation, "_model_forward", recording)
+    prompts = [[2, 5, 6, 7, 8, 9], [2, 11, 12]]
+    greedy = SamplingConfig(max_new_tokens=3, temperature=0)
+    rollout = generation.generate(chunks, prompts, greedy, eos_id=3, pad_id=0, vocab_size=100,
+                                  seed=1)
+    assert seen[0] == (2, 1, 128) and all(shape == (2, 1, 128) for shape in seen), seen
+    monkeypatch.setattr(generation, "last_position_logits", lambda chunks: contextlib.nullcontext())
+    untrimmed = generation.generate(chunks, prompts, greedy, eos_id=3, pad_id=0, vocab_size=100,
+                                    seed=1)
+    assert torch.equal(rollout.tokens, untrimmed.tokens)

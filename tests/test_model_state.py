@@ -29,3 +29,29 @@ def test_trained_and_frozen_bytes(single_rank):
     assert metrics["memory/reference_gib"] * GIB == 4 * n
     assert metrics["memory/model_state_gib"] == sum(
         v for k, v in metrics.items() if k != "memory/model_state_gib")
+
+
+class StoragelessWrapper(torch.Tensor):
+    """A tensor subclass that owns no storage and keeps its data in ``_data``, as Transformer
+    Engine's FP8 parameters do (a nominal bf16 tensor over one byte per element)."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        wrapper = torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=torch.bfloat16)
+        wrapper._data = data
+        return wrapper
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(func)
+
+
+def test_storageless_fp8_style_tensors_count_their_inner_data():
+    """Two same-size FP8-style parameters: 12 bytes each of uint8 data, counted once each (not
+    an error for lacking storage, not one collapsed entry, not 2 nominal bf16 bytes each)."""
+    from megatron_dvpo.model_state import tensor_bytes
+
+    first = StoragelessWrapper(torch.zeros(3, 4, dtype=torch.uint8))
+    second = StoragelessWrapper(torch.ones(3, 4, dtype=torch.uint8))
+    assert tensor_bytes([first, second]) == 24
+    assert tensor_bytes([first, first, torch.zeros(2)]) == 12 + 8

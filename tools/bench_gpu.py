@@ -104,20 +104,19 @@ def bench_training(policy_dir: Path, overrides: list[str], args, peak_tflops) ->
     def loss(outputs, batch):
         return -outputs["logprobs"].mean(), {}
 
-    def step():
+    def step() -> torch.Tensor:
         for chunk in ddp:
             chunk.train()
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        forward.run_microbatches(ddp, batches, head, loss)
+        outputs = forward.run_microbatches(ddp, batches, head, loss)
         optimizer.step()
+        return torch.stack([o["loss"].detach() for o in outputs]).sum()
 
-    for _ in range(args.warmup):
-        step()
+    losses = [step() for _ in range(args.warmup)]
     _sync()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
+    losses += [step() for _ in range(args.steps)]
     _sync()
     seconds = (time.perf_counter() - start) / args.steps
     step_tokens = rows * args.train_seq
@@ -125,7 +124,8 @@ def bench_training(policy_dir: Path, overrides: list[str], args, peak_tflops) ->
     result = {"step_time_s": seconds, "tokens_per_s": step_tokens / seconds,
               "model_tflops_per_s": tflops,
               "mfu": tflops / peak_tflops if peak_tflops else None,
-              "peak_mem_gib": peak_memory_gib(), "tokens_per_step": step_tokens}
+              "peak_mem_gib": peak_memory_gib(), "tokens_per_step": step_tokens,
+              "losses": [float(v) for v in losses]}  # read after timing: no host waits inside
     chunks = ddp = optimizer = step = None  # freed before the caches are emptied
     _release()
     return result

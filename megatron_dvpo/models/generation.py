@@ -24,6 +24,7 @@ vocabulary masked: the quantity the training forward pass recomputes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -188,6 +189,27 @@ def _model_forward(chunks, context, tokens, positions, attention_mask):
     return torch.cat([o["logits"] for o in outputs]) if outputs else None
 
 
+def _last_position_only(module, args, kwargs):
+    hidden = args[0]  # [s, b, h]
+    return ((hidden[-1:], *args[1:]), kwargs) if hidden.shape[0] > 1 else None
+
+
+@contextmanager
+def last_position_logits(chunks: list[torch.nn.Module]):
+    """The LM head over each row's last position only, which is all the sampler reads.
+    megatron-core 0.16.1 trims the hidden states so whenever an inference context is passed;
+    0.19 only inside its own engines (``InferenceMode``), so that a prefill would compute
+    [B, P, V] logits (about 17 GB on the 8B example's last stage). A forward pre-hook on the
+    output layer trims them on every release."""
+    hooks = [chunk.output_layer.register_forward_pre_hook(_last_position_only, with_kwargs=True)
+             for chunk in chunks if getattr(chunk, "post_process", False)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(tensor, parallel_state.get_pipeline_model_parallel_last_rank(),
@@ -226,7 +248,7 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
     generator = torch.Generator(device=device).manual_seed(seed)
     temperature = logit_temperature(cfg.temperature)
     # Rollout runs in bf16 even when the policy trains in FP8: rollout/logprob_diff measures it.
-    with fp8_disabled(chunks), sequence_parallel_disabled(chunks):
+    with fp8_disabled(chunks), sequence_parallel_disabled(chunks), last_position_logits(chunks):
         if guide is not None:
             guide.start(tokens[:, :width], key_pad, total)
         start = 0

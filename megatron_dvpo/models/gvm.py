@@ -1,9 +1,13 @@
 """The Global Value Model: a GPTModel whose LM head is replaced by a scalar value head.
 
-The head is a replicated fp32 ``Linear(hidden, 1)`` (docs/algorithm.md §1). It reads the full
-final-layernorm output on every TP rank, so each TP rank computes the same value and the same
-head gradient: no TP reduction is needed. Under sequence parallelism the hidden states are
+The head is a replicated ``Linear(hidden, 1)`` computed in fp32 (docs/algorithm.md §1). It reads
+the full final-layernorm output on every TP rank, so each TP rank computes the same value and the
+same head gradient: no TP reduction is needed. Under sequence parallelism the hidden states are
 gathered first, with a backward that only splits (the head is replicated, not TP-partitioned).
+
+Its parameters have the model's dtype, like every other parameter: in bf16 the mixed-precision
+optimizer keeps their fp32 main copy, and megatron's optimizer checkpoint describes only
+parameters of the model's dtype (an fp32 parameter in a bf16 model cannot be saved).
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ from megatron_dvpo.models.gpt import build_model_chunks
 class ValueHead(torch.nn.Module):
     """Replicated fp32 scalar head, called like megatron's output layer."""
 
-    def __init__(self, hidden_size: int, sequence_parallel: bool, init_std: float = 0.0):
+    def __init__(self, hidden_size: int, sequence_parallel: bool, dtype: torch.dtype,
+                 init_std: float = 0.0):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        weight = torch.zeros(1, hidden_size, dtype=torch.float32)
         if init_std > 0:
-            torch.nn.init.normal_(self.weight, std=init_std)
+            torch.nn.init.normal_(weight, std=init_std)  # drawn in fp32 whatever the dtype
+        self.weight = torch.nn.Parameter(weight.to(dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
         self.sequence_parallel = sequence_parallel
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False)
-        values = torch.nn.functional.linear(hidden_states.float(), self.weight, self.bias)
+        values = torch.nn.functional.linear(hidden_states.float(), self.weight.float(),
+                                            self.bias.float())
         return values, None
 
 
@@ -46,7 +53,7 @@ class GlobalValueModel(GPTModel):
         super().__init__(*args, **kwargs)
         if self.post_process:
             self.output_layer = ValueHead(self.config.hidden_size, self.config.sequence_parallel,
-                                          value_head_init_std)
+                                          self.config.params_dtype, value_head_init_std)
             if torch.cuda.is_available():
                 self.output_layer.cuda(torch.cuda.current_device())
 

@@ -191,7 +191,7 @@ class RewardCriticScorer:
         self.units = {"critic": self.critic}
 
     def initialize(self) -> None:
-        load_model(self.critic.chunks, Path(self.cfg.ppo.critic) / "model")
+        self.critic.load_weights(self.cfg.ppo.critic)
 
     def score(self, rollout: Rollout) -> Scores:
         mbs, width = self.cfg.data.micro_batch_size, rollout.prompt_width

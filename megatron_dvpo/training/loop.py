@@ -185,15 +185,16 @@ class TrainingLoop:
             self.logger.log(self.step, metrics, self.job.summary_tags)
 
     def run(self) -> None:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
-        resumed = self.resume()
-        if hasattr(self.job, "start"):
-            self._log_now(self.job.start(resumed))
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         try:
+            resumed = self.resume()
+            if hasattr(self.job, "start"):
+                self._log_now(self.job.start(resumed))
             self._steps()
         finally:
             self.logger.close()
+            for signum, handler in previous.items():  # the caller's, e.g. a test runner's
+                signal.signal(signum, handler)
 
     def _steps(self) -> None:
         interval = self.cfg.checkpoint.save_interval

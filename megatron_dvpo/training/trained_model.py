@@ -17,15 +17,19 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_dvpo import distributed
-from megatron_dvpo.checkpointing import load_model
+from megatron_dvpo.checkpointing import load_model, read_model
 from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.forward import Head, LossFn, run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
 
 NON_FINITE = "a NaN/Inf loss or gradient"
+# fp16's dynamic loss scaling: an overflowing scaled gradient skips the update and lowers the
+# scale (megatron's optimizer decides); expected while the scale settles, so not a bad step
+LOSS_SCALE_OVERFLOW = "an fp16 loss-scale overflow (the scale was lowered)"
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig
@@ -126,6 +130,11 @@ class TrainedModel:
         self.chunks = chunks
         self.ddp = wrap_ddp(chunks, parallel)
         self.optimizer = build_optimizer(self.ddp, optim, parallel, precision)
+        self.loss_scaled = precision.params_dtype == "fp16"
+        # the schedules multiply each loss by the optimizer's loss scale before backward, as
+        # Megatron-LM's training loop sets up: fp16's dynamic scale (without it the optimizer
+        # unscaled unscaled gradients by 2^32 and fp16 never trained), 1 otherwise
+        chunks[0].config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = build_scheduler(self.optimizer, optim, total_updates, override_scheduler)
         # overlap_param_gather: megatron DDP's forward pre-hooks finish each bucket's gather of
         # stepped weights in the next forward pass; on only during updates (see sync_params)
@@ -137,10 +146,32 @@ class TrainedModel:
         return self.optimizer.param_groups[0]["lr"]
 
     def load_weights(self, directory: str | Path, skip: tuple[str, ...] = ()) -> None:
-        """Initial weights from a checkpoint's ``model/``; the optimizer's fp32 main copy of
-        bf16/fp16 parameters, made when it was built, is refreshed from them."""
-        load_model(self.chunks, Path(directory) / "model", skip)
-        self.optimizer.reload_model_params()
+        """Initial weights from a checkpoint's ``model/``: the one way into a trained model.
+
+        The optimizer made its fp32 main copy of bf16/fp16/FP8 parameters when it was built;
+        it is refreshed here, or the first step would write a copy of the weights as they were
+        before loading over the loaded ones. The distributed optimizer takes it from the
+        checkpoint read again in fp32 (megatron's state-dict path), so that the main copy keeps
+        the checkpoint's precision rather than the parameters' (an FP8 weight's, say); the
+        other optimizers copy it from the loaded parameters. ``skip``: name prefixes that keep
+        their current values (a GVM's fresh head on a policy's trunk).
+        """
+        model_dir = Path(directory) / "model"
+        load_model(self.chunks, model_dir, skip)
+        self.optimizer.reload_model_params(self._main_params_source(model_dir))
+
+    def _main_params_source(self, model_dir: Path) -> Optional[dict]:
+        """The checkpoint's weights in fp32 where the optimizer can take its main copy from
+        them (the distributed optimizer over lower-precision parameters), else None."""
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        lower = self.chunks[0].config.params_dtype != torch.float32
+        if not (lower and all(isinstance(o, DistributedOptimizer) for o in optimizers)):
+            return None
+        read = read_model(self.chunks, model_dir, torch.float32)
+        for part, chunk in zip(read.values(), self.chunks):
+            for name, param in chunk.named_parameters():  # skipped ones: their own values
+                part.setdefault(name, param.detach().float())
+        return read
 
     def update(self, microbatches: list[dict], head: Head, loss_fn: LossFn,
                accept: Optional[Callable[[list[dict]], bool]] = None) -> UpdateResult:
@@ -156,13 +187,15 @@ class TrainedModel:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_microbatches(self.ddp, microbatches, head, loss_fn)
-        if not self._all_finite(outputs):
+        # under fp16 loss scaling the optimizer checks the gradients itself (and must, to lower
+        # its scale); a non-finite loss is never the scale's doing
+        if not self._all_finite(outputs, gradients=not self.loss_scaled):
             return UpdateResult(outputs, False, NON_FINITE)
         if accept is not None and not accept(outputs):
             return UpdateResult(outputs, False, "the ratio threshold")
         success, grad_norm, _ = self.optimizer.step()
-        if not success:  # megatron's own fp16 loss-scale check
-            return UpdateResult(outputs, False, NON_FINITE)
+        if not success:  # megatron's fp16 loss-scale check found Inf/NaN gradients
+            return UpdateResult(outputs, False, LOSS_SCALE_OVERFLOW)
         self.scheduler.step(increment=1)
         return UpdateResult(outputs, True, None, float(grad_norm or 0.0))
 
@@ -177,10 +210,10 @@ class TrainedModel:
                 chunk.disable_forward_pre_hook(param_sync=True)
             self._gather_hooks_on = False
 
-    def _all_finite(self, outputs: list[dict]) -> bool:
-        """Every rank's losses and gradients are finite (megatron checks only under fp16)."""
+    def _all_finite(self, outputs: list[dict], gradients: bool = True) -> bool:
+        """Every rank's losses, and ``gradients``, are finite."""
         bad = any(not math.isfinite(float(o["loss"])) for o in outputs)
-        for chunk in self.ddp:
+        for chunk in self.ddp if gradients else []:
             for param in chunk.module.parameters():
                 grad = getattr(param, "main_grad", None)
                 if bad or (grad is not None and not torch.isfinite(grad).all()):

@@ -2,14 +2,16 @@
 data-parallel rank, recorded so that another layout (DP=1 over the concatenated batch) can be
 compared with it.
 
-Usage: torchrun --nproc-per-node N rl_equivalence.py WORKDIR LAYOUT
-LAYOUT is dp<D>pp<P>[tok] (D x P = N; ``tok``: token-budget microbatches of varying shapes). The global batches are fixed: the GVM trainer's sampler hands
-each DP rank a contiguous share of one global batch; the RL jobs are given a fixed rollout of 8
-rows, rank r of D holding rows [8r/D, 8(r+1)/D) (sampling itself is checked elsewhere). Each
-job runs one step; the per-token advantages (gathered over DP), the logged losses, and the
-gradients and stepped weights (as dist checkpoints, which reload at any layout) are written to
-WORKDIR/<LAYOUT>/. With ``compare`` as LAYOUT (one rank), every recorded layout is loaded back
-and its differences to dp1pp1 are written to WORKDIR/diffs.json.
+Usage: torchrun --nproc-per-node N rl_equivalence.py WORKDIR LAYOUT [LAYOUT ...]
+LAYOUT is dp<D>pp<P>[tok] (D x P = N; ``tok``: token-budget microbatches of varying shapes), or
+``compare``. The global batches are fixed: the GVM trainer's sampler hands each DP rank a
+contiguous share of one global batch; the RL jobs are given a fixed rollout of 8 rows, rank r
+of D holding rows [8r/D, 8(r+1)/D) (sampling itself is checked elsewhere). Each job runs one
+step, in fp32 and again in bf16; the per-token advantages (gathered over DP), the logged
+losses, and the gradients and stepped weights (as dist checkpoints, which reload at any layout)
+are written to WORKDIR/<LAYOUT>/ and WORKDIR/<LAYOUT>-bf16/. ``compare`` (one rank, after
+dp1pp1) loads every recorded layout back and writes its differences to dp1pp1 of the same
+precision to WORKDIR/diffs.json.
 """
 
 import json
@@ -28,6 +30,9 @@ from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.models.gvm import build_gvm_chunks
 
 ROWS, WIDTH, STEPS = 8, 5, 6
+
+
+DTYPES = {"": "fp32", "-bf16": "bf16"}  # a recording's suffix -> precision.params_dtype
 
 
 def parse(layout: str) -> ParallelConfig:
@@ -91,13 +96,14 @@ def save_stepped_and_grads(unit, out: Path) -> None:
     save_model(unit.chunks, out / "grads", overwrite=True)
 
 
-def rl_job(algorithm, work: Path, layout: str, extra: list[str]):
+def rl_job(algorithm, work: Path, layout: str, suffix: str, extra: list[str]):
     cfg = load_config(Path("examples/dvpo_tiny.yaml"), [
         f"data.train_path={work}/synthetic/train.jsonl", "data.eval_path=null",
         f"rl.policy={work}/policy", "rl.kl_coef=0.1", "rl.kl_adaptive=false",
         "rl.ppo_epochs=1", "rl.minibatches=1", "rl.true_reward=null", "rl.eval_interval=0",
         "data.global_batch_size=8", "data.micro_batch_size=2", "checkpoint.save_dir=null",
-        f"logging.run_dir={work}/{layout}/run", "rollout.max_new_tokens=6",
+        f"logging.run_dir={work}/{layout}{suffix}/run", "rollout.max_new_tokens=6",
+        f"precision.params_dtype={DTYPES[suffix]}",
         # rows of 6-11 tokens: microbatches of 1-3 rows, 7-11 columns
         *microbatching(layout, 22), *extra])
     cfg.parallel = parse(layout)
@@ -116,13 +122,13 @@ def rl_job(algorithm, work: Path, layout: str, extra: list[str]):
     return job, metrics, recorded["advantages"]
 
 
-def record(work: Path, layout: str) -> None:
+def record(work: Path, layout: str, suffix: str) -> None:
     from megatron_dvpo.data.inputs import check_training_inputs
     from megatron_dvpo.gvm.train import GVMTrainer
     from megatron_dvpo.rl.dvpo import DVPO
     from megatron_dvpo.rl.ppo import PPO
 
-    out = work / layout
+    out = work / f"{layout}{suffix}"
     distributed.set_parallel_layout(parse(layout))
     gvm = random_head_gvm(work)
     results = {}
@@ -130,9 +136,9 @@ def record(work: Path, layout: str) -> None:
     cfg = load_config(Path("examples/gvm_tiny.yaml"), [
         f"data.train_path={work}/synthetic/train.jsonl", "data.eval_path=null",
         f"data.tokenizer={work}/synthetic/tokenizer.model", f"checkpoint.init_from={gvm}",
-        "checkpoint.save_dir=null", f"logging.run_dir={work}/{layout}/gvm_run",
+        "checkpoint.save_dir=null", f"logging.run_dir={out}/gvm_run",
         "data.global_batch_size=16", "data.micro_batch_size=4", "train_steps=1",
-        *microbatching(layout, 64)])
+        f"precision.params_dtype={DTYPES[suffix]}", *microbatching(layout, 64)])
     cfg.parallel = parse(layout)
     check_training_inputs(cfg, [], value_model=True)
     trainer = GVMTrainer(cfg)
@@ -140,11 +146,12 @@ def record(work: Path, layout: str) -> None:
     results["gvm_loss"] = trainer.step(0).metrics["gvm/loss"]
     save_stepped_and_grads(trainer.model, out / "gvm")
     # DVPO and PPO: one step each on the fixed rollout
-    job, metrics, advantages = rl_job(DVPO, work, layout, [f"dvpo.gvm={gvm}", "dvpo.estimator=td"])
+    job, metrics, advantages = rl_job(DVPO, work, layout, suffix,
+                                      [f"dvpo.gvm={gvm}", "dvpo.estimator=td"])
     results["dvpo"] = {"policy_loss": metrics["policy/loss"], "advantages": advantages.tolist(),
                        "adv_std": metrics["rollout/adv_std"]}
     save_stepped_and_grads(job.policy, out / "dvpo_policy")
-    job, metrics, advantages = rl_job(PPO, work, layout, [f"ppo.reward_model={gvm}"])
+    job, metrics, advantages = rl_job(PPO, work, layout, suffix, [f"ppo.reward_model={gvm}"])
     results["ppo"] = {"policy_loss": metrics["policy/loss"], "critic_loss": metrics["critic/loss"],
                       "advantages": advantages.tolist()}
     save_stepped_and_grads(job.policy, out / "ppo_policy")
@@ -157,11 +164,13 @@ def compare(work: Path) -> None:
     """Every recorded layout against dp1pp1, loaded back at one rank."""
     from megatron_dvpo.models import build_chunks
 
-    reference = json.loads((work / "dp1pp1" / "result.json").read_text())
     diffs = {}
     models = {"gvm": work / "gvm_random", "dvpo_policy": work / "policy",
               "ppo_policy": work / "policy", "ppo_critic": work / "gvm_random"}
-    for layout_dir in sorted(p for p in work.glob("dp*pp*") if p.name != "dp1pp1"):
+    for layout_dir in sorted(p for p in work.glob("dp*pp*") if not p.name.startswith("dp1pp1")):
+        suffix = "-bf16" if layout_dir.name.endswith("-bf16") else ""
+        reference_dir = work / f"dp1pp1{suffix}"
+        reference = json.loads((reference_dir / "result.json").read_text())
         got = json.loads((layout_dir / "result.json").read_text())
         d = {"gvm_loss": abs(got["gvm_loss"] - reference["gvm_loss"])}
         for algo in ("dvpo", "ppo"):
@@ -174,7 +183,7 @@ def compare(work: Path) -> None:
             cfg = load_config(source / "config.yaml")
             for what in ("stepped", "grads"):
                 ref_chunks, chunks = build_chunks(cfg), build_chunks(cfg)
-                load_model(ref_chunks, work / "dp1pp1" / name / what)
+                load_model(ref_chunks, reference_dir / name / what)
                 load_model(chunks, layout_dir / name / what)
                 ref = dict(ref_chunks[0].named_parameters())
                 d[f"{name}_{what}"] = max((p - ref[n]).abs().max().item()
@@ -186,12 +195,14 @@ def compare(work: Path) -> None:
 
 
 def main():
-    work, layout = Path(sys.argv[1]), sys.argv[2]
+    work = Path(sys.argv[1])
     distributed.init_distributed(ParallelConfig(), seed=1234)
-    if layout == "compare":
-        compare(work)
-    else:
-        record(work, layout)
+    for layout in sys.argv[2:]:
+        if layout == "compare":
+            compare(work)
+            continue
+        for suffix in DTYPES:
+            record(work, layout, suffix)
     distributed.shutdown()
 
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, launch
+from megatron_dvpo.demo import scalars
+from test_bf16 import dvpo_keeps_its_frozen_models_bf16_and_unchanged
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,8 +52,6 @@ def require(overrides: list[str], work) -> None:
 
 
 def sft_losses(work, name: str, overrides: list[str]) -> list[float]:
-    from megatron_dvpo.demo import scalars
-
     run = work / name
     launch(["-m", "megatron_dvpo.sft", "--config", "examples/sft_tiny.yaml",
             f"data.train_path={work}/synthetic/train.jsonl",
@@ -88,33 +88,12 @@ def test_fp8_training_tracks_bf16(models, bf16_losses, extra):
         assert losses[-1] <= 0.8 * losses[0]
 
 
-def test_fp8_dvpo_keeps_the_gvm_bf16_and_frozen(models, tmp_path, single_rank):
-    from megatron_dvpo.config import load_config
-    from megatron_dvpo.demo import scalars
-    from megatron_dvpo.rl.dvpo import DVPOTrainer
-
+def test_fp8_dvpo_keeps_the_gvm_bf16_and_frozen(models, tmp_path):
     overrides = FP8 + ["precision.fp8_recipe=tensorwise"]
     require(overrides, models)
-    cfg = load_config(REPO / "examples/dvpo_tiny.yaml", [
-        f"rl.policy={models}/policy", f"dvpo.gvm={models}/gvm_init", "rl.kl_coef=0.1",
-        f"data.train_path={models}/synthetic/train.jsonl", "data.eval_path=null",
-        "rl.true_reward=null", "rl.eval_interval=0", f"logging.run_dir={tmp_path}",
-        "logging.log_interval=1", "checkpoint.save_dir=null", "train_steps=3",
-        "data.global_batch_size=32", *overrides])
-    trainer = DVPOTrainer(cfg)
-    assert trainer.chunks[0].config.fp8 == "hybrid"
-    for frozen in (trainer.gvm, trainer.reference):
-        assert frozen[0].config.fp8 is None  # bf16 inference, its head never in FP8
-        assert {p.dtype for c in frozen for n, p in c.named_parameters()
-                if "output_layer" not in n} == {torch.bfloat16}
-    before = {n: p.detach().clone() for c in trainer.gvm for n, p in c.named_parameters()}
-    policy_before = [p.detach().clone() for p in trainer.chunks[0].parameters()]
-    trainer.run()
-    for chunk in trainer.gvm:
-        for name, param in chunk.named_parameters():
-            assert not param.requires_grad and torch.equal(param, before[name]), name
-    assert any(not torch.equal(p, q) for p, q in zip(trainer.chunks[0].parameters(),
-                                                     policy_before))
+    trainer = dvpo_keeps_its_frozen_models_bf16_and_unchanged(
+        models / "policy", models / "gvm_init", models / "synthetic", tmp_path, overrides)
+    assert trainer.policy.chunks[0].config.fp8 == "hybrid"
     diff = [v for _, v in scalars(tmp_path / "tensorboard")["rollout/logprob_diff"]]
     print("rollout (bf16) vs training (FP8) mean |d logprob| per step:", diff)
     assert all(0 < d < 0.5 for d in diff)  # FP8 numerics differ from bf16, but not wildly
