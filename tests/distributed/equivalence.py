@@ -5,6 +5,8 @@ are saved as a dist checkpoint, and each requested layout loads them (resharding
 the same microbatches forward-only, then forward-backward through megatron DDP and one Adam step
 of the megatron optimizer. Its gradients and updated weights are saved as dist checkpoints, which
 load back at TP=1 as full tensors and are compared with the reference's element by element.
+All of it runs in fp32 and again in bf16 (results ``<layout>-bf16``, against a bf16 reference);
+the bf16 results also record the largest magnitude of each compared quantity.
 The policy ties its embeddings (as Llama-3.2-1B does), so PP also checks the tied-gradient
 all-reduce. Rank 0 writes the largest differences as JSON.
 
@@ -62,13 +64,17 @@ def gvm_loss(outputs, batch):
     return 0.5 * ((outputs["values"] - batch["targets"]) ** 2).mean(), {}
 
 
-def build(layout: ParallelConfig):
+DTYPES = {"": "fp32", "-bf16": "bf16"}  # a result's suffix -> precision.params_dtype
+
+
+def build(layout: ParallelConfig, dtype: str):
     distributed.set_parallel_layout(layout)
     distributed.seed_everything(1234)
     cfg = load_config(None, MODEL + ["optimizer.lr=0.01", "optimizer.clip_grad=1.0",
                                    # Adam's first step is ~lr*sign(g): a larger eps keeps
                                    # near-zero gradients from amplifying rounding noise.
-                                   "optimizer.adam_eps=1e-4"])
+                                   "optimizer.adam_eps=1e-4",
+                                   f"precision.params_dtype={dtype}"])
     cfg.parallel = layout
     return cfg, build_model_chunks(cfg), build_gvm_chunks(cfg, value_head_init_std=0.1)
 
@@ -122,28 +128,29 @@ def flat_params(chunks):
             for n, p in c.named_parameters()}
 
 
-def main():
-    out_json, workdir, layouts = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+def compare_layouts(workdir: Path, layouts: list[str], suffix: str) -> dict:
+    """Every layout against the TP=1/PP=1 reference, in the precision of ``suffix``."""
+    dtype = DTYPES[suffix]
     reference_layout = ParallelConfig()
-    distributed.init_distributed(reference_layout, seed=1234)
-
-    cfg, policy, gvm = build(reference_layout)
-    save_model(policy, workdir / "policy")
-    save_model(gvm, workdir / "gvm")
+    cfg, policy, gvm = build(reference_layout, dtype)
+    save_model(policy, workdir / f"policy{suffix}")
+    save_model(gvm, workdir / f"gvm{suffix}")
     ref_logprobs, ref_values, ref_steps = run(cfg, policy, gvm)
     reference = {"policy": (ref_steps[0], flat_params(policy)),
                  "gvm": (ref_steps[1], flat_params(gvm))}
 
     results = {}
     for name in layouts:
-        cfg, policy, gvm = build(parse_layout(name))
-        load_model(policy, workdir / "policy")
-        load_model(gvm, workdir / "gvm")
+        cfg, policy, gvm = build(parse_layout(name), dtype)
+        load_model(policy, workdir / f"policy{suffix}")
+        load_model(gvm, workdir / f"gvm{suffix}")
         logprobs, values, steps = run(cfg, policy, gvm)
         results[name] = {
             "logprobs_max_diff": all_max(max_diff(logprobs, ref_logprobs)),
             "values_max_diff": all_max(max_diff(values, ref_values)),
             "last_stage_outputs": all_max(0.0 if logprobs is None else float(logprobs.numel())),
+            "logprobs_max_abs": ref_logprobs.abs().max().item(),
+            "values_max_abs": ref_values.abs().max().item(),
         }
         for key, chunks, (loss, grads, grad_norm) in (("policy", policy, steps[0]),
                                                       ("gvm", gvm, steps[1])):
@@ -151,25 +158,36 @@ def main():
             results[name][f"{key}_loss_diff"] = all_max(-1.0 if loss is None
                                                         else abs(loss - ref_loss))
             results[name][f"{key}_grad_norm_diff"] = abs(grad_norm - ref_norm)
-            save_model(chunks, workdir / f"{name}-{key}-stepped")
+            results[name][f"{key}_grad_norm"] = ref_norm
+            save_model(chunks, workdir / f"{name}{suffix}-{key}-stepped")
             params_to(chunks, grads)
-            save_model(chunks, workdir / f"{name}-{key}-grads")
+            save_model(chunks, workdir / f"{name}{suffix}-{key}-grads")
 
     # Back at TP=1/PP=1, each layout's gradients and stepped weights load as full tensors.
     for name in layouts:
-        _, policy, gvm = build(reference_layout)
+        _, policy, gvm = build(reference_layout, dtype)
         for key, chunks in (("policy", policy), ("gvm", gvm)):
             (_, ref_grads, _), ref_stepped = reference[key]
             for what, ref in (("grad", ref_grads), ("stepped", ref_stepped)):
-                load_model(chunks, workdir / f"{name}-{key}-{what}s"
-                           if what == "grad" else workdir / f"{name}-{key}-{what}")
+                plural = "s" if what == "grad" else ""
+                load_model(chunks, workdir / f"{name}{suffix}-{key}-{what}{plural}")
                 got = flat_params(chunks)
-                diffs = {n: (got[n] - ref[n]).abs().max().item() for n in ref}
+                diffs = {n: (got[n].float() - ref[n].float()).abs().max().item() for n in ref}
                 results[name][f"{key}_{what}_max_diff"] = max(diffs.values())
                 results[name][f"{key}_{what}_worst_param"] = max(diffs, key=diffs.get)[1]
+                results[name][f"{key}_{what}_max_abs"] = max(r.abs().max().item()
+                                                             for r in ref.values())
             results[name][f"{key}_grad_max_abs"] = max(g.abs().max().item()
                                                        for g in ref_grads.values())
-    results["reference_losses"] = [reference[k][0][0] for k in ("policy", "gvm")]
+    return {f"{name}{suffix}": result for name, result in results.items()}
+
+
+def main():
+    out_json, workdir, layouts = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    distributed.init_distributed(ParallelConfig(), seed=1234)
+    results = {}
+    for suffix in DTYPES:
+        results.update(compare_layouts(workdir, layouts, suffix))
     if distributed.is_rank0():
         Path(out_json).write_text(json.dumps(results, indent=2))
     distributed.shutdown()

@@ -188,8 +188,7 @@ def compare(work: Path) -> None:
                 ref = dict(ref_chunks[0].named_parameters())
                 d[f"{name}_{what}"] = max((p - ref[n]).abs().max().item()
                                           for n, p in chunks[0].named_parameters())
-                if what == "grads":
-                    d[f"{name}_grads_max_abs"] = max(p.abs().max().item() for p in ref.values())
+                d[f"{name}_{what}_max_abs"] = max(p.abs().max().item() for p in ref.values())
         diffs[layout_dir.name] = d
     (work / "diffs.json").write_text(json.dumps(diffs, indent=2))
 
