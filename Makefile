@@ -27,9 +27,9 @@ demo: .venv
 	$(BIN)/python -m megatron_dvpo.demo --nproc $(NPROC)
 
 # Two workers: most launches run one process on one thread (OMP_NUM_THREADS=1, also for the
-# workers' own tensors), so the two cores stay busy; tests/conftest.py keeps the tests that share
-# a module's fixtures on one worker.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+# workers' own tensors), so the two cores stay busy. Each test file runs on one worker, so that
+# its module-scoped fixtures (a launch, a built model) are built once.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: .venv
 	$(PYTEST) tests

@@ -1,8 +1,9 @@
 """megatron-core distributed checkpoints (torch_dist format), written atomically.
 
-A checkpoint is first written to ``<dir>.partial`` by all ranks, then renamed into place by rank 0
-after a barrier. A crash mid-save leaves at most a ``.partial`` folder, never a half-written
-checkpoint under the final name. Checkpoints reshard on load: any TP/PP layout reads any other.
+A checkpoint is first written to ``<dir>.partial`` by all ranks, its files' checksums recorded
+(``megatron_dvpo.integrity``), then renamed into place by rank 0 after a barrier. A crash
+mid-save leaves at most a ``.partial`` folder, never a half-written checkpoint under the final
+name. Checkpoints reshard on load: any TP/PP layout reads any other.
 
 Training checkpoints live in ``<save_dir>/iter_0000100/`` with the layout of a converted
 checkpoint (``config.yaml`` and ``model/``, whose dist checkpoint also holds the optimizer), plus
@@ -20,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +32,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from megatron_dvpo.config import ConfigError
+from megatron_dvpo.integrity import CheckpointDamaged, damage, write_checksums
 from megatron_dvpo.mcore_compat import (EXTRA_STATE, StrictHandling, adam_step,
                                         collect_write_results_in_process, init_adam_state,
                                         restore_adam_step)
@@ -64,15 +67,17 @@ def is_checkpoint(directory: str | Path) -> bool:
 
 
 def save_sharded(parts: dict[str, dict], directory: str | Path, overwrite: bool = False,
-                 write_extras: Optional[Callable[[Path], None]] = None) -> Path:
+                 write_extras: Optional[Callable[[Path], None]] = None,
+                 partial_suffix: str = PARTIAL_SUFFIX) -> Path:
     """Write dist checkpoints atomically (all ranks call this).
 
     ``parts`` maps a subdirectory ("" for ``directory`` itself) to the sharded state dict saved
     there; ``write_extras(partial_dir)`` runs on every rank before the rename, for files that
-    must appear together with them.
+    must appear together with them. The files are written to ``<directory><partial_suffix>``
+    first (a training run's own suffix: no two runs share one).
     """
     directory = Path(directory)
-    partial = directory.with_name(directory.name + PARTIAL_SUFFIX)
+    partial = directory.with_name(directory.name + partial_suffix)
     if _is_rank0():
         if directory.exists() and not overwrite:
             raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
@@ -85,6 +90,8 @@ def save_sharded(parts: dict[str, dict], directory: str | Path, overwrite: bool 
         dist_checkpointing.save(sharded_state_dict, str(partial / subdir))
     if write_extras is not None:
         write_extras(partial)
+    _barrier()
+    write_checksums(partial)
     _barrier()
     if _is_rank0():
         if directory.exists():
@@ -230,7 +237,8 @@ def _unit_state(unit) -> dict:
 
 def save_training_checkpoint(save_dir: str | Path, step: int, units: dict, train_state: dict,
                              config_yaml: str, keep_last: int = 2,
-                             optimizer_sharding: str = "dp_reshardable") -> Path:
+                             optimizer_sharding: str = "dp_reshardable",
+                             partial_suffix: str = PARTIAL_SUFFIX) -> Path:
     """Save every trained model of a run (``units``: name -> an object with ``chunks``,
     ``optimizer`` and ``scheduler``; the policy or GVM is ``model``) with the trainer state, in
     one directory, atomically; then move the tracker and prune old ones."""
@@ -254,7 +262,8 @@ def save_training_checkpoint(save_dir: str | Path, step: int, units: dict, train
     parts = {name: _training_sharded_state_dict(unit.chunks, unit.optimizer, False,
                                                 optimizer_sharding)
              for name, unit in units.items()}
-    save_sharded(parts, target, overwrite=True, write_extras=extras)
+    save_sharded(parts, target, overwrite=True, write_extras=extras,
+                 partial_suffix=partial_suffix)
     if _is_rank0():
         tmp = save_dir / (TRACKER + ".tmp")
         tmp.write_text(f"{step}\n")
@@ -286,16 +295,21 @@ def complete_checkpoints(save_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def resume_candidates(save_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in the order a resume tries them: the tracker's (when complete),
+    then the others, newest first."""
+    save_dir = Path(save_dir)
+    found = complete_checkpoints(save_dir)[::-1]
+    tracker = save_dir / TRACKER
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    named = iteration_dir(save_dir, int(text)) if text.isdigit() else None
+    return ([named] if named in found else []) + [p for p in found if p != named]
+
+
 def find_latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
     """The tracker's checkpoint if it is complete, else the newest complete one, else None."""
-    save_dir = Path(save_dir)
-    tracker = save_dir / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text.isdigit() and _is_complete(iteration_dir(save_dir, int(text))):
-            return iteration_dir(save_dir, int(text))
-    found = complete_checkpoints(save_dir)
-    return found[-1] if found else None
+    candidates = resume_candidates(save_dir)
+    return candidates[0] if candidates else None
 
 
 def resolve_checkpoint_dir(path: str | Path, key: str) -> Path:
@@ -340,26 +354,58 @@ def load_training_checkpoint(path: str | Path, units: dict,
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if train_state.get("world_size") == world and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif _is_rank0():
+        print(f"{path.name} was saved by {train_state.get('world_size')} ranks and this run has "
+              f"{world}: each rank's random state starts again from the seed (sampling and "
+              "dropout differ from an unbroken run; the data order continues)", flush=True)
     return train_state
 
 
 class CheckpointManager:
     """A run's checkpoints: all its trained models and the trainer's state, saved together in
-    one ``iter_N`` directory and restored together."""
+    one ``iter_N`` directory (through a temporary name of this run's own) and restored
+    together, from the newest intact one (``megatron_dvpo.integrity``)."""
 
     def __init__(self, cfg, units: dict, config_yaml: Callable[[], str]):
         self.cfg, self.units, self.config_yaml = cfg, units, config_yaml
+        self.partial_suffix = f"{PARTIAL_SUFFIX}-{_run_token()}"
 
-    def latest(self) -> Optional[Path]:
+    def latest_intact(self) -> Optional[Path]:
+        """The newest checkpoint whose files are as written. A damaged one is named, in one
+        line, and an older one tried, unless ``checkpoint.strict_resume``."""
         directory = self.cfg.load_dir or self.cfg.save_dir
-        return find_latest_checkpoint(directory) if directory else None
+        candidates = resume_candidates(directory) if directory else []
+        for path in candidates:
+            problem = damage(path)
+            if problem is None:
+                if path != candidates[0] and _is_rank0():
+                    print(f"resuming from {path}, the newest intact checkpoint", flush=True)
+                return path
+            if self.cfg.strict_resume:
+                raise CheckpointDamaged(f"checkpoint {path} is damaged: {problem} "
+                                        "(checkpoint.strict_resume=true: no older one is tried)")
+            if _is_rank0():
+                print(f"warning: checkpoint {path} is damaged: {problem}; trying an older one",
+                      flush=True)
+        if candidates:
+            raise CheckpointDamaged(f"every checkpoint in {directory} is damaged; the newest: "
+                                    f"{damage(candidates[0])}")
+        return None
 
     def save(self, step: int, train_state: dict) -> Optional[Path]:
         if not self.cfg.save_dir:
             return None
         return save_training_checkpoint(self.cfg.save_dir, step, self.units, train_state,
                                         self.config_yaml(), self.cfg.keep_last,
-                                        self.cfg.optimizer_sharding)
+                                        self.cfg.optimizer_sharding, self.partial_suffix)
 
     def restore(self, path: Path) -> dict:
         return load_training_checkpoint(path, self.units, self.cfg.optimizer_sharding)
+
+
+def _run_token() -> str:
+    """A name for this run's temporary checkpoint directories, the same on every rank."""
+    token = [f"{socket.gethostname()}-{os.getpid()}"]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]

@@ -97,6 +97,9 @@ class ParallelConfig:
     # distributed optimizer: all-gather each bucket's updated parameters during the next
     # update's forward pass instead of after the optimizer step (--overlap-param-gather)
     overlap_param_gather: bool = False
+    # how long a collective waits for a stalled rank before the job fails
+    # (Megatron-LM's --distributed-timeout-minutes)
+    distributed_timeout_minutes: int = _checked(30, POSITIVE)
 
 
 @dataclass
@@ -197,6 +200,9 @@ class CheckpointConfig:
     # On resume, use this config's LR schedule instead of refusing one that differs from the
     # checkpoint's (Megatron-LM's --override-opt_param-scheduler).
     override_scheduler: bool = False
+    # A damaged newest checkpoint (megatron_dvpo/integrity.py) stops the run instead of the
+    # resume falling back to the newest intact one.
+    strict_resume: bool = False
 
 
 @dataclass
@@ -351,6 +357,11 @@ class RunConfig:
     # Steps with a NaN/Inf loss or gradient are skipped and counted; this many in a row stop the
     # run with a report.
     max_bad_steps: int = _checked(5, POSITIVE)
+    # A diverged step stops the run at once (megatron_dvpo/training/health.py): a gradient norm
+    # this many times the median of the previous divergence_window steps', or parameters whose
+    # norm grew this many times in one step; 0 turns the check off.
+    divergence_factor: float = _checked(10.0, NON_NEGATIVE)
+    divergence_window: int = _checked(20, POSITIVE)
 
 
 # ---------------------------------------------------------------------------------------------

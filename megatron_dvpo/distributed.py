@@ -47,8 +47,9 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port())
 
 
-def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 30) -> LaunchEnv:
-    """Create the default process group and megatron's TP/PP/CP/DP groups, then seed.
+def init_distributed(parallel: ParallelConfig, seed: int) -> LaunchEnv:
+    """Create the default process group and megatron's TP/PP/CP/DP groups, then seed; a
+    collective waits ``parallel.distributed_timeout_minutes`` for a stalled rank.
 
     NCCL (with gloo for host metadata) when CUDA is available, gloo otherwise; on CPU the
     megatron-core CUDA accommodations of ``megatron_dvpo.cpu_compat`` are installed here and
@@ -68,13 +69,13 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             backend=process_group_backend(use_cuda),
             init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes))
-    set_parallel_layout(parallel, timeout_minutes)
+            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
+    set_parallel_layout(parallel)
     seed_everything(seed)
     return env
 
 
-def set_parallel_layout(parallel: ParallelConfig, timeout_minutes: int = 30) -> None:
+def set_parallel_layout(parallel: ParallelConfig) -> None:
     """(Re)build megatron's model-parallel groups over the existing default group."""
     from megatron.core import parallel_state
 
@@ -86,7 +87,7 @@ def set_parallel_layout(parallel: ParallelConfig, timeout_minutes: int = 30) -> 
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
 
 

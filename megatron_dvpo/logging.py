@@ -21,7 +21,7 @@ class Progress:
     """Prints ``label step/total  rate unit/s  ETA`` at most every ``interval`` seconds."""
 
     def __init__(self, label: str, total: float, unit: str = "items", interval: float = 5.0,
-                 enabled: bool = True, stream=sys.stdout):
+                 enabled: bool = True, stream=None):
         self.label, self.total, self.unit = label, total, unit
         self.interval, self.enabled, self.stream = interval, enabled, stream
         self.start = self.last = time.perf_counter()
@@ -37,7 +37,7 @@ class Progress:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             print(f"{self.label} {self.done:,.0f}/{self.total:,.0f} {self.unit}  "
                   f"{rate:,.1f} {self.unit}/s  ETA {format_seconds(eta)}  {note}".rstrip(),
-                  file=self.stream, flush=True)
+                  file=self.stream or sys.stdout, flush=True)
 
 
 def peak_memory_gib() -> float:
@@ -45,6 +45,19 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def release_freed_memory() -> None:
+    """Give memory the process freed back to the system (glibc keeps it otherwise), so that a
+    ``PeakRSS`` after a warm-up sees the next run's allocations instead of reused ones."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        getattr(ctypes.CDLL(libc), "malloc_trim", lambda pad: None)(0)
 
 
 class PeakRSS:
@@ -83,7 +96,7 @@ class MetricsLogger:
     """
 
     def __init__(self, directory: str | Path, total_steps: int, enabled: bool = True,
-                 stream=sys.stdout):
+                 stream=None):
         self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
         self.writer = None
         if enabled:
@@ -107,7 +120,7 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}"]
         parts += [f"{tag.split('/')[-1]} {metrics[tag]:.4g}" for tag in summary if tag in metrics]
         parts.append(f"ETA {format_seconds(eta)}")
-        print(" | ".join(parts), file=self.stream, flush=True)
+        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

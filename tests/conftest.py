@@ -156,14 +156,43 @@ def reward_model(task, tmp_path_factory) -> Task:
     return task
 
 
-# Modules whose tests share module-scoped fixtures (a launch, a built model): with pytest-xdist
-# each runs on one worker (``--dist loadgroup``), so that no fixture is built twice. Tests of
-# other modules are spread one by one.
-SPREAD_MODULES = {"test_benchmarks.py", "test_input_errors.py", "test_bf16.py"}
+def checkpoint_contents(path: Path) -> dict:
+    """Everything a training checkpoint holds, as plain objects: each unit's tensors (weights
+    and optimizer state, read through torch's DCP reader), train_state.json, and each rank's
+    random state."""
+    import json
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    contents = {"train_state": json.loads((path / "train_state.json").read_text())}
+    for unit in sorted(p for p in path.iterdir() if (p / "metadata.json").is_file()):
+        flat = path.parent.parent / f".contents-{path.name}-{unit.name}-{os.getpid()}.pt"
+        dcp_to_torch_save(unit, flat)
+        contents[unit.name] = torch.load(flat, weights_only=False)
+        flat.unlink()
+    for rng in sorted((path / "rng").glob("*.pt")):
+        contents[f"rng/{rng.name}"] = torch.load(rng, weights_only=False)
+    return contents
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.path.name
-        if module not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
+def assert_identical(expected, got, where: str = "") -> None:
+    """Equal, bit for bit: tensors, arrays and nested containers."""
+    import numpy as np
+    import torch
+
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and expected.dtype == got.dtype and torch.equal(
+            expected, got), where
+    elif isinstance(expected, np.ndarray):
+        assert np.array_equal(expected, got), where
+    elif isinstance(expected, dict):
+        assert expected.keys() == got.keys(), (where, set(expected) ^ set(got))
+        for key in expected:
+            assert_identical(expected[key], got[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(got), where
+        for i, (a, b) in enumerate(zip(expected, got)):
+            assert_identical(a, b, f"{where}[{i}]")
+    else:
+        assert expected == got, (where, expected, got)

@@ -1,7 +1,9 @@
-"""A throwaway single-node Slurm cluster on localhost, for testing the sbatch launchers.
+"""A throwaway Slurm cluster on localhost, for testing the sbatch launchers.
 
-Starts slurmctld and slurmd from Debian's slurm-wlm with a generated slurm.conf (no munge:
-auth/none), and stops exactly the daemons it started.
+Starts slurmctld and one slurmd per node from Debian's slurm-wlm with a generated slurm.conf (no
+munge: auth/none), and stops exactly the daemons it started. Several nodes run on this one host
+(``slurmd -N NAME``, a port each); their names resolve through an /etc/hosts line that is
+removed again when the cluster stops.
 """
 
 from __future__ import annotations
@@ -25,19 +27,27 @@ def available() -> str | None:
         else None
 
 
+HOSTS = Path("/etc/hosts")
+
+
 class LocalSlurm:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, nodes: int = 2):
         self.root = root
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [f"ci{i + 1}" for i in range(nodes)]
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.pids: list[Path] = []
+        self._hosts_line = f"127.0.0.1 {' '.join(self.nodes)}  # tests/slurm_cluster.py\n"
 
     def write_conf(self) -> None:
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         cpus = os.cpu_count() or 2
-        memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
+        memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.4)
+        nodes = "\n".join(f"NodeName={name} NodeHostname={self.host} NodeAddr=127.0.0.1 "
+                           f"Port={6818 + i} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
+                           for i, name in enumerate(self.nodes))
         self.conf.write_text(f"""ClusterName=ci
 SlurmctldHost={self.host}
 SlurmUser=root
@@ -52,31 +62,35 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 StateSaveLocation={self.root}/state
-SlurmdSpoolDir={self.root}/spool
+SlurmdSpoolDir={self.root}/spool/%n
 SlurmctldPidFile={self.root}/slurmctld.pid
-SlurmdPidFile={self.root}/slurmd.pid
+SlurmdPidFile={self.root}/slurmd-%n.pid
 SlurmctldLogFile={self.root}/log/slurmctld.log
-SlurmdLogFile={self.root}/log/slurmd.log
+SlurmdLogFile={self.root}/log/slurmd-%n.log
 SlurmctldPort=6817
-SlurmdPort=6818
 KillWait=60
-NodeName={self.host} CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+{nodes}
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
 
     def start(self, timeout: float = 60) -> None:
         self.write_conf()
-        for daemon in ("slurmctld", "slurmd"):
-            subprocess.run([daemon, "-f", str(self.conf)], env=self.env, check=True)
-            self.pids.append(self.root / f"{daemon}.pid")
+        with HOSTS.open("a") as hosts:
+            hosts.write(self._hosts_line)
+        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env, check=True)
+        self.pids.append(self.root / "slurmctld.pid")
+        for name in self.nodes:
+            subprocess.run(["slurmd", "-f", str(self.conf), "-N", name], env=self.env, check=True)
+            self.pids.append(self.root / f"slurmd-{name}.pid")
         deadline = time.time() + timeout
         while time.time() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env,
-                                   capture_output=True, text=True).stdout.strip()
-            if state in ("idle", "mixed", "allocated"):
+            states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env,
+                                    capture_output=True, text=True).stdout.split()
+            if len(states) == len(self.nodes) and all(
+                    s in ("idle", "mixed", "allocated") for s in states):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"Slurm did not become ready (sinfo: {state!r}); see {self.root}/log")
+        raise RuntimeError(f"Slurm did not become ready (sinfo: {states!r}); see {self.root}/log")
 
     def sbatch(self, *args: str, cwd: Path, env: dict | None = None) -> str:
         out = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd,
@@ -101,6 +115,16 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
             time.sleep(1)
         raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout}s")
 
+    def release_requeued(self, job: str) -> None:
+        """Start a requeued job now instead of after Slurm's ~2-minute hold."""
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=self.env,
+                       capture_output=True)
+
+    def restarts(self, job: str) -> int:
+        out = subprocess.run(["scontrol", "show", "job", job], env=self.env,
+                             capture_output=True, text=True).stdout
+        return int(next(f for f in out.split() if f.startswith("Restarts=")).split("=")[1])
+
     def stop(self) -> None:
         for pid_file in self.pids:
             if pid_file.is_file():
@@ -109,3 +133,6 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                 except (ProcessLookupError, ValueError):
                     pass
         time.sleep(1)
+        text = HOSTS.read_text()
+        if self._hosts_line in text:
+            HOSTS.write_text(text.replace(self._hosts_line, ""))

@@ -43,7 +43,7 @@ import json, sys, time
 import torch
 from megatron_dvpo import distributed
 from megatron_dvpo.config import ParallelConfig, load_config
-from megatron_dvpo.logging import PeakRSS
+from megatron_dvpo.logging import PeakRSS, release_freed_memory
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gpt import build_model_chunks
 from megatron_dvpo.rl.losses import ppo_policy_loss
@@ -68,8 +68,10 @@ def loss_fn(outputs, batch):
     return loss, {}
 
 # once before measuring: first-call allocations (thread pools, the schedule's buffers) are not
-# the head's, and blurred the quick shape's ratio (0.70-0.92 over runs; 0.20-0.45 after)
+# the head's, and blurred the quick shape's ratio (0.70-0.92 over runs); what the warm-up freed
+# goes back to the system, or the measured run would reuse it unseen
 forward.run_microbatches(chunks, forward.make_microbatches(mbs, tokens=tokens), head, loss_fn)
+release_freed_memory()
 with PeakRSS() as rss:
     start = time.perf_counter()
     forward.run_microbatches(chunks, forward.make_microbatches(mbs, tokens=tokens), head,
@@ -85,7 +87,7 @@ import contextlib, json, sys, time
 import torch
 from megatron_dvpo import distributed
 from megatron_dvpo.config import ParallelConfig, load_config
-from megatron_dvpo.logging import PeakRSS
+from megatron_dvpo.logging import PeakRSS, release_freed_memory
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks
 
@@ -101,11 +103,13 @@ left_pad = torch.zeros(rows, dtype=torch.long)
 left_pad[: max(rows // 4, 1)] = torch.randint(1, seq // 2, (max(rows // 4, 1),), generator=g)
 batch = {"tokens": torch.randint(0, 1024, (rows, seq), generator=g), "left_pad": left_pad}
 tokens, positions, mask = forward.model_inputs(batch, seq, padding_right=variant == "causal")
-kernel = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
-          if variant == "dense_mask_math" else contextlib.nullcontext())
-with torch.no_grad(), kernel:  # once before measuring, as above
+def kernel():  # a context manager is entered once: a new one each time
+    return (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+            if variant == "dense_mask_math" else contextlib.nullcontext())
+with torch.no_grad(), kernel():  # once before measuring, as above
     chunks[0](tokens, positions, mask)
-with PeakRSS() as rss, torch.no_grad(), kernel:
+release_freed_memory()
+with PeakRSS() as rss, torch.no_grad(), kernel():
     start = time.perf_counter()
     chunks[0](tokens, positions, mask)
     seconds = time.perf_counter() - start

@@ -6,8 +6,9 @@ different folders, an edited file, other options or another tokenizer get entrie
 
 Building happens before ``torch.distributed`` exists (trainers call ``prepare`` from their input
 check), so no rank waits for it inside a collective under a timeout. The first process to create
-``<entry>.lock`` builds; the others poll until the entry is complete or the builder reports an
-error, which they raise as their own. A lock whose process died on this host is taken over.
+``<entry>.lock`` (``megatron_dvpo.locks``) builds; the others poll until the entry is complete or
+the builder reports an error, which they raise as their own. A lock whose process died on this
+host is taken over.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Callable
 
+from megatron_dvpo import locks
 from megatron_dvpo.data.preference import DataError
 
 POLL_SECONDS = 0.5
@@ -59,20 +59,6 @@ def _is_complete(prefix: Path) -> bool:
     return prefix.with_name(prefix.name + ".json").is_file()
 
 
-def _lock_holder_dead(lock: Path) -> bool:
-    """Whether the lock's builder was a process on this host that no longer exists."""
-    try:
-        host, pid = lock.read_text().split(":")[:2]
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):  # unreadable, half-written, or not ours to signal
-        return False
-    return False
-
-
 def build_once(prefix: Path, build: Callable[[], object], label: str,
                report: Callable[[str], None] = print) -> Path:
     """Run ``build()`` (which writes the entry at ``prefix``) in exactly one process."""
@@ -81,22 +67,15 @@ def build_once(prefix: Path, build: Callable[[], object], label: str,
     prefix.parent.mkdir(parents=True, exist_ok=True)
     started = last_report = time.time()
     while not _is_complete(prefix):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_holder_dead(lock):
-                lock.unlink(missing_ok=True)
-                continue
+        if not locks.try_acquire(lock):
             if error.is_file() and error.stat().st_mtime >= started:
                 raise DataError(error.read_text())
             if time.time() - last_report >= REPORT_EVERY_SECONDS:
                 last_report = time.time()
-                report(f"waiting for {lock.read_text().strip()} to tokenize {label} "
+                report(f"waiting for {locks.describe(lock)} to tokenize {label} "
                        f"({last_report - started:.0f}s)")
             time.sleep(POLL_SECONDS)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()}:{os.getpid()}:{time.time()}\n")
         try:
             error.unlink(missing_ok=True)
             if not _is_complete(prefix):
@@ -105,5 +84,5 @@ def build_once(prefix: Path, build: Callable[[], object], label: str,
             error.write_text(str(e))
             raise
         finally:
-            lock.unlink(missing_ok=True)
+            locks.release(lock)
     return prefix

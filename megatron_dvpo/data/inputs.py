@@ -46,6 +46,8 @@ def check_training_inputs(cfg: RunConfig, overrides: list[str], value_model: boo
     if cfg.model.value_head and not value_model:
         raise ConfigError(f"{f'checkpoint.init_from={init}' if init else 'model.value_head'}: "
                           "a value model; SFT trains a policy")
+    if value_model:  # the model the trainer builds (models.gvm.gvm_config), as it saves it
+        cfg.model.value_head, cfg.model.tie_embeddings = True, False
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is required")
     if cfg.data.trajectory_context_k and not cfg.data.tokenizer:

@@ -26,6 +26,7 @@ from megatron_dvpo.config import ModelConfig, RunConfig
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.device import device
+from megatron_dvpo.integrity import require_intact
 from megatron_dvpo.models.generation import Rollout, rollout_prompts, rollout_responses
 from megatron_dvpo.models.precision import inference_precision
 from megatron_dvpo.rl.estimators import Advantages, Scores
@@ -53,6 +54,7 @@ def frozen_model(cfg: RunConfig, model: ModelConfig, directory: str) -> list[tor
     frozen_cfg = RunConfig(model=model, parallel=cfg.parallel,
                            precision=inference_precision(cfg.precision), seed=cfg.seed)
     chunks = build_chunks(frozen_cfg, initialize=False)
+    require_intact(directory, ("model",))
     load_model(chunks, Path(directory) / "model")
     for chunk in chunks:
         chunk.eval()

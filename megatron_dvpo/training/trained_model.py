@@ -22,6 +22,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import load_model, read_model
 from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig
+from megatron_dvpo.integrity import require_intact
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.forward import Head, LossFn, run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
@@ -156,6 +157,7 @@ class TrainedModel:
         other optimizers copy it from the loaded parameters. ``skip``: name prefixes that keep
         their current values (a GVM's fresh head on a policy's trunk).
         """
+        require_intact(directory, ("model",))
         model_dir = Path(directory) / "model"
         load_model(self.chunks, model_dir, skip)
         self.optimizer.reload_model_params(self._main_params_source(model_dir))

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import REPO, launch
+from conftest import launch
 from megatron_dvpo.demo import scalars
 from test_bf16 import dvpo_keeps_its_frozen_models_bf16_and_unchanged
 

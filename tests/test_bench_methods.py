@@ -1,0 +1,54 @@
+"""tools/bench_methods.py and tools/bench_guided.py in their quick modes, on the shared demo
+stages and reward model (no timing or quality asserts: those are the benchmarks')."""
+
+import json
+import subprocess
+import sys
+
+from conftest import NPROC, REPO
+
+
+def _quick(tmp_path, script: str, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / script), "--quick", "--out",
+                           str(out), *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def reusing(task) -> list[str]:
+    """A benchmark's options that reuse the shared demo stages instead of making its own."""
+    return ["--task-dir", str(task.root.parent), "--nproc", str(NPROC), "--sft-steps", "100",
+            "--gvm-steps", "300"]
+
+
+def test_bench_guided_quick(task, tmp_path):
+    """Plain, best-of-n and GVM-guided sampling on the same held-out prompts, end to end."""
+    methods = _quick(tmp_path, "bench_guided.py", "--workdir", str(tmp_path),
+                     *reusing(task))["methods"]
+    assert set(methods) == {"plain", "best_of_2", "guided_beta_1"}
+    for result in methods.values():
+        assert result["prompts"] == 400 and -1 <= result["true_reward_mean"] <= 1
+    # best-of-2 generates two samples per prompt
+    assert methods["best_of_2"]["generated_tokens_per_prompt"] > \
+        methods["plain"]["generated_tokens_per_prompt"]
+
+
+def test_bench_methods_quick(reward_model, tmp_path):
+    """All four methods in both settings, measured model state, and the quality runs (on the
+    shared demo stages and reward model); without a reference DVPO holds one model fewer than
+    with one, and PPO a critic more than DVPO."""
+    # 16 rows: DPO's 8 pairs split over micro-batches of 4 at 2 ranks
+    result = _quick(tmp_path, "bench_methods.py", "--workdir", str(tmp_path), "--batch", "16",
+                    *reusing(reward_model))
+    for setting in ("with_reference", "without_reference"):
+        row = result["cost"][setting]
+        assert set(row) == {"dvpo", "ppo", "grpo", "dpo", "dvpo_over_ppo"}
+        assert "critic_gib" in row["ppo"] and "critic_gib" not in row["dvpo"]
+        assert ("reference_gib" in row["dvpo"]) == (setting == "with_reference")
+        assert row["dvpo_over_ppo"]["model_state_gib"] == (row["dvpo"]["model_state_gib"]
+                                                           / row["ppo"]["model_state_gib"]) < 1
+    quality = result["quality"]["synthetic"]
+    for method in ("dvpo", "ppo", "grpo", "dpo"):
+        assert -1 <= quality[method]["true_reward_after"] <= 1
+    assert quality["dvpo"]["generated_tokens"] > 0 and quality["dpo"]["generated_tokens"] == 0
