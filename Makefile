@@ -28,8 +28,10 @@ demo: .venv
 
 # Two workers: most launches run one process on one thread (OMP_NUM_THREADS=1, also for the
 # workers' own tensors), so the two cores stay busy. Each test file runs on one worker, so that
-# its module-scoped fixtures (a launch, a built model) are built once.
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+# its module-scoped fixtures (a launch, a built model) are built once; the files start in
+# tests/conftest.py's order (slowest first), and the slowest tests are listed at the end.
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile \
+    --no-loadscope-reorder --durations=25
 
 test: .venv
 	$(PYTEST) tests

@@ -268,6 +268,22 @@ class RLConfig:
     clip_eps: float = _checked(0.2, POSITIVE)
     ratio_threshold: float = _checked(10.0, POSITIVE)
     entropy_coef: float = _checked(0.0, NON_NEGATIVE)
+    # Policy-loss options (docs/algorithm.md §2, "Policy-loss options"). How token losses
+    # aggregate: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                           "seq-mean-token-sum-norm"] = "token-mean"
+    # dual-clip PPO: a negative advantage's token loss capped at -dual_clip x A (> 1; verl: 3)
+    dual_clip: Optional[float] = _checked(None, {"check": (lambda v: v > 1, "> 1")})
+    # bound on |log(pi_theta / pi_old)| before the exp (None: none)
+    log_ratio_clamp: Optional[float] = _checked(None, POSITIVE)
+    # the per-token KL penalty's estimator of KL(pi_old || pi_ref), with d = logp_old - logp_ref:
+    # k1 = d (the released code), k2 = d^2 / 2, k3 = exp(-d) - 1 + d (non-negative)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # correction of the sampler's and the training forward's log-prob mismatch: none, tis
+    # (weights min(pi_train / pi_sampler, is_cap)) or icepop (the ratio inside [1/is_cap,
+    # is_cap], the token dropped outside)
+    is_correction: Literal["none", "tis", "icepop"] = "none"
+    is_cap: float = _checked(2.0, {"check": (lambda v: v > 1, "> 1")})
     # The task's scorer for eval/true_reward_mean: synthetic:<seed>, bigram:<seed>,
     # module:function or file.py:function (megatron_dvpo/rl/rewards.py), or None.
     true_reward: Optional[str] = None
@@ -318,8 +334,9 @@ class GRPOConfig:
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
     # or the user's function of the text instead (a verifier): a scorer spec, as rl.true_reward
     scorer: Optional[str] = None
-    # grpo: group-normalised rewards; rloo: leave-one-out baseline
-    estimator: Literal["grpo", "rloo"] = "grpo"
+    # grpo: group-normalised rewards; dr_grpo: group-centred, no std (Dr. GRPO; pair it with
+    # rl.loss_agg_mode=seq-mean-token-sum-norm); rloo: leave-one-out baseline
+    estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
 
 
 @dataclass
@@ -330,6 +347,9 @@ class DPOConfig:
     beta: float = _checked(0.1, POSITIVE)
     reference: Optional[str] = None  # the reference policy; default: checkpoint.init_from
     reference_free: bool = False  # no reference model: its log-probs are taken as 0
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO's logistic loss, or IPO's squared one
+    # conservative DPO: the probability that a pair's label is wrong (sigmoid loss only)
+    label_smoothing: float = _checked(0.0, {"check": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")})
 
 
 @dataclass

@@ -151,16 +151,17 @@ def run_pipeline(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: in
         f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
         f"rl.policy={policy}", f"dvpo.gvm={gvm_ckpt}", f"logging.run_dir={dvpo_dir}",
         f"checkpoint.save_dir={dvpo_dir}/checkpoints", f"train_steps={dvpo_steps}"], nproc)
-    final = dvpo_dir / "checkpoints" / f"iter_{dvpo_steps:07d}"
     _run("7. export the trained policy to HF", ["tools/convert_megatron_to_hf.py", "--ckpt",
-                                                str(final), "--out", str(work / "hf_trained"),
-                                                "--overwrite"])
+                                                str(dvpo_dir / "checkpoints"), "--out",
+                                                str(work / "hf_trained"), "--overwrite"])
     gvm_logs, dvpo_logs = scalars(gvm_dir / "tensorboard"), scalars(dvpo_dir / "tensorboard")
     true_reward = dvpo_logs["eval/true_reward_mean"]
     return {"true_reward_before": true_reward[0][1], "true_reward_after": true_reward[-1][1],
             "gvm_pair_acc_last": gvm_logs["gvm/pair_acc_last"][-1][1],
             "gvm_pair_acc_mean": gvm_logs["gvm/pair_acc_mean"][-1][1],
-            "tensorboard": str(dvpo_dir / "tensorboard"), "exported": str(work / "hf_trained")}
+            "tensorboard": str(dvpo_dir / "tensorboard"), "exported": str(work / "hf_trained"),
+            "exported_from": json.loads((work / "hf_trained" / "conversion.json").read_text())
+            .get("source")}
 
 
 def main(argv=None) -> None:

@@ -156,6 +156,20 @@ def reward_model(task, tmp_path_factory) -> Task:
     return task
 
 
+# The slowest files (measured, tests/conftest.py's session fixtures included) start first on
+# the two workers of `make test`: started last, one would run on alone at the end.
+SLOWEST_FIRST = ["test_bench_methods.py", "test_dvpo.py", "test_fault_tolerance.py",
+                 "test_run_faults.py", "test_slurm.py", "test_bench_gpu.py", "test_gvm_train.py",
+                 "test_rl_equivalence.py", "test_bench_gvm.py", "test_input_errors.py",
+                 "test_parallel_equivalence.py", "test_bf16.py", "test_ppo.py",
+                 "test_convert.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 def checkpoint_contents(path: Path) -> dict:
     """Everything a training checkpoint holds, as plain objects: each unit's tensors (weights
     and optimizer state, read through torch's DCP reader), train_state.json, and each rank's

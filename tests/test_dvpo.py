@@ -43,9 +43,12 @@ def test_dvpo_raises_the_true_reward(pipeline):
 
 
 def test_exported_policy_loads_in_transformers(pipeline):
+    """The demo exports from the run's save directory, which stands for its latest
+    checkpoint."""
     import transformers as tf
 
-    work, _ = pipeline
+    work, result = pipeline
+    assert result["exported_from"] == str(work / "dvpo" / "checkpoints" / "iter_0000040")
     model = tf.AutoModelForCausalLM.from_pretrained(work / "hf_trained")
     tokenizer = tf.AutoTokenizer.from_pretrained(work / "hf_trained")
     ids = tokenizer("banana mango", return_tensors="pt").input_ids

@@ -152,3 +152,101 @@ def test_skip_rule(ratio_mean, threshold, skip):
 def test_invalid_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- policy-loss options (docs/algorithm.md §2, "Policy-loss options") ------------------------
+
+def test_loss_aggregations_by_hand():
+    """The policy_batch token losses: row 0 (-1.2, 1.8), row 1 (0.8, -0.5); a third row with
+    one token of loss 0.6 (A = -0.6, rho = 1) shows the row weights."""
+    from megatron_dvpo.rl.losses import aggregate, aggregation_count
+
+    per_token = torch.tensor([[-1.2, 1.8, 9.0], [0.8, -0.5, 9.0], [0.6, 9.0, 9.0]], dtype=F64)
+    mask = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])
+    expected = {"token-mean": (-1.2 + 1.8 + 0.8 - 0.5 + 0.6) / 5,
+                "seq-mean-token-mean": ((0.6 / 2) + (0.3 / 2) + 0.6) / 3,
+                "seq-mean-token-sum": (0.6 + 0.3 + 0.6) / 3,
+                "seq-mean-token-sum-norm": (0.6 + 0.3 + 0.6) / (3 * 4)}
+    for mode, value in expected.items():
+        assert aggregate(per_token, mask, mode, horizon=4).item() == pytest.approx(value), mode
+    assert [aggregation_count(mask, mode, 4).item() for mode in expected] == [5, 3, 3, 12]
+    # split into microbatches, each divided by the global count: the same number
+    for mode, value in expected.items():
+        total = aggregation_count(mask, mode, 4).item()
+        parts = sum(aggregate(per_token[i:i + 1], mask[i:i + 1], mode, total, 4)
+                    for i in range(3))
+        assert parts.item() == pytest.approx(value), mode
+
+
+def test_dual_clip_caps_a_negative_advantages_loss():
+    """A = -1 and rho = 5 (log-ratio ln 5): the clipped surrogate's loss is max(5, 1.2) = 5;
+    dual-clip at 3 caps it at 3; a positive advantage is left alone."""
+    logp_old = torch.zeros(1, 2, dtype=F64)
+    logp = torch.tensor([[math.log(5.0), math.log(5.0)]], dtype=F64)
+    advantages = torch.tensor([[-1.0, 1.0]], dtype=F64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    plain, _ = ppo_policy_loss(logp, logp_old, advantages, mask)
+    assert plain.item() == pytest.approx((5.0 - 1.2) / 2)
+    dual, stats = ppo_policy_loss(logp, logp_old, advantages, mask, dual_clip=3.0)
+    assert dual.item() == pytest.approx((3.0 - 1.2) / 2) and stats["dual_clipfrac_sum"] == 1
+
+
+def test_the_log_ratio_clamp_bounds_a_runaway_ratio():
+    """log-ratio 25, A = -1: exp(25) = 7.2e10 unclamped; clamped at 3, exp(3) = 20.1."""
+    logp = torch.tensor([[25.0]], dtype=F64)
+    zero, mask, minus = torch.zeros(1, 1, dtype=F64), torch.ones(1, 1, dtype=torch.bool), \
+        -torch.ones(1, 1, dtype=F64)
+    assert ppo_policy_loss(logp, zero, minus, mask)[0].item() == pytest.approx(math.exp(25))
+    assert ppo_policy_loss(logp, zero, minus, mask, log_ratio_clamp=3.0)[0].item() == \
+        pytest.approx(math.exp(3))
+
+
+def test_importance_corrections_by_hand():
+    """pi_train / pi_sampler = 0.25, 1, 3 on three tokens, cap 2: tis weights 0.25, 1, 2 (one
+    truncated); icepop keeps ratios inside [0.5, 2]: 0, 1, 0 (two dropped)."""
+    from megatron_dvpo.rl.losses import importance_weights
+
+    sampler = torch.zeros(1, 4, dtype=F64)
+    train = torch.tensor([[math.log(0.25), 0.0, math.log(3.0), 7.0]], dtype=F64)
+    mask = torch.tensor([[True, True, True, False]])
+    weights, stats = importance_weights(train, sampler, mask, "tis", 2.0)
+    assert weights[0, :3].tolist() == pytest.approx([0.25, 1.0, 2.0])
+    assert stats["corrected_sum"] == 1 and stats["ratio_max"].item() == pytest.approx(3.0)
+    assert stats["ratio_sum"].item() == pytest.approx(4.25) and stats["tokens"] == 3
+    weights, stats = importance_weights(train, sampler, mask, "icepop", 2.0)
+    assert weights[0, :3].tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert stats["corrected_sum"] == 2
+    assert importance_weights(train, sampler, mask, "none")[0] is None
+    # the weights multiply each token's loss
+    logp_old, advantages = torch.zeros(1, 4, dtype=F64), torch.ones(1, 4, dtype=F64)
+    weights, _ = importance_weights(train, sampler, mask, "tis", 2.0)
+    loss, _ = ppo_policy_loss(logp_old.clone(), logp_old, advantages, mask, weights=weights)
+    assert loss.item() == pytest.approx(-(0.25 + 1.0 + 2.0) / 3)
+
+
+def test_kl_estimators_by_hand():
+    """d = logp_old - logp_ref = 0.5: k1 0.5, k2 0.125, k3 exp(-0.5) - 1 + 0.5 = 0.1065307;
+    d = -0.5: k1 -0.5 (k1 alone can be negative), k2 0.125, k3 exp(0.5) - 1 - 0.5."""
+    from megatron_dvpo.rl.advantages import kl_penalty
+
+    old = torch.tensor([[0.0, 0.0, 3.0]], dtype=F64)
+    ref = torch.tensor([[-0.5, 0.5, -9.0]], dtype=F64)
+    mask = torch.tensor([[True, True, False]])
+    assert kl_penalty(old, ref, mask, "k1").tolist() == [[0.5, -0.5, 0.0]]
+    assert kl_penalty(old, ref, mask, "k2").tolist() == [[0.125, 0.125, 0.0]]
+    assert kl_penalty(old, ref, mask, "k3")[0].tolist() == pytest.approx(
+        [math.exp(-0.5) - 0.5, math.exp(0.5) - 1.5, 0.0])
+
+
+def test_dpo_label_smoothing_and_ipo_by_hand():
+    """One pair with h = (c - c_ref) - (r - r_ref) = 2 and beta 0.5 (margin 1): DPO log(1 +
+    e^-1); conservative DPO at 0.1: 0.9 log(1 + e^-1) + 0.1 log(1 + e^1); IPO (h - 1/(2 beta))^2
+    = (2 - 1)^2 = 1."""
+    from megatron_dvpo.rl.losses import dpo_loss
+
+    c, r, zero = torch.tensor([2.0]), torch.tensor([0.0]), torch.zeros(1)
+    plain = math.log(1 + math.exp(-1))
+    assert dpo_loss(c, r, zero, zero, 0.5)[0].item() == pytest.approx(plain)
+    assert dpo_loss(c, r, zero, zero, 0.5, label_smoothing=0.1)[0].item() == pytest.approx(
+        0.9 * plain + 0.1 * math.log(1 + math.e))
+    assert dpo_loss(c, r, zero, zero, 0.5, "ipo")[0].item() == pytest.approx(1.0)

@@ -118,3 +118,10 @@ def test_a_tied_group_has_advantage_exactly_zero(method):
     mixed = torch.tensor([0.7] * 8 + [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     out = group_advantages(mixed, 8, method)
     assert torch.equal(out[:8], torch.zeros(8)) and out[8:].abs().min() > 0.05
+
+
+def test_dr_grpo_centres_without_the_std():
+    """Dr. GRPO (Liu et al., 2025): r_i - mean_g, no division by the group's std."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0])
+    assert group_advantages(rewards, 4, "dr_grpo").tolist() == pytest.approx(
+        [0.0, -1.0, -1.0, 2.0])

@@ -24,6 +24,14 @@ def test_scorer_specs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_scorer("my_scores:length")("p", "one two") == 2.0  # module:function
     assert load_scorer(f"{tmp_path}/my_scores.py:length")("p", "x") == 1.0  # file.py:function
+    helpers = tmp_path / "elsewhere"
+    helpers.mkdir()
+    (helpers / "word_list.py").write_text("GOOD = {'apple', 'sun'}\n")
+    (helpers / "verifier.py").write_text(
+        "from word_list import GOOD\n"
+        "def score(prompt, response):\n    return float(sum(w in GOOD for w in response.split()))\n")
+    # a file's scorer imports the modules beside it, as `python verifier.py` would
+    assert load_scorer(f"{helpers}/verifier.py:score")("p", "apple sun x") == 2.0
     for spec, message in (("heldout:0", r"cannot import module 'heldout'"),
                           ("my_scores:missing", r"my_scores has no function 'missing'"),
                           ("my_scores:broken", r"calling broken\(prompt, response\) failed: "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_dvpo import distributed
-from megatron_dvpo.checkpointing import is_checkpoint, model_sharded_state_dict
+from megatron_dvpo.checkpointing import model_sharded_state_dict, resolve_checkpoint_dir
 from megatron_dvpo.config import (ParallelConfig, PrecisionConfig, RunConfig, load_config,
                                   save_config, validate_model)
 from megatron_dvpo.conversion.hf_config import hf_config_from_model, model_config_from_hf
@@ -268,12 +268,10 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
               max_shard_bytes: int = 2 * 1024 ** 3, verbose: bool = True) -> Path:
     """Write a converted or trained checkpoint directory as an HF directory.
 
-    A GVM's value head is written under TRL's names (``v_head.summary.{weight,bias}``).
+    A GVM's value head is written under TRL's names (``v_head.summary.{weight,bias}``). A
+    training run's save directory stands for its latest checkpoint, as everywhere else.
     """
-    ckpt, out = Path(ckpt), Path(out)
-    if not (ckpt / "config.yaml").is_file() or not is_checkpoint(ckpt / "model"):
-        raise CheckpointError(f"{ckpt} is not a megatron_dvpo checkpoint directory "
-                              "(needs config.yaml and model/)")
+    ckpt, out = resolve_checkpoint_dir(ckpt, "--ckpt"), Path(out)
     cfg = load_config(ckpt / "config.yaml")
     model = cfg.model
     source = ckpt / "hf_config.json"

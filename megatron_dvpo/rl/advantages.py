@@ -74,16 +74,28 @@ def _previous_values(q: torch.Tensor, q_prompt: torch.Tensor) -> torch.Tensor:
     return torch.cat([q_prompt.unsqueeze(1), q[:, :-1]], dim=1)
 
 
-def kl_penalty(logp_old: torch.Tensor, logp_ref: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-    """Per-token ``logp_old - logp_ref``, 0 at padding.
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
-    The single-sample estimate of ``KL(pi_old || pi_ref)`` on the sampled token, as the released
-    code uses; it can be negative on a token, only its expectation is not.
+
+def kl_penalty(logp_old: torch.Tensor, logp_ref: torch.Tensor,
+               mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token single-sample estimate of ``KL(pi_old || pi_ref)`` on the sampled token, 0 at
+    padding (Schulman's k1-k3, with ``d = logp_old - logp_ref``):
+
+    - ``k1``: ``d``, unbiased, as the released code uses; it can be negative on a token;
+    - ``k2``: ``d^2 / 2``, biased, low variance, never negative;
+    - ``k3``: ``exp(-d) - 1 + d``, unbiased and never negative (verl's ``low_var_kl``).
     """
     _check_shapes(mask, logp_old=logp_old, logp_ref=logp_ref)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; one of {KL_ESTIMATORS}")
     logp_old, logp_ref = _constant(logp_old, logp_ref)
-    return torch.where(mask, logp_old - logp_ref, 0.0)
+    d = torch.where(mask, logp_old - logp_ref, 0.0)
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        return torch.where(mask, torch.expm1(-d) + d, 0.0)
+    return d
 
 
 def td_advantages(q: torch.Tensor, q_prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -183,12 +195,13 @@ def gae_advantages(q: torch.Tensor, q_prompt: torch.Tensor, mask: torch.Tensor,
 def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
                        mask: torch.Tensor, logp_old: torch.Tensor | None = None,
                        logp_ref: torch.Tensor | None = None, beta: float = 0.0,
-                       gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True
+                       gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True,
+                       kl_estimator: str = "k1"
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Advantages ``[B, T]`` of one rollout batch by ``estimator`` (``td``, ``q`` or ``gae``).
 
-    The KL penalty ``-beta * (logp_old - logp_ref)_t`` applies only when ``beta > 0`` and a
-    reference is given (no reference model is loaded when ``kl_coef = 0``). For ``td`` and
+    The KL penalty ``-beta * k_t`` (``kl_penalty``'s ``kl_estimator``, by default ``k1 =
+    logp_old - logp_ref``) applies only when ``beta > 0`` and a reference is given (no reference model is loaded when ``kl_coef = 0``). For ``td`` and
     ``q`` it is added to ``A_t``; for ``gae`` it is the whole reward (all zeros without it), and
     ``gamma``/``lam``/``whiten_values`` (per-sequence state values) matter only there. Global
     whitening is left to the caller (``whiten``).
@@ -203,7 +216,8 @@ def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
         raise ValueError(f"beta must be >= 0, got {beta}")
     if logp_ref is not None and logp_old is None:
         raise ValueError("logp_ref needs logp_old: the KL penalty is logp_old - logp_ref")
-    kl = kl_penalty(logp_old, logp_ref, mask) if logp_ref is not None else None
+    kl = (kl_penalty(logp_old, logp_ref, mask, kl_estimator) if logp_ref is not None
+          else None)
     shaping = -beta * kl if kl is not None and beta > 0 else None
     if estimator == "gae":
         rewards = shaping if shaping is not None else torch.zeros_like(q, dtype=torch.float32)
@@ -340,8 +354,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, method: str,
     """[B] outcome advantages of ``group_size`` consecutive samples of each prompt.
 
     ``grpo``: ``(r_i - mean_g) / (std_g + eps)`` with the group's unbiased std (DeepSeekMath's
-    GRPO); ``rloo``: ``r_i - mean_{j != i} r_j``, the leave-one-out baseline (Ahmadian et al.,
-    2024), which is ``n / (n - 1) * (r_i - mean_g)``. A group of one has advantage 0, and so
+    GRPO); ``dr_grpo``: ``r_i - mean_g``, no std (Liu et al., 2025: the std favours groups of
+    nearly equal rewards); ``rloo``: ``r_i - mean_{j != i} r_j``, the leave-one-out baseline
+    (Ahmadian et al., 2024), which is ``n / (n - 1) * (r_i - mean_g)``. A group of one has advantage 0, and so
     has a tied group, exactly: computed in fp64, and the rounding of a tied group's mean never
     divided by its zero std (in fp32 8 rewards of 0.7 got +0.056 each).
     """
@@ -354,6 +369,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, method: str,
     centred = torch.where(tied, 0.0, groups - groups.mean(1, keepdim=True))
     if method == "grpo":
         out = centred / (groups.std(1, keepdim=True) + eps)
+    elif method == "dr_grpo":
+        out = centred
     elif method == "rloo":
         out = centred * group_size / (group_size - 1)
     else:

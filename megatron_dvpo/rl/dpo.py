@@ -42,6 +42,9 @@ def check_dpo_inputs(cfg: RunConfig, overrides: list[str] | tuple = ()) -> None:
     if cfg.data.micro_batch_size % 2:
         raise ConfigError("DPO needs an even data.micro_batch_size (whole pairs per "
                           "microbatch)")
+    if cfg.dpo.label_smoothing and cfg.dpo.loss != "sigmoid":
+        raise ConfigError(f"dpo.label_smoothing={cfg.dpo.label_smoothing} smooths the sigmoid "
+                          f"loss; dpo.loss={cfg.dpo.loss} has no labels to smooth")
     if not cfg.dpo.reference_free:
         cfg.dpo.reference = str(resolve_checkpoint_dir(
             cfg.dpo.reference or cfg.checkpoint.init_from, "dpo.reference"))
@@ -102,11 +105,12 @@ class DPOTrainer:
         tensors = to_device({"tokens": batch["tokens"], "scored": batch["response_mask"][:, 1:]})
         tensors["ref"] = self._reference_logprobs(tensors["tokens"], tensors["scored"])
         pairs = distributed.all_reduce_data_parallel(float(len(indices) // 2))
-        dp, beta = parallel_state.get_data_parallel_world_size(), self.cfg.dpo.beta
+        dp, options = parallel_state.get_data_parallel_world_size(), self.cfg.dpo
 
         def loss_fn(outputs, mb):
             seq = (outputs["logprobs"] * mb["scored"]).sum(1)
-            loss, stats = dpo_loss(seq[0::2], seq[1::2], mb["ref"][0::2], mb["ref"][1::2], beta)
+            loss, stats = dpo_loss(seq[0::2], seq[1::2], mb["ref"][0::2], mb["ref"][1::2],
+                                   options.beta, options.loss, options.label_smoothing)
             return loss / pairs * dp, {"loss_sum": loss.detach(), **stats}
 
         lengths = batch["prompt_lengths"] + batch["response_lengths"]

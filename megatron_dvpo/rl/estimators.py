@@ -44,6 +44,7 @@ class EstimatorInputs:
     lam: float
     whiten_state_values: bool = False  # gae: per-sequence whitening of V(s_t)
     group_size: int = 1  # rollout.n_samples: consecutive rows that share a prompt
+    kl_estimator: str = "k1"  # rl.kl_estimator: the per-token KL penalty's estimator
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def _gvm(estimator: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
     def estimate(scores: Scores, x: EstimatorInputs) -> Advantages:
         advantages, _ = compute_advantages(estimator, scores.q, scores.q_prompt, x.mask,
                                            x.logp_old, x.logp_ref, x.beta, x.gamma, x.lam,
-                                           x.whiten_state_values)
+                                           x.whiten_state_values, x.kl_estimator)
         return Advantages(advantages)
 
     return estimate
@@ -69,7 +70,7 @@ def gae_with_critic(scores: Scores, x: EstimatorInputs) -> Advantages:
     model's score at the last token."""
     rewards = torch.zeros_like(x.logp_old, dtype=torch.float32)
     if x.logp_ref is not None and x.beta > 0:
-        rewards = -x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask)
+        rewards = -x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask, x.kl_estimator)
     last = (x.mask.sum(1) - 1).unsqueeze(1)
     rewards = rewards.scatter_add(1, last, scores.sequence_rewards.unsqueeze(1).to(rewards.dtype))
     advantages, returns = gae(scores.state_values, rewards, x.mask, x.gamma, x.lam)
@@ -84,7 +85,8 @@ def _group(method: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
     def estimate(scores: Scores, x: EstimatorInputs) -> Advantages:
         rewards = scores.sequence_rewards.float()
         if x.logp_ref is not None and x.beta > 0:
-            rewards = rewards - x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask).sum(1)
+            rewards = rewards - x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask,
+                                                    x.kl_estimator).sum(1)
         per_row = group_advantages(rewards, x.group_size, method)
         return Advantages(per_row[:, None] * x.mask)
 
@@ -94,7 +96,7 @@ def _group(method: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
 ESTIMATORS: dict[str, Callable[[Scores, EstimatorInputs], Advantages]] = {
     "td": _gvm("td"), "q": _gvm("q"), "gae": _gvm("gae"),
     "gae_critic": gae_with_critic,
-    "grpo": _group("grpo"), "rloo": _group("rloo"),
+    "grpo": _group("grpo"), "dr_grpo": _group("dr_grpo"), "rloo": _group("rloo"),
 }
 # Already normalised within each prompt's group: never whitened again over the batch.
-GROUP_ESTIMATORS = ("grpo", "rloo")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")

@@ -32,6 +32,9 @@ def _module(name: str, spec: str, key: str):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"{key}={spec!r}: no file {path}")
+        # as `python file.py` would, let it import the modules beside it
+        if str(path.resolve().parent) not in sys.path:
+            sys.path.insert(0, str(path.resolve().parent))
         loader = importlib.util.spec_from_file_location(f"_scorer_{path.stem}", path)
         module = importlib.util.module_from_spec(loader)
         loader.loader.exec_module(module)

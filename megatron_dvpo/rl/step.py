@@ -92,7 +92,8 @@ def rl_step(job, step: int) -> StepResult:
     scored = time.perf_counter()
     logp_old = response_logprobs(job.policy.chunks, rollout, vocab, mbs, job.temperature)
     estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, job.kl.beta, rl.gamma,
-                               rl.lam, job.whiten_state_values, cfg.rollout.n_samples)
+                               rl.lam, job.whiten_state_values, cfg.rollout.n_samples,
+                               rl.kl_estimator)
     result: Advantages = ESTIMATORS[job.estimator](scores, estimate)
     advantages = result.advantages
     if rl.whiten_advantages and job.estimator not in GROUP_ESTIMATORS:

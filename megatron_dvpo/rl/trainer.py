@@ -156,7 +156,7 @@ class RLTrainer:
                       seed: list[int]) -> UpdateSummary:
         return update_policy(self.policy, rollout, logp_old, advantages, self.cfg.rl,
                              self.cfg.data, self.cfg.model.vocab_size,
-                             self.temperature, seed)
+                             self.temperature, seed, self.cfg.rollout.max_new_tokens)
 
     def perf_metrics(self, rollout: Rollout, gen_s: float, score_s: float,
                      train_s: float) -> dict[str, float]:

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from megatron_dvpo.device import device
 from megatron_dvpo.training.trained_model import UpdateResult
 
 MIN_WINDOW = 10  # steps of history before a gradient norm is compared with it
@@ -39,15 +40,13 @@ class DivergedError(UnhealthyRun):
 def parameters_norm(units: dict) -> float:
     """The L2 norm of every trained unit's parameters on every rank together (replicated
     parameters counted once per rank holding them: only ratios of it are used)."""
-    local = sum(float(p.detach().float().square().sum()) for unit in units.values()
-                for chunk in unit.chunks for p in chunk.parameters())
-    total = torch.tensor([local], dtype=torch.float64)
+    squares = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32).square()
+               for unit in units.values() for chunk in unit.chunks for p in chunk.parameters()]
+    total = (torch.stack(squares).sum().double().reshape(1) if squares
+             else torch.zeros(1, dtype=torch.float64, device=device()))
     if torch.distributed.is_initialized():
-        from megatron_dvpo.device import device
-
-        total = total.to(device())
         torch.distributed.all_reduce(total)
-    return math.sqrt(float(total))
+    return math.sqrt(float(total))  # one read of the device per step
 
 
 class RunHealth:
