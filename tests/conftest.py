@@ -156,6 +156,72 @@ def reward_model(task, tmp_path_factory) -> Task:
     return task
 
 
+class ScaledLossJob:
+    """A real training job on a tiny policy whose loss is multiplied at chosen updates (NaN: a
+    non-finite update; 1e4: a gradient spike); ``overrides``: config keys (dots as written),
+    e.g. ``max_bad_steps``. Built under a one-rank world; the loop's checkpoints go to
+    ``<tmp_path>/checkpoints``."""
+
+    summary_tags = ()
+
+    def __init__(self, tmp_path: Path, scales: dict[int, float], updates_per_step: int = 1,
+                 **overrides):
+        from megatron_dvpo.config import load_config
+        from megatron_dvpo.distributed import seed_everything
+        from megatron_dvpo.models import build_chunks
+        from megatron_dvpo.training.trained_model import TrainedModel
+
+        self.cfg = load_config(None, ["model.num_layers=1", "model.vocab_size=100",
+                                      "train_steps=30", f"logging.run_dir={tmp_path}",
+                                      f"checkpoint.save_dir={tmp_path}/checkpoints",
+                                      "data.global_batch_size=4",
+                                      "optimizer.lr_decay_style=constant",
+                                      *(f"{k}={v}" for k, v in overrides.items())])
+        seed_everything(self.cfg.seed)  # the same initial weights in every build
+        self.scales, self.updates_per_step, self.updates = scales, updates_per_step, 0
+        self.model = TrainedModel(build_chunks(self.cfg), self.cfg.optimizer, self.cfg.parallel,
+                                  self.cfg.precision, self.cfg.train_steps * updates_per_step)
+        self.units = {"model": self.model}
+
+    def initialize(self):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def step(self, step):
+        import torch
+
+        from megatron_dvpo.models import forward
+        from megatron_dvpo.training.loop import StepResult
+
+        results = []
+        for _ in range(self.updates_per_step):
+            self.updates += 1
+            scale = self.scales.get(self.updates, 1.0)
+            tokens = torch.randint(0, 100, (4, 8),
+                                   generator=torch.Generator().manual_seed(self.updates))
+            results.append(self.model.update(
+                forward.make_microbatches(2, tokens=tokens), forward.policy_logprobs_head(100),
+                lambda out, batch, s=scale: (-out["logprobs"].mean() * s, {})))
+        return StepResult({"x/loss": sum(float(o["loss"]) for r in results for o in r.outputs
+                                         if r.applied)}, results)
+
+
+def quick_bench(tmp_path: Path, script: str, *args: str) -> dict:
+    """``tools/<script> --quick``'s JSON report (the run must succeed)."""
+    import json
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / script), "--quick", "--out",
+                           str(out), *args], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 # The slowest files (measured, tests/conftest.py's session fixtures included) start first on
 # the two workers of `make test`: started last, one would run on alone at the end.
 SLOWEST_FIRST = ["test_bench_methods.py", "test_dvpo.py", "test_fault_tolerance.py",

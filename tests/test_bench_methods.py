@@ -1,19 +1,7 @@
 """tools/bench_methods.py and tools/bench_guided.py in their quick modes, on the shared demo
 stages and reward model (no timing or quality asserts: those are the benchmarks')."""
 
-import json
-import subprocess
-import sys
-
-from conftest import NPROC, REPO
-
-
-def _quick(tmp_path, script: str, *args: str) -> dict:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / script), "--quick", "--out",
-                           str(out), *args], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())
+from conftest import NPROC, quick_bench
 
 
 def reusing(task) -> list[str]:
@@ -22,9 +10,9 @@ def reusing(task) -> list[str]:
             "--gvm-steps", "300"]
 
 
-def test_bench_guided_quick(task, tmp_path):
+def test_bench_guidedquick_bench(task, tmp_path):
     """Plain, best-of-n and GVM-guided sampling on the same held-out prompts, end to end."""
-    methods = _quick(tmp_path, "bench_guided.py", "--workdir", str(tmp_path),
+    methods = quick_bench(tmp_path, "bench_guided.py", "--workdir", str(tmp_path),
                      *reusing(task))["methods"]
     assert set(methods) == {"plain", "best_of_2", "guided_beta_1"}
     for result in methods.values():
@@ -34,12 +22,12 @@ def test_bench_guided_quick(task, tmp_path):
         methods["plain"]["generated_tokens_per_prompt"]
 
 
-def test_bench_methods_quick(reward_model, tmp_path):
+def test_bench_methodsquick_bench(reward_model, tmp_path):
     """All four methods in both settings, measured model state, and the quality runs (on the
     shared demo stages and reward model); without a reference DVPO holds one model fewer than
     with one, and PPO a critic more than DVPO."""
     # 16 rows: DPO's 8 pairs split over micro-batches of 4 at 2 ranks
-    result = _quick(tmp_path, "bench_methods.py", "--workdir", str(tmp_path), "--batch", "16",
+    result = quick_bench(tmp_path, "bench_methods.py", "--workdir", str(tmp_path), "--batch", "16",
                     *reusing(reward_model))
     for setting in ("with_reference", "without_reference"):
         row = result["cost"][setting]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_identical, checkpoint_contents
+from conftest import REPO, ScaledLossJob, assert_identical, checkpoint_contents
 from megatron_dvpo.checkpointing import complete_checkpoints, find_latest_checkpoint
 from megatron_dvpo.demo import scalars
 
@@ -148,73 +148,28 @@ def test_kill_9_during_a_save_leaves_a_loadable_checkpoint(synthetic, tmp_path):
         f"iter_{s:07d}" for s in range(step + 1, step + 4)]
 
 
-class NaNAtSteps:
-    """A real training job on a tiny policy whose loss is NaN at chosen updates."""
+def nan_job(tmp_path, bad_updates, max_bad_steps, updates_per_step=1):
+    """A real training job on a tiny policy whose loss is NaN at chosen updates, and its
+    loop (8 steps, nothing saved)."""
+    from megatron_dvpo.training.loop import TrainingLoop
 
-    @staticmethod
-    def build(tmp_path, bad_updates, max_bad_steps, updates_per_step=1):
-        import torch
-
-        from megatron_dvpo.config import load_config
-        from megatron_dvpo.models import build_chunks, forward
-        from megatron_dvpo.training.loop import StepResult, TrainingLoop
-        from megatron_dvpo.training.trained_model import TrainedModel
-
-        from megatron_dvpo.distributed import seed_everything
-
-        cfg = load_config(None, ["model.num_layers=1", "model.vocab_size=100",
-                                 "train_steps=8", f"max_bad_steps={max_bad_steps}",
-                                 f"logging.run_dir={tmp_path}", "data.global_batch_size=4",
-                                 "optimizer.lr_decay_style=constant"])
-        seed_everything(cfg.seed)  # the same initial weights in every build
-
-        class Trainee:
-            summary_tags = ()
-
-            def __init__(self):
-                self.cfg, self.updates = cfg, 0
-                self.model = TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel,
-                                          cfg.precision, cfg.train_steps * updates_per_step)
-                self.units = {"model": self.model}
-
-            def initialize(self):
-                pass
-
-            def state_dict(self):
-                return {}
-
-            def load_state_dict(self, state):
-                pass
-
-            def step(self, step):
-                results = []
-                for _ in range(updates_per_step):
-                    self.updates += 1
-                    scale = float("nan") if self.updates in bad_updates else 1.0
-                    tokens = torch.randint(0, 100, (4, 8),
-                                           generator=torch.Generator().manual_seed(self.updates))
-                    results.append(self.model.update(
-                        forward.make_microbatches(2, tokens=tokens),
-                        forward.policy_logprobs_head(100),
-                        lambda out, batch, s=scale: (-out["logprobs"].mean() * s, {})))
-                return StepResult({"x/loss": sum(float(o["loss"]) for r in results
-                                                 for o in r.outputs if r.applied)}, results)
-
-        trainee = Trainee()
-        return trainee, TrainingLoop(cfg, trainee, trainee.units)
+    job = ScaledLossJob(tmp_path, {u: float("nan") for u in bad_updates}, updates_per_step,
+                        max_bad_steps=max_bad_steps, train_steps=8,
+                        **{"checkpoint.save_dir": "null"})
+    return job, TrainingLoop(job.cfg, job, job.units)
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, single_rank):
     import torch
 
-    trainee, loop = NaNAtSteps.build(tmp_path, bad_updates={3, 4}, max_bad_steps=3)
+    trainee, loop = nan_job(tmp_path, bad_updates={3, 4}, max_bad_steps=3)
     params = lambda: [p.detach().clone() for p in trainee.model.chunks[0].parameters()]  # noqa: E731
     loop.run()
     assert loop.health.skipped_steps == 2 and loop.step == 8
     logged = scalars(tmp_path / "tensorboard")["train/skipped_steps"]
     assert dict(logged)[8] == 2.0
     # a bad step leaves the weights untouched
-    trainee, loop = NaNAtSteps.build(tmp_path / "again", bad_updates={1}, max_bad_steps=3)
+    trainee, loop = nan_job(tmp_path / "again", bad_updates={1}, max_bad_steps=3)
     before = params()
     result = trainee.step(0)
     assert result.updates[0].skipped_for == "a NaN/Inf loss or gradient"
@@ -227,16 +182,16 @@ def test_a_nan_update_skips_only_itself(tmp_path, single_rank):
     skipped step, and grad_norm-style means never see a NaN."""
     import torch
 
-    trainee, loop = NaNAtSteps.build(tmp_path, bad_updates={2}, max_bad_steps=3,
-                                     updates_per_step=4)
+    trainee, loop = nan_job(tmp_path, bad_updates={2}, max_bad_steps=3,
+                            updates_per_step=4)
     result = trainee.step(0)
     assert [u.applied for u in result.updates] == [True, False, True, True]
     assert [u.grad_norm is not None for u in result.updates] == [True, False, True, True]
     loop.health.account(1, result.updates, result.metrics, 1.0)
     assert (loop.health.skipped_updates, loop.health.skipped_steps) == (1, 0)
     # the same three updates without the bad one: equal weights
-    clean, _ = NaNAtSteps.build(tmp_path / "clean", bad_updates=set(), max_bad_steps=3,
-                                updates_per_step=3)
+    clean, _ = nan_job(tmp_path / "clean", bad_updates=set(), max_bad_steps=3,
+                       updates_per_step=3)
     clean.updates = 0
     from megatron_dvpo.models import forward
 
@@ -248,8 +203,8 @@ def test_a_nan_update_skips_only_itself(tmp_path, single_rank):
     for a, b in zip(trainee.model.chunks[0].parameters(), clean.model.chunks[0].parameters()):
         assert torch.equal(a, b)
     # a step whose every update is NaN is a skipped step
-    bad, loop = NaNAtSteps.build(tmp_path / "bad", bad_updates={1, 2}, max_bad_steps=3,
-                                 updates_per_step=2)
+    bad, loop = nan_job(tmp_path / "bad", bad_updates={1, 2}, max_bad_steps=3,
+                        updates_per_step=2)
     result = bad.step(0)
     loop.health.account(1, result.updates, result.metrics, 1.0)
     assert (loop.health.skipped_updates, loop.health.skipped_steps) == (2, 1)
@@ -258,7 +213,7 @@ def test_a_nan_update_skips_only_itself(tmp_path, single_rank):
 def test_consecutive_nan_steps_stop_with_a_report(tmp_path, single_rank):
     from megatron_dvpo.training.health import NonFiniteError
 
-    _, loop = NaNAtSteps.build(tmp_path, bad_updates=set(range(1, 9)), max_bad_steps=3)
+    _, loop = nan_job(tmp_path, bad_updates=set(range(1, 9)), max_bad_steps=3)
     with pytest.raises(NonFiniteError, match=r"stopping at step 3: 3 consecutive bad steps, the "
                                              r"last with 1 of 1 updates skipped for a NaN/Inf "
                                              r"loss or gradient \(max_bad_steps=3\)"):

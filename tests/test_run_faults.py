@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import REPO
+from conftest import REPO, ScaledLossJob
 from megatron_dvpo.checkpointing import complete_checkpoints, find_latest_checkpoint
 from megatron_dvpo.integrity import CHECKSUMS, write_checksums
 
@@ -215,49 +214,7 @@ def test_dvpo_at_an_absurd_learning_rate_stops_as_diverged(task, trainer_main, t
     assert find_latest_checkpoint(tmp_path / "checkpoints") is None  # nothing diverged saved
 
 
-class ScaledLoss:
-    """A real training job on a tiny policy whose loss is multiplied at chosen updates (NaN:
-    a non-finite update; 1e4: a gradient spike), saving every step."""
-
-    def __init__(self, tmp_path: Path, scales: dict[int, float], **overrides):
-        from megatron_dvpo.config import load_config
-        from megatron_dvpo.distributed import seed_everything
-        from megatron_dvpo.models import build_chunks
-        from megatron_dvpo.training.trained_model import TrainedModel
-
-        extra = [f"{k}={v}" for k, v in overrides.items()]
-        self.cfg = load_config(None, ["model.num_layers=1", "model.vocab_size=100",
-                                      "train_steps=30", f"logging.run_dir={tmp_path}",
-                                      f"checkpoint.save_dir={tmp_path}/checkpoints",
-                                      "checkpoint.save_interval=1", "data.global_batch_size=4",
-                                      "optimizer.lr_decay_style=constant", *extra])
-        seed_everything(self.cfg.seed)
-        self.scales, self.updates, self.summary_tags = scales, 0, ()
-        self.model = TrainedModel(build_chunks(self.cfg), self.cfg.optimizer, self.cfg.parallel,
-                                  self.cfg.precision, self.cfg.train_steps)
-        self.units = {"model": self.model}
-
-    def initialize(self):
-        pass
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def step(self, step):
-        from megatron_dvpo.models import forward
-        from megatron_dvpo.training.loop import StepResult
-
-        self.updates += 1
-        scale = self.scales.get(self.updates, 1.0)
-        tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(
-            self.updates))
-        result = self.model.update(forward.make_microbatches(2, tokens=tokens),
-                                   forward.policy_logprobs_head(100),
-                                   lambda out, batch: (-out["logprobs"].mean() * scale, {}))
-        return StepResult({"x/loss": sum(float(o["loss"]) for o in result.outputs)}, [result])
+SAVED_EVERY_STEP = {"checkpoint.save_interval": 1}
 
 
 def test_a_bad_streak_saves_nothing_and_names_the_newest_good_checkpoint(tmp_path,
@@ -265,8 +222,8 @@ def test_a_bad_streak_saves_nothing_and_names_the_newest_good_checkpoint(tmp_pat
     from megatron_dvpo.training.health import NonFiniteError
     from megatron_dvpo.training.loop import TrainingLoop
 
-    job = ScaledLoss(tmp_path, {3: float("nan"), 4: float("nan"), 5: float("nan")},
-                     max_bad_steps=3)
+    job = ScaledLossJob(tmp_path, {3: float("nan"), 4: float("nan"), 5: float("nan")},
+                        max_bad_steps=3, **SAVED_EVERY_STEP)
     saved = tmp_path / "checkpoints" / "iter_0000002"
     with pytest.raises(NonFiniteError, match=rf"stopping at step 5: 3 consecutive bad steps.*"
                                              rf"the newest good checkpoint is {saved}$"):
@@ -281,7 +238,7 @@ def test_a_gradient_norm_spike_stops_the_run(tmp_path, single_rank):
     from megatron_dvpo.training.health import DivergedError
     from megatron_dvpo.training.loop import TrainingLoop
 
-    job = ScaledLoss(tmp_path, {15: 1e4})
+    job = ScaledLossJob(tmp_path, {15: 1e4}, **SAVED_EVERY_STEP)
     saved = tmp_path / "checkpoints" / "iter_0000014"
     with pytest.raises(DivergedError, match=rf"stopping at step 15: its gradient norm .* the "
                                             rf"median .* of the previous 14 steps "

@@ -18,7 +18,7 @@ from megatron_dvpo.models.forward import Head, LossFn
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.rl.losses import (aggregation_count, entropy_bonus, importance_weights,
                                      ppo_policy_loss, should_skip_minibatch, value_loss_clipped)
-from megatron_dvpo.training.trained_model import TrainedModel, UpdateResult
+from megatron_dvpo.training.trained_model import RATIO_THRESHOLD, TrainedModel, UpdateResult
 
 POLICY_SUMS = ("tokens", "count", "loss_sum", "clipfrac_sum", "dual_clipfrac_sum",
                "approx_kl_sum", "ratio_sum", "entropy_sum")
@@ -152,7 +152,7 @@ def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor
                               / max(sum(d.sums["count"] for d in applied), 1.0))
     metrics["policy/lr"] = policy.lr
     metrics["policy/skipped_minibatches"] = float(sum(
-        d.update.skipped_for == "the ratio threshold" for d in done))
+        d.update.skipped_for == RATIO_THRESHOLD for d in done))
     if rl.is_correction != "none":
         metrics.update(importance_metrics(is_stats))
     return UpdateSummary(metrics, [d.update for d in done])

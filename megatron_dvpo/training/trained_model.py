@@ -31,6 +31,7 @@ NON_FINITE = "a NaN/Inf loss or gradient"
 # fp16's dynamic loss scaling: an overflowing scaled gradient skips the update and lowers the
 # scale (megatron's optimizer decides); expected while the scale settles, so not a bad step
 LOSS_SCALE_OVERFLOW = "an fp16 loss-scale overflow (the scale was lowered)"
+RATIO_THRESHOLD = "the ratio threshold"  # the caller's accept() refused the update
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], parallel: ParallelConfig
@@ -194,7 +195,7 @@ class TrainedModel:
         if not self._all_finite(outputs, gradients=not self.loss_scaled):
             return UpdateResult(outputs, False, NON_FINITE)
         if accept is not None and not accept(outputs):
-            return UpdateResult(outputs, False, "the ratio threshold")
+            return UpdateResult(outputs, False, RATIO_THRESHOLD)
         success, grad_norm, _ = self.optimizer.step()
         if not success:  # megatron's fp16 loss-scale check found Inf/NaN gradients
             return UpdateResult(outputs, False, LOSS_SCALE_OVERFLOW)
