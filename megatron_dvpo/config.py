@@ -79,6 +79,19 @@ class ModelConfig:
         multiple = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
+    # The defaults of the None-able sizes, resolved here and nowhere else.
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
 
 @dataclass
 class ParallelConfig:
@@ -593,7 +606,7 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
         if getattr(model, name) < 1:
             raise ConfigError(f"model.{name} must be >= 1, got {getattr(model, name)}")
     heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
+    groups = model.query_groups
     if heads % groups:
         raise ConfigError(f"model.num_attention_heads={heads} is not divisible by "
                           f"model.num_query_groups={groups}")
@@ -606,7 +619,7 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     if model.kv_channels is None and model.hidden_size % heads:
         raise ConfigError(f"model.hidden_size={model.hidden_size} is not divisible by "
                           f"model.num_attention_heads={heads}; set model.kv_channels")
-    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    ffn = model.ffn_size
     if ffn % tp:
         raise ConfigError(f"model.ffn_hidden_size={ffn} is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp}")

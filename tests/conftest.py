@@ -110,10 +110,12 @@ class Task:
 
 
 @contextmanager
-def _shared_task(tmp_path_factory):
-    """The shared artifacts' root, locked: with pytest-xdist the workers share one root (the
-    session's base directory above theirs), and the first to need a stage builds it while the
-    others wait; the stages' stamps make every later call a no-op."""
+def _shared_task(tmp_path_factory, layer: str):
+    """The shared artifacts' root, with ``layer``'s lock held: with pytest-xdist the workers
+    share one root (the session's base directory above theirs), and the first to need a layer
+    builds it while the others wait; the stages' stamps make every later call a no-op. Each
+    layer has its own lock, so that a worker needing only the models does not wait for the SFT
+    policy and the GVM."""
     from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
@@ -121,7 +123,7 @@ def _shared_task(tmp_path_factory):
         base = base.parent
     root = base / "tasks" / "synthetic"
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root.parent / "synthetic.lock")):
+    with FileLock(str(root.parent / f"synthetic-{layer}.lock")):
         yield root
 
 
@@ -130,17 +132,17 @@ def models(tmp_path_factory) -> Task:
     """Stages 1-3b only: the task's data and the random policy and zero-head GVM."""
     from megatron_dvpo.demo import task_and_models
 
-    with _shared_task(tmp_path_factory) as root:
+    with _shared_task(tmp_path_factory, "models") as root:
         task_and_models(root, reuse=True)
     return Task(root)
 
 
 @pytest.fixture(scope="session")
-def task(tmp_path_factory) -> Task:
+def task(models, tmp_path_factory) -> Task:
     """The demo's stages 1-5, as ``make demo`` runs them."""
     from megatron_dvpo.demo import policy_and_gvm
 
-    with _shared_task(tmp_path_factory) as root:
+    with _shared_task(tmp_path_factory, "task") as root:
         policy_and_gvm(root, NPROC, reuse=True)
     return Task(root)
 
@@ -150,7 +152,7 @@ def reward_model(task, tmp_path_factory) -> Task:
     """PPO's and GRPO's reward model, trained as tools/bench_methods.py trains it."""
     from megatron_dvpo.demo import REWARD_MODEL_STAGE, train_value_model
 
-    with _shared_task(tmp_path_factory) as root:
+    with _shared_task(tmp_path_factory, "reward_model") as root:
         train_value_model(root, "reward_model", REWARD_MODEL_STAGE, 300,
                           "gvm.objective=bradley_terry", reuse=True)
     return task
@@ -223,9 +225,10 @@ def quick_bench(tmp_path: Path, script: str, *args: str) -> dict:
 
 
 # The slowest files (measured, tests/conftest.py's session fixtures included) start first on
-# the two workers of `make test`: started last, one would run on alone at the end.
-SLOWEST_FIRST = ["test_bench_methods.py", "test_dvpo.py", "test_fault_tolerance.py",
-                 "test_run_faults.py", "test_slurm.py", "test_bench_gpu.py", "test_gvm_train.py",
+# the two workers of `make test`: started last, one would run on alone at the end. The second
+# needs the models only, not the demo stages the first is building.
+SLOWEST_FIRST = ["test_bench_methods.py", "test_fault_tolerance.py", "test_dvpo.py",
+                 "test_slurm.py", "test_run_faults.py", "test_bench_gpu.py", "test_gvm_train.py",
                  "test_rl_equivalence.py", "test_bench_gvm.py", "test_input_errors.py",
                  "test_parallel_equivalence.py", "test_bf16.py", "test_ppo.py",
                  "test_convert.py"]

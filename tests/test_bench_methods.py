@@ -10,7 +10,7 @@ def reusing(task) -> list[str]:
             "--gvm-steps", "300"]
 
 
-def test_bench_guidedquick_bench(task, tmp_path):
+def test_bench_guided_quick(task, tmp_path):
     """Plain, best-of-n and GVM-guided sampling on the same held-out prompts, end to end."""
     methods = quick_bench(tmp_path, "bench_guided.py", "--workdir", str(tmp_path),
                      *reusing(task))["methods"]
@@ -22,7 +22,7 @@ def test_bench_guidedquick_bench(task, tmp_path):
         methods["plain"]["generated_tokens_per_prompt"]
 
 
-def test_bench_methodsquick_bench(reward_model, tmp_path):
+def test_bench_methods_quick(reward_model, tmp_path):
     """All four methods in both settings, measured model state, and the quality runs (on the
     shared demo stages and reward model); without a reference DVPO holds one model fewer than
     with one, and PPO a critic more than DVPO."""

@@ -7,7 +7,7 @@ import sys
 from conftest import REPO, quick_bench
 
 
-def test_bench_convertquick_bench(tmp_path):
+def test_bench_convert_quick(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_convert.py"),
                            "--shape", "tiny", "--out", str(out), "--workdir", str(tmp_path)],
@@ -22,7 +22,7 @@ def test_bench_convertquick_bench(tmp_path):
         assert r["increase_over_largest_group"] == r["peak_increase"] / (1024 * 64 * 2)
 
 
-def test_bench_memoryquick_bench(tmp_path):
+def test_bench_memory_quick(tmp_path):
     """Small shapes: the lean head's microbatch peaks below the full head's (at the real shape,
     V=128k and S=1024, the benchmark measures 0.28x; README), and GVM scoring without a dense
     mask below the dense mask's math-kernel path (0.27x at the default shape)."""
@@ -38,14 +38,14 @@ def test_bench_memoryquick_bench(tmp_path):
     assert scoring["causal_over_dense_mask_math"] < 0.8
 
 
-def test_bench_rolloutquick_bench(tmp_path):
+def test_bench_rollout_quick(tmp_path):
     row = quick_bench(tmp_path, "bench_rollout.py", "--workdir", str(tmp_path))["shapes"]["tiny"]["4"]
     for sampler in ("ours", "hf_generate"):
         assert row[sampler]["new_tokens"] == 4 * 8  # every row runs the full length
     assert row["ours_over_hf"] == row["ours"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"]
 
 
-def test_bench_packingquick_bench(tmp_path):
+def test_bench_packing_quick(tmp_path):
     """The same gradients either way; the token budget computes fewer padded tokens."""
     result = quick_bench(tmp_path, "bench_packing.py")
     assert result["real_tokens"] < result["padded_tokens"]

@@ -99,7 +99,8 @@ def test_a_text_scorer_is_the_group_reward(models, tmp_path):
             "rl.kl_coef=0", "logging.log_interval=1", "rl.eval_interval=0",
             "rl.true_reward=synthetic:0"], nproc=2)
     logs = scalars(tmp_path / "tensorboard")
-    rewards, true = logs["rollout/gvm_final_value_mean"], logs["rollout/true_reward_mean"]
+    rewards, true = logs["rollout/scorer_reward_mean"], logs["rollout/true_reward_mean"]
+    assert "rollout/gvm_final_value_mean" not in logs  # no GVM here
     assert len(rewards) == 2 and [s for s, _ in rewards] == [s for s, _ in true]
     for (_, got), (_, expected) in zip(rewards, true):
         assert got == pytest.approx(expected, abs=1e-6)

@@ -31,8 +31,10 @@ def test_ppo_steps_at_tp2_and_pp2(models, tmp_path, layout):
             "data.global_batch_size=16", "data.micro_batch_size=4", "rl.kl_coef=0.05",
             "logging.log_interval=1", "rl.eval_interval=0", layout], nproc=2)
     logs = scalars(tmp_path / "tensorboard")
-    for tag in ("policy/loss", "critic/loss", "rollout/kl_ref", "perf/score_time_s"):
+    for tag in ("policy/loss", "critic/loss", "rollout/kl_ref", "perf/score_time_s",
+                "rollout/reward_model_score_mean"):  # named after the model that scores
         assert len(logs[tag]) == 2 and all(math.isfinite(v) for _, v in logs[tag]), tag
+    assert "rollout/gvm_final_value_mean" not in logs
 
 
 def test_ppo_resumes_exactly_with_its_critic(reward_model, tmp_path):

@@ -73,9 +73,7 @@ def largest_group_bytes(ckpt: Path) -> tuple[str, int]:
     cfg = load_config(ckpt / "config.yaml")
     model = cfg.model
     bytes_per = 4 if cfg.precision.params_dtype == "fp32" else 2
-    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
-    groups = model.num_query_groups or model.num_attention_heads
-    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    head_dim, groups, ffn = model.head_dim, model.query_groups, model.ffn_size
     numel = {
         "embedding": model.padded_vocab_size * model.hidden_size,
         "linear_qkv": (model.num_attention_heads + 2 * groups) * head_dim * model.hidden_size,

@@ -123,12 +123,15 @@ def quality(work: Path, rule: str, args) -> dict:
                                      "gvm.objective=bradley_terry", reuse=reuse)
     accuracy = {name: scalars(task / name / "tensorboard")["gvm/pair_acc_last"][-1][1]
                 for name in ("gvm", "reward_model")}
+    held_out = work / "eval.jsonl"  # the first --eval-rows held-out prompts (all by default)
+    lines = (data / "eval.jsonl").read_text().splitlines(keepends=True)
+    held_out.write_text("".join(lines[:args.eval_rows or None]))
     result = {"held_out_pair_accuracy": accuracy}
     for name, (module, extra) in rl_methods(gvm, reward_model, args.rl_batch).items():
         run_dir = work / name
         _run(f"{rule}: {name}", [
             "-m", module, "--config", "examples/dvpo_tiny.yaml",
-            f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
+            f"data.train_path={data}/train.jsonl", f"data.eval_path={held_out}",
             f"rl.policy={policy}", f"rl.true_reward={rule}:0", f"logging.run_dir={run_dir}",
             "checkpoint.save_dir=null", f"train_steps={args.rl_steps}", "rl.eval_interval=0",
             f"data.global_batch_size={args.rl_batch}", "logging.log_interval=1", *extra],
@@ -146,7 +149,7 @@ def quality(work: Path, rule: str, args) -> dict:
     _run(f"{rule}: DPO policy on the held-out prompts", [
         "-m", "megatron_dvpo.sample", "--policy",
         str(dpo_dir / "checkpoints" / f"iter_{args.rl_steps:07d}"), "--prompts",
-        f"{data}/eval.jsonl", "--out", str(scored), "--scorer", f"{rule}:0",
+        str(held_out), "--out", str(scored), "--scorer", f"{rule}:0",
         "--max-new-tokens", "12", "--seed", "3"], args.nproc)
     rows = [json.loads(line) for line in scored.read_text().splitlines() if line.strip()]
     result["dpo"] = {"true_reward_before": result["dvpo"]["true_reward_before"],
@@ -176,6 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gvm-steps", type=int, default=300)
     parser.add_argument("--rl-steps", type=int, default=30)
     parser.add_argument("--rl-batch", type=int, default=64, help="rollout rows per step")
+    parser.add_argument("--eval-rows", type=int, default=0,
+                        help="held-out prompts the true reward is measured on (0: all)")
     parser.add_argument("--task-dir", default=None,
                         help="each task's stages 1-5 and reward model kept and reused here")
     parser.add_argument("--workdir", default=None)
@@ -183,7 +188,7 @@ def main(argv=None) -> None:
     if args.quick:  # tiny sizes and budgets; options given explicitly still win
         parser.set_defaults(layers=2, hidden=64, heads=4, ffn=128, vocab=256, cost_steps=2,
                             batch=8, micro_batch=4, max_new_tokens=8, sft_steps=4, gvm_steps=4,
-                            rl_steps=2, tasks="synthetic")
+                            rl_steps=2, eval_rows=64, tasks="synthetic")
         args = parser.parse_args(argv)
     report = {"config": {k: v for k, v in vars(args).items()
                          if k not in ("out", "workdir", "task_dir")}}

@@ -104,8 +104,7 @@ def _local_rules(model: ModelConfig, value_head: tuple[str, ...] | None) -> list
 
 def _groups(model: ModelConfig) -> tuple[int, int, int]:
     heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
-    head_dim = model.kv_channels or model.hidden_size // heads
+    groups, head_dim = model.query_groups, model.head_dim
     return groups, heads // groups, head_dim
 
 

@@ -27,9 +27,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups or model.num_attention_heads,
-        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
-        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_size,
+        kv_channels=model.head_dim,
         normalization=model.normalization,
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=swiglu,
@@ -147,10 +147,9 @@ def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     head: one column); norms, biases and the embedding lookup do no matrix work.
     """
     heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
-    head_dim = model.kv_channels or model.hidden_size // heads
+    groups, head_dim = model.query_groups, model.head_dim
     attn = heads * head_dim
-    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    ffn = model.ffn_size
     mlp_matrices = 3 if model.activation == "swiglu" else 2
     per_layer = (model.hidden_size * (attn + 2 * groups * head_dim) + attn * model.hidden_size
                  + mlp_matrices * model.hidden_size * ffn)

@@ -167,7 +167,7 @@ def _check_fp8_model(precision: PrecisionConfig, parallel: ParallelConfig,
                           f"num_layers_at_end_in_bf16={end} leave none of the "
                           f"{model.num_layers} layers in FP8")
     tp = parallel.tensor_model_parallel_size
-    ffn = model.ffn_hidden_size or 4 * model.hidden_size
+    ffn = model.ffn_size
     for what, size in (("model.hidden_size", model.hidden_size),
                        ("model.ffn_hidden_size / tensor_model_parallel_size", ffn // tp)):
         if size % FP8_ALIGNMENT:

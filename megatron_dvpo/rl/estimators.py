@@ -19,8 +19,8 @@ from megatron_dvpo.rl.advantages import compute_advantages, gae, group_advantage
 class Scores:
     """What a scorer says about a rollout, identical on every rank of a model-parallel group.
 
-    ``final_value [B]`` is the scorer's (unwhitened) prediction of each response's reward, for
-    ``rollout/gvm_final_value_mean``. A GVM gives its Q-view ``q [B, T]`` and ``q_prompt [B]``
+    ``final_value [B]`` is the scorer's (unwhitened) prediction of each response's reward, logged
+    under the scorer's ``final_value_tag``. A GVM gives its Q-view ``q [B, T]`` and ``q_prompt [B]``
     (read as its estimator needs them); a reward model and critic give ``sequence_rewards [B]``
     and ``state_values [B, T]`` (``V(s_t)``).
     """

@@ -41,6 +41,8 @@ from megatron_dvpo.training.trained_model import TrainedModel
 class Scorer(Protocol):
     units: dict[str, TrainedModel]
     frozen: dict[str, list[torch.nn.Module]]  # forward-only models, by name
+    # the tag of the mean of Scores.final_value: it names the model (or function) behind it
+    final_value_tag: str
 
     def score(self, rollout: Rollout) -> Scores: ...
 
@@ -80,6 +82,8 @@ def sequence_rewards(reward_model, rollout: Rollout, micro_batch_size: int) -> t
 class RewardModelScorer:
     """GRPO's and RLOO's: a frozen reward model's sequence reward, nothing trained."""
 
+    final_value_tag = "rollout/reward_model_score_mean"
+
     def __init__(self, cfg: RunConfig, reward_cfg: RunConfig, directory: str):
         self.units: dict[str, TrainedModel] = {}
         self.micro_batch_size = cfg.data.micro_batch_size
@@ -98,6 +102,8 @@ class TextScorer:
     """GRPO's and RLOO's with ``grpo.scorer``: the user's function of (prompt, response) text
     (a verifier, a rule) as each response's reward; no model. Every rank of a model-parallel
     group holds the same rollout and scores it alike."""
+
+    final_value_tag = "rollout/scorer_reward_mean"
 
     def __init__(self, cfg: RunConfig):
         self.units: dict[str, TrainedModel] = {}
@@ -119,6 +125,8 @@ class GVMScorer:
     """The frozen GVM, read as it was trained (``alignment``) and as the estimator needs
     (``value_whitening`` for gae; docs/algorithm.md §1-2). With ``dvpo.refresh_interval`` it
     is a trained model instead (``rl/refresh.py`` trains it), checkpointed as the unit ``gvm``."""
+
+    final_value_tag = "rollout/gvm_final_value_mean"  # q_{T-1}
 
     def __init__(self, cfg: RunConfig, gvm_cfg: RunConfig):
         self.cfg, self.gvm_cfg = cfg, gvm_cfg
@@ -178,6 +186,8 @@ class GVMScorer:
 
 class RewardCriticScorer:
     """PPO's frozen Bradley-Terry reward model and its online critic (docs/algorithm.md §3)."""
+
+    final_value_tag = RewardModelScorer.final_value_tag
 
     def __init__(self, cfg: RunConfig, reward_cfg: RunConfig, critic_cfg: RunConfig,
                  total_updates: int):

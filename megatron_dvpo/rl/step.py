@@ -40,9 +40,10 @@ def whiten_globally(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
-                    advantages: torch.Tensor, eos_id: int, max_new_tokens: int
-                    ) -> dict[str, float]:
-    """docs/algorithm.md §4's rollout tags over the global batch."""
+                    advantages: torch.Tensor, eos_id: int, max_new_tokens: int,
+                    final_value_tag: str) -> dict[str, float]:
+    """docs/algorithm.md §4's rollout tags over the global batch; the scorer's prediction of
+    each response's reward under the scorer's own ``final_value_tag``."""
     mask = rollout.response_mask
     kl = ((estimate.logp_old - estimate.logp_ref) * mask if estimate.logp_ref is not None
           else torch.zeros_like(estimate.logp_old))
@@ -67,7 +68,7 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
     if ood is not None:
         gaming["rollout/gvm_value_ood_rate"] = ood_sum / tokens
     return {**gaming, "rollout/response_len_mean": tokens / rows,
-            "rollout/gvm_final_value_mean": final / rows,
+            final_value_tag: final / rows,
             # the adaptive controller's quantity: summed per sequence (docs/algorithm.md §2)
             "rollout/kl_ref": kl_sum / rows, "rollout/kl_ref_per_token": kl_sum / tokens,
             "rollout/adv_mean": adv_mean,
@@ -105,7 +106,7 @@ def rl_step(job, step: int) -> StepResult:
     trained = time.perf_counter()
 
     metrics = {**rollout_metrics(rollout, scores, estimate, advantages, job.tokenizer.eos_id,
-                                 cfg.rollout.max_new_tokens),
+                                 cfg.rollout.max_new_tokens, job.scorer.final_value_tag),
                **policy.metrics, **(learned.metrics if learned else {}),
                **(refreshed.metrics if refreshed else {})}
     job.kl.update(metrics["rollout/kl_ref"], job.samples_per_step)

@@ -83,8 +83,6 @@ class PromptSource:
 
 
 class RLTrainer:
-    summary_tags = ("policy/loss", "rollout/gvm_final_value_mean", "eval/true_reward_mean",
-                    "rollout/response_len_mean", "policy/approx_kl")
 
     def __init__(self, cfg: RunConfig, algorithm: RLAlgorithm, inputs: RLInputs):
         self.cfg, self.algorithm, rl = cfg, algorithm, cfg.rl
@@ -95,6 +93,8 @@ class RLTrainer:
                                    cfg.parallel, cfg.precision, total,
                                    cfg.checkpoint.override_scheduler)
         self.scorer = algorithm.make_scorer(cfg, inputs.value_models, total)
+        self.summary_tags = ("policy/loss", self.scorer.final_value_tag, "eval/true_reward_mean",
+                             "rollout/response_len_mean", "policy/approx_kl")
         self.units = {"model": self.policy, **self.scorer.units}
         self.reference = (frozen_model(cfg, cfg.model, rl.reference or rl.policy)
                           if algorithm.needs_reference(cfg) else None)
