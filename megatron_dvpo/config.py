@@ -644,6 +644,9 @@ def validate_parallel(parallel: ParallelConfig, world_size: int) -> None:
     if vpp is not None and (vpp < 2 or pp < 2):
         raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size={vpp} needs "
                           f"pipeline_model_parallel_size >= 2 (got {pp}) and a value >= 2")
+    if cp != 1:
+        raise ConfigError(f"parallel.context_parallel_size={cp} is not supported: attention runs "
+                          "on SDPA, which needs the whole sequence on each rank; set it to 1")
     if parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs "
                           "parallel.tensor_model_parallel_size > 1")

@@ -21,16 +21,13 @@ from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.device import to_device
 from megatron_dvpo.models import forward
 from megatron_dvpo.training.cli import run_trainer
+from megatron_dvpo.training.job import JobDefaults
 from megatron_dvpo.training.loop import StepResult
 from megatron_dvpo.training.trained_model import trained_policy
 
 
-class SFTTrainer:
+class SFTTrainer(JobDefaults):
     summary_tags = ("sft/loss", "perf/train_tokens_per_s")
-
-    @staticmethod
-    def updates_per_step(cfg: RunConfig) -> int:
-        return 1
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -60,11 +57,10 @@ class SFTTrainer:
         # left by one, is set
         scored = batch["response_mask"][:, 1:]
         tokens = distributed.all_reduce_data_parallel(float(scored.sum()))
-        dp = parallel_state.get_data_parallel_world_size()
 
         def loss_fn(outputs, mb):
             nll = -(outputs["logprobs"] * mb["scored"]).sum()
-            return nll / tokens * dp, {"nll_sum": nll.detach()}
+            return nll / tokens, {"nll_sum": nll.detach()}
 
         data = self.cfg.data
         lengths = batch["prompt_lengths"] + batch["response_lengths"]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_dvpo.training.job import JobDefaults
+
 REPO = Path(__file__).resolve().parent.parent
 NPROC = 2  # the demo's ranks for SFT and sampling
 
@@ -158,7 +160,7 @@ def reward_model(task, tmp_path_factory) -> Task:
     return task
 
 
-class ScaledLossJob:
+class ScaledLossJob(JobDefaults):
     """A real training job on a tiny policy whose loss is multiplied at chosen updates (NaN: a
     non-finite update; 1e4: a gradient spike); ``overrides``: config keys (dots as written),
     e.g. ``max_bad_steps``. Built under a one-rank world; the loop's checkpoints go to
@@ -180,7 +182,7 @@ class ScaledLossJob:
                                       "optimizer.lr_decay_style=constant",
                                       *(f"{k}={v}" for k, v in overrides.items())])
         seed_everything(self.cfg.seed)  # the same initial weights in every build
-        self.scales, self.updates_per_step, self.updates = scales, updates_per_step, 0
+        self.scales, self.per_step, self.updates = scales, updates_per_step, 0
         self.model = TrainedModel(build_chunks(self.cfg), self.cfg.optimizer, self.cfg.parallel,
                                   self.cfg.precision, self.cfg.train_steps * updates_per_step)
         self.units = {"model": self.model}
@@ -201,7 +203,7 @@ class ScaledLossJob:
         from megatron_dvpo.training.loop import StepResult
 
         results = []
-        for _ in range(self.updates_per_step):
+        for _ in range(self.per_step):
             self.updates += 1
             scale = self.scales.get(self.updates, 1.0)
             tokens = torch.randint(0, 100, (4, 8),

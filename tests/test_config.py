@@ -103,6 +103,9 @@ def layout_cfg(world=8, **changes) -> tuple[RunConfig, int]:
     ({"parallel__virtual_pipeline_model_parallel_size": 2}, 8,
      r"needs pipeline_model_parallel_size >= 2"),
     ({"parallel__sequence_parallel": True}, 8, r"sequence_parallel=true needs"),
+    # refused here, before any process group, not when attention is built
+    ({"parallel__context_parallel_size": 2}, 8,
+     r"parallel.context_parallel_size=2 is not supported: attention runs on SDPA"),
     ({"model__hidden_size": 60}, 8, r"hidden_size=60 is not divisible by "
                                     r"model.num_attention_heads=8; set model.kv_channels"),
     ({"model__ffn_hidden_size": 100, "parallel__tensor_model_parallel_size": 8,

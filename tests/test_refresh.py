@@ -45,10 +45,10 @@ def test_a_tied_pair_adds_nothing_to_the_pairwise_term():
     counts = objective.counts(batch)
     assert counts["pairs"] == 1.0
     values = torch.zeros(4, 6, requires_grad=True)
-    loss, stats = objective.loss_fn(counts, 1)({"values": values}, batch)
+    loss, stats = objective.loss_fn(counts)({"values": values}, batch)
     assert float(stats["correct"]) == 0.5  # equal values: a tie counts half
     td_only = OBJECTIVES["td"](GVMConfig())
-    td_loss, _ = td_only.loss_fn({"tokens": objective.counts(batch)["tokens"]}, 1)(
+    td_loss, _ = td_only.loss_fn({"tokens": objective.counts(batch)["tokens"]})(
         {"values": values}, batch)
     (loss - td_loss).backward()  # the pairwise part alone
     grad = values.grad

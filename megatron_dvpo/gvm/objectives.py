@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
 from megatron_dvpo.config import GVMConfig
@@ -35,12 +34,12 @@ Counts = dict[str, float]
 @dataclass(frozen=True)
 class Objective:
     """``counts(batch)``: this rank's normalising counts (the trainer all-reduces each);
-    ``loss_fn(counts, dp)``: the per-microbatch loss; ``metrics(sums, counts)``."""
+    ``loss_fn(counts)``: the per-microbatch share of the loss; ``metrics(sums, counts)``."""
 
     sums: tuple[str, ...]
     whole_pairs: bool  # batches hold (chosen, rejected) rows next to each other
     counts: Callable[[dict], Counts]
-    loss_fn: Callable[[Counts, int], LossFn]
+    loss_fn: Callable[[Counts], LossFn]
     metrics: Callable[[dict[str, float], Counts], dict[str, float]]
     summary_tags: tuple[str, ...]
 
@@ -108,10 +107,10 @@ def _pair_term(outputs, mb, alignment: str, pairs: float):
 def td_objective(gvm: GVMConfig) -> Objective:
     td, td_metrics, tokens = _td_terms(gvm)
 
-    def loss_fn(counts: Counts, dp: int) -> LossFn:
+    def loss_fn(counts: Counts) -> LossFn:
         def loss(outputs, mb):
             value, stats = td(outputs, mb, counts["tokens"])
-            return value * dp, {k: stats[k] for k in TD_SUMS}
+            return value, {k: stats[k] for k in TD_SUMS}
         return loss
 
     return Objective(TD_SUMS, False, lambda batch: {"tokens": tokens(batch)}, loss_fn,
@@ -123,11 +122,11 @@ def td_objective(gvm: GVMConfig) -> Objective:
 def td_pairwise_objective(gvm: GVMConfig) -> Objective:
     td, td_metrics, tokens = _td_terms(gvm)
 
-    def loss_fn(counts: Counts, dp: int) -> LossFn:
+    def loss_fn(counts: Counts) -> LossFn:
         def loss(outputs, mb):
             value, stats = td(outputs, mb, counts["tokens"])
             pair, pair_stats = _pair_term(outputs, mb, gvm.alignment, counts["pairs"])
-            return (value + gvm.pairwise_weight * pair) * dp, {
+            return value + gvm.pairwise_weight * pair, {
                 **{k: stats[k] for k in TD_SUMS}, **pair_stats}
         return loss
 
@@ -145,10 +144,10 @@ def td_pairwise_objective(gvm: GVMConfig) -> Objective:
 def bradley_terry_objective(gvm: GVMConfig) -> Objective:
     """-log sigmoid(r_chosen - r_rejected) on the final values of whole pairs."""
 
-    def loss_fn(counts: Counts, dp: int) -> LossFn:
+    def loss_fn(counts: Counts) -> LossFn:
         def loss(outputs, mb):
             value, stats = _pair_term(outputs, mb, gvm.alignment, counts["pairs"])
-            return value * dp, {"loss_sum": stats["pair_loss_sum"], "correct": stats["correct"]}
+            return value, {"loss_sum": stats["pair_loss_sum"], "correct": stats["correct"]}
         return loss
 
     def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
@@ -182,12 +181,11 @@ def train_on_batch(model: TrainedModel, objective: Objective, batch: dict,
     is split over microbatches and replicas."""
     counts = {k: distributed.all_reduce_data_parallel(v)
               for k, v in objective.counts(batch).items()}
-    dp = parallel_state.get_data_parallel_world_size()
     batch = to_device(batch)
     microbatches = forward.split_microbatches(
         micro_batch_size, micro_batch_tokens, batch["prompt_lengths"] + batch["response_lengths"],
         2 if objective.whole_pairs else 1, **batch)
-    update = model.update(microbatches, forward.gvm_values_head, objective.loss_fn(counts, dp))
+    update = model.update(microbatches, forward.gvm_values_head, objective.loss_fn(counts))
     keys = list(objective.sums)
     local = ({k: sum(float(o[k]) for o in update.outputs) for k in keys}
              if update.outputs else None)

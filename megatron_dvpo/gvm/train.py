@@ -31,6 +31,7 @@ from megatron_dvpo.gvm.td import gather_response_values
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks, gvm_config
 from megatron_dvpo.training.cli import run_trainer
+from megatron_dvpo.training.job import JobDefaults
 from megatron_dvpo.training.loop import StepResult
 from megatron_dvpo.training.trained_model import TrainedModel
 
@@ -48,12 +49,8 @@ def data_metrics(dataset: ValueDataset) -> dict[str, float]:
             "data/bad_rows": float(sum(stats["bad_rows"].values()))}
 
 
-class GVMTrainer:
+class GVMTrainer(JobDefaults):
     """A value model trained on the value dataset by one of ``OBJECTIVES``."""
-
-    @staticmethod
-    def updates_per_step(cfg: RunConfig) -> int:
-        return 1
 
     def __init__(self, cfg: RunConfig):
         init = cfg.checkpoint.init_from

@@ -45,10 +45,7 @@ class SDPACoreAttention(MegatronModule):
                  attention_type: str, attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection=None):
-        super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("parallel.context_parallel_size > 1 is not supported: attention "
-                             "runs on SDPA, which needs the whole sequence on each rank")
+        super().__init__(config=config)  # context parallelism: refused by validate_parallel
         tp_size = (pg_collection.tp.size() if pg_collection is not None
                    else parallel_state.get_tensor_model_parallel_world_size())
         self.heads_per_partition = config.num_attention_heads // tp_size

@@ -382,5 +382,5 @@ def response_logprobs(chunks, rollout, vocab_size: int, micro_batch_size: int,
 
 def rollout_values(chunks, rollout, micro_batch_size: int):
     """[B, P+T] value-model outputs at every position of a rollout (last stage; None
-    elsewhere). ``dvpo/scoring.py`` reads the Q-view from them."""
+    elsewhere). ``rl/scoring.py`` reads the Q-view from them."""
     return token_values(chunks, rollout_microbatches(rollout, micro_batch_size))

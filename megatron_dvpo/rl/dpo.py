@@ -28,6 +28,7 @@ from megatron_dvpo.models import forward
 from megatron_dvpo.rl.losses import dpo_loss
 from megatron_dvpo.rl.scorers import frozen_model
 from megatron_dvpo.training.cli import run_trainer
+from megatron_dvpo.training.job import JobDefaults
 from megatron_dvpo.training.loop import StepResult
 from megatron_dvpo.training.trained_model import trained_policy
 
@@ -53,12 +54,8 @@ def check_dpo_inputs(cfg: RunConfig, overrides: list[str] | tuple = ()) -> None:
                           "none")
 
 
-class DPOTrainer:
+class DPOTrainer(JobDefaults):
     summary_tags = ("dpo/loss", "dpo/reward_accuracy", "dpo/margin", "perf/train_tokens_per_s")
-
-    @staticmethod
-    def updates_per_step(cfg: RunConfig) -> int:
-        return 1
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -105,13 +102,13 @@ class DPOTrainer:
         tensors = to_device({"tokens": batch["tokens"], "scored": batch["response_mask"][:, 1:]})
         tensors["ref"] = self._reference_logprobs(tensors["tokens"], tensors["scored"])
         pairs = distributed.all_reduce_data_parallel(float(len(indices) // 2))
-        dp, options = parallel_state.get_data_parallel_world_size(), self.cfg.dpo
+        options = self.cfg.dpo
 
         def loss_fn(outputs, mb):
             seq = (outputs["logprobs"] * mb["scored"]).sum(1)
             loss, stats = dpo_loss(seq[0::2], seq[1::2], mb["ref"][0::2], mb["ref"][1::2],
                                    options.beta, options.loss, options.label_smoothing)
-            return loss / pairs * dp, {"loss_sum": loss.detach(), **stats}
+            return loss / pairs, {"loss_sum": loss.detach(), **stats}
 
         lengths = batch["prompt_lengths"] + batch["response_lengths"]
         microbatches = forward.split_microbatches(data.micro_batch_size, data.micro_batch_tokens,

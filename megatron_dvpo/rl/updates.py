@@ -41,13 +41,13 @@ class UpdateSummary:
 
 def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str, torch.Tensor],
                      rl: RLConfig, data: DataConfig, seed: list[int], head: Head,
-                     loss_for: Callable[[int, float], LossFn], keys: tuple[str, ...],
+                     loss_for: Callable[[float], LossFn], keys: tuple[str, ...],
                      accept: Optional[Callable[[dict[str, float]], bool]] = None,
                      count: Callable[[torch.Tensor], torch.Tensor] = lambda mask: mask.sum()
                      ) -> list[MinibatchUpdate]:
     """``rl.ppo_epochs`` x ``rl.minibatches`` updates of ``model`` on the rollout's rows.
 
-    ``loss_for(dp, normalizer)`` builds the loss of a minibatch whose ``count(mask)`` (its
+    ``loss_for(normalizer)`` builds the loss of a minibatch whose ``count(mask)`` (its
     response tokens by default) over all replicas is ``normalizer``; ``accept(sums)`` may refuse
     an update (the ratio threshold). Microbatches are ``data.micro_batch_size`` rows, or up to
     ``data.micro_batch_tokens`` tokens each.
@@ -61,7 +61,6 @@ def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str,
     tensors = {"tokens": rollout.tokens, "left_pad": rollout.prompt_pad,
                "mask": rollout.response_mask, **per_token}
     lengths = rollout.prompt_width + rollout.response_lengths
-    dp = parallel_state.get_data_parallel_world_size()
     generator = np.random.default_rng(seed)
     done = []
     for _ in range(rl.ppo_epochs):
@@ -80,7 +79,7 @@ def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str,
             microbatches = forward.split_microbatches(
                 micro_batch_size, data.micro_batch_tokens, lengths[index],
                 **{k: v[index] for k, v in tensors.items()})
-            update = model.update(microbatches, head, loss_for(dp, normalizer), check)
+            update = model.update(microbatches, head, loss_for(normalizer), check)
             done.append(MinibatchUpdate(update, sums))
     model.sync_params()  # the next rollout or scoring pass reads the stepped weights
     return done
@@ -114,7 +113,7 @@ def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor
     weights, is_stats = importance_weights(logp_old, rollout.logprobs, rollout.response_mask,
                                            rl.is_correction, rl.is_cap)
 
-    def loss_for(dp: int, normalizer: float) -> LossFn:
+    def loss_for(normalizer: float) -> LossFn:
         def loss_fn(outputs, batch):
             m = batch["mask"]
             logp, entropy = outputs["logprobs"], outputs["entropy"]
@@ -125,7 +124,7 @@ def update_policy(policy: TrainedModel, rollout: Rollout, logp_old: torch.Tensor
             if rl.entropy_coef > 0:
                 loss = loss + entropy_bonus(entropy, m, rl.entropy_coef, normalizer, agg,
                                             horizon)
-            return loss * dp, {"tokens": stats["tokens"], "loss_sum": loss.detach() * normalizer,
+            return loss, {"tokens": stats["tokens"], "loss_sum": loss.detach() * normalizer,
                                "clipfrac_sum": stats["clipfrac_sum"],
                                "dual_clipfrac_sum": stats["dual_clipfrac_sum"],
                                "approx_kl_sum": stats["approx_kl_sum"],
@@ -177,14 +176,14 @@ def update_critic(critic: TrainedModel, rollout: Rollout, old_values: torch.Tens
     """PPO's clipped value loss toward the GAE returns (docs/algorithm.md §3)."""
     width = rollout.prompt_width
 
-    def loss_for(dp: int, tokens: float) -> LossFn:
+    def loss_for(tokens: float) -> LossFn:
         def loss_fn(outputs, batch):
             # V(s_t) is the output before token t: the last prompt token's, then y_0, y_1, ...
             steps = batch["mask"].shape[1]  # the microbatch's (token-budget ones are cut)
             values = outputs["values"][:, width - 1:width - 1 + steps]
             loss, stats = value_loss_clipped(values, batch["old_values"], batch["returns"],
                                              batch["mask"], value_clip_eps, tokens)
-            return loss * dp, {"tokens": stats["tokens"], "loss_sum": loss.detach() * tokens,
+            return loss, {"tokens": stats["tokens"], "loss_sum": loss.detach() * tokens,
                                "clipfrac_sum": stats["clipfrac_sum"]}
         return loss_fn
 

@@ -1,9 +1,9 @@
 """The step loop every job shares: resume, step, log, checkpoint, and stop cleanly.
 
-A job is any object with ``step(step) -> StepResult``, ``state_dict()``/``load_state_dict()``
-for what it must carry across a restart (data position, KL controller) and ``initialize()`` for
-a fresh start (initial weights); it may add ``start(resumed)`` and ``finish()``, each returning
-metrics to log. The loop owns everything else: checkpoints of all the job's trained models
+A job is a ``job.Job``: ``step(step) -> StepResult``, ``state_dict()``/``load_state_dict()``
+for what it must carry across a restart (data position, KL controller), ``initialize()`` for
+a fresh start (initial weights), ``start(resumed)`` and ``finish()`` returning metrics to log
+(``job.JobDefaults`` has the parts most jobs leave empty). The loop owns everything else: checkpoints of all the job's trained models
 together (resuming from the newest intact one), stop signals (``signals.py``), the run's
 health (``health.py``: NaN/Inf accounting, divergence), progress. It never saves during a bad
 streak, so the newest checkpoint is always a good one, and a stop saves exactly once.
@@ -28,6 +28,7 @@ from megatron_dvpo.model_state import model_state_metrics
 from megatron_dvpo.models.gpt import training_flops_per_token
 from megatron_dvpo.perf import dense_bf16_peak_tflops, model_flops_utilization
 from megatron_dvpo.training.health import RunHealth, UnhealthyRun, parameters_norm
+from megatron_dvpo.training.job import Job
 from megatron_dvpo.training.signals import StopSignals
 from megatron_dvpo.training.trained_model import UpdateResult
 
@@ -50,7 +51,8 @@ class TrainingLoop:
     main one ``model``), checkpointed together. ``signals``: the command line's, installed
     before start-up; without them the loop handles the stop signals while it runs."""
 
-    def __init__(self, cfg: RunConfig, job, units: dict, signals: StopSignals | None = None):
+    def __init__(self, cfg: RunConfig, job: Job, units: dict,
+                 signals: StopSignals | None = None):
         self.cfg, self.job, self.units = cfg, job, units
         self.checkpoints = CheckpointManager(cfg.checkpoint, units,
                                              lambda: yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -62,8 +64,7 @@ class TrainingLoop:
         self.last_good: Path | None = None  # the newest checkpoint this run saved or resumed
         self.peak_tflops = cfg.logging.peak_tflops or dense_bf16_peak_tflops()
         # the trained sequences' length: the job's (an RL job's prompt + response) or the data's
-        self.flops_per_token = training_flops_per_token(
-            cfg.model, getattr(job, "sequence_length", cfg.data.seq_length))
+        self.flops_per_token = training_flops_per_token(cfg.model, job.sequence_length)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -112,8 +113,7 @@ class TrainingLoop:
         previous = self.signals.install() if self._own_signals else {}
         try:
             resumed = self.resume()
-            if hasattr(self.job, "start"):
-                self._log_now(self.job.start(resumed))
+            self._log_now(self.job.start(resumed))
             self._steps()
         except UnhealthyRun as e:
             raise type(e)(f"{e}; the newest good checkpoint is {self._last_good_name()}") \
@@ -127,7 +127,7 @@ class TrainingLoop:
                    "train/skipped_updates": float(self.health.skipped_updates),
                    "perf/step_time_s": seconds, "perf/peak_mem_gib": peak_memory_gib(),
                    # the models the job holds: trained units and frozen ones
-                   **model_state_metrics(self.units, getattr(self.job, "frozen_models", {}))}
+                   **model_state_metrics(self.units, self.job.frozen_models)}
         if self.peak_tflops and "perf/train_tokens_per_s" in metrics:
             metrics["perf/mfu"] = model_flops_utilization(
                 metrics["perf/train_tokens_per_s"], self.flops_per_token,
@@ -176,5 +176,4 @@ class TrainingLoop:
                                         f"{self._last_good_name()}")
                 return
         self.save()
-        if hasattr(self.job, "finish"):
-            self._log_now(self.job.finish())
+        self._log_now(self.job.finish())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -178,9 +179,20 @@ class TrainedModel:
 
     def update(self, microbatches: list[dict], head: Head, loss_fn: LossFn,
                accept: Optional[Callable[[list[dict]], bool]] = None) -> UpdateResult:
-        """Gradients of ``sum(loss_fn)`` over ``microbatches``, then one optimizer step, unless
-        a loss or gradient is NaN/Inf on any rank (no weight changes then) or ``accept``,
-        called with the outputs on every rank, says no (the ratio-threshold rule)."""
+        """Gradients of the global loss, then one optimizer step, unless a loss or gradient is
+        NaN/Inf on any rank (no weight changes then) or ``accept``, called with the outputs on
+        every rank, says no (the ratio-threshold rule).
+
+        ``loss_fn`` gives each microbatch's share of the global loss (its sums divided by the
+        global count the caller normalises by); the shares of every microbatch and data-parallel
+        rank add up to it. megatron's DDP averages gradients over the data-parallel replicas,
+        which this undoes here, the one place that knows their number."""
+        replicas = parallel_state.get_data_parallel_world_size()
+
+        def global_share(outputs, batch):
+            loss, stats = loss_fn(outputs, batch)
+            return loss * replicas, stats
+
         if self.ddp[0].use_forward_hook and not self._gather_hooks_on:
             for chunk in self.ddp:
                 chunk.enable_forward_pre_hook()
@@ -189,7 +201,7 @@ class TrainedModel:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = run_microbatches(self.ddp, microbatches, head, loss_fn)
+        outputs = run_microbatches(self.ddp, microbatches, head, global_share)
         # under fp16 loss scaling the optimizer checks the gradients itself (and must, to lower
         # its scale); a non-finite loss is never the scale's doing
         if not self._all_finite(outputs, gradients=not self.loss_scaled):
