@@ -39,7 +39,8 @@ def test_bench_memory_quick(tmp_path):
 
 
 def test_bench_rollout_quick(tmp_path):
-    row = quick_bench(tmp_path, "bench_rollout.py", "--workdir", str(tmp_path))["shapes"]["tiny"]["4"]
+    report = quick_bench(tmp_path, "bench_rollout.py", "--workdir", str(tmp_path))
+    row = report["shapes"]["tiny"]["4"]
     for sampler in ("ours", "hf_generate"):
         assert row[sampler]["new_tokens"] == 4 * 8  # every row runs the full length
     assert row["ours_over_hf"] == row["ours"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"]

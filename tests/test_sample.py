@@ -29,7 +29,8 @@ def test_scorer_specs(tmp_path, monkeypatch):
     (helpers / "word_list.py").write_text("GOOD = {'apple', 'sun'}\n")
     (helpers / "verifier.py").write_text(
         "from word_list import GOOD\n"
-        "def score(prompt, response):\n    return float(sum(w in GOOD for w in response.split()))\n")
+        "def score(prompt, response):\n"
+        "    return float(sum(w in GOOD for w in response.split()))\n")
     # a file's scorer imports the modules beside it, as `python verifier.py` would
     assert load_scorer(f"{helpers}/verifier.py:score")("p", "apple sun x") == 2.0
     for spec, message in (("heldout:0", r"cannot import module 'heldout'"),

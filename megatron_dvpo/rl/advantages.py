@@ -201,8 +201,9 @@ def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
     """Advantages ``[B, T]`` of one rollout batch by ``estimator`` (``td``, ``q`` or ``gae``).
 
     The KL penalty ``-beta * k_t`` (``kl_penalty``'s ``kl_estimator``, by default ``k1 =
-    logp_old - logp_ref``) applies only when ``beta > 0`` and a reference is given (no reference model is loaded when ``kl_coef = 0``). For ``td`` and
-    ``q`` it is added to ``A_t``; for ``gae`` it is the whole reward (all zeros without it), and
+    logp_old - logp_ref``) applies only when ``beta > 0`` and a reference is given (no
+    reference model is loaded when ``kl_coef = 0``). For ``td`` and ``q`` it is added to
+    ``A_t``; for ``gae`` it is the whole reward (all zeros without it), and
     ``gamma``/``lam``/``whiten_values`` (per-sequence state values) matter only there. Global
     whitening is left to the caller (``whiten``).
 
@@ -356,9 +357,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, method: str,
     ``grpo``: ``(r_i - mean_g) / (std_g + eps)`` with the group's unbiased std (DeepSeekMath's
     GRPO); ``dr_grpo``: ``r_i - mean_g``, no std (Liu et al., 2025: the std favours groups of
     nearly equal rewards); ``rloo``: ``r_i - mean_{j != i} r_j``, the leave-one-out baseline
-    (Ahmadian et al., 2024), which is ``n / (n - 1) * (r_i - mean_g)``. A group of one has advantage 0, and so
-    has a tied group, exactly: computed in fp64, and the rounding of a tied group's mean never
-    divided by its zero std (in fp32 8 rewards of 0.7 got +0.056 each).
+    (Ahmadian et al., 2024), which is ``n / (n - 1) * (r_i - mean_g)``. A group of one has
+    advantage 0, and so has a tied group, exactly: computed in fp64, and the rounding of a tied
+    group's mean never divided by its zero std (in fp32 8 rewards of 0.7 got +0.056 each).
     """
     if rewards.shape[0] % group_size:
         raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")

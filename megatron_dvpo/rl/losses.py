@@ -149,7 +149,8 @@ def importance_weights(logp_train: torch.Tensor, logp_sampler: torch.Tensor,
     else:
         weights, corrected = None, torch.zeros_like(mask)
     stats = {"tokens": mask.sum().float(), "ratio_sum": torch.where(mask, ratio, 0.0).sum(),
-             "ratio_max": torch.where(mask, ratio, 0.0).max() if mask.any() else ratio.new_zeros(()),
+             "ratio_max": (torch.where(mask, ratio, 0.0).amax() if ratio.numel()
+                           else ratio.new_zeros(())),
              "corrected_sum": (mask & corrected).sum().float()}
     return weights, stats
 

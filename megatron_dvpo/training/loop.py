@@ -3,10 +3,11 @@
 A job is a ``job.Job``: ``step(step) -> StepResult``, ``state_dict()``/``load_state_dict()``
 for what it must carry across a restart (data position, KL controller), ``initialize()`` for
 a fresh start (initial weights), ``start(resumed)`` and ``finish()`` returning metrics to log
-(``job.JobDefaults`` has the parts most jobs leave empty). The loop owns everything else: checkpoints of all the job's trained models
-together (resuming from the newest intact one), stop signals (``signals.py``), the run's
-health (``health.py``: NaN/Inf accounting, divergence), progress. It never saves during a bad
-streak, so the newest checkpoint is always a good one, and a stop saves exactly once.
+(``job.JobDefaults`` has the parts most jobs leave empty). The loop owns everything else:
+checkpoints of all the job's trained models together (resuming from the newest intact one),
+stop signals (``signals.py``), the run's health (``health.py``: NaN/Inf accounting,
+divergence), progress. It never saves during a bad streak, so the newest checkpoint is always
+a good one, and a stop saves exactly once.
 """
 
 from __future__ import annotations

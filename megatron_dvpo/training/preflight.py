@@ -98,7 +98,8 @@ def _check_layout(cfg: RunConfig, saved: dict, latest: Path) -> None:
     if not (parallel.get("use_distributed_optimizer")
             and saved.get("checkpoint", {}).get("optimizer_sharding") == "dp_reshardable"):
         return
-    then = (parallel.get("tensor_model_parallel_size"), parallel.get("pipeline_model_parallel_size"))
+    then = (parallel.get("tensor_model_parallel_size"),
+            parallel.get("pipeline_model_parallel_size"))
     now = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
     if then != now:
         raise ConfigError(f"cannot resume from {latest} at TP={now[0]} PP={now[1]}: its "

@@ -174,7 +174,8 @@ def compare(work: Path) -> None:
         got = json.loads((layout_dir / "result.json").read_text())
         d = {"gvm_loss": abs(got["gvm_loss"] - reference["gvm_loss"])}
         for algo in ("dvpo", "ppo"):
-            a, b = torch.tensor(got[algo]["advantages"]), torch.tensor(reference[algo]["advantages"])
+            a = torch.tensor(got[algo]["advantages"])
+            b = torch.tensor(reference[algo]["advantages"])
             d[f"{algo}_advantages"] = (a - b).abs().max().item()
             d[f"{algo}_advantage_max_abs"] = b.abs().max().item()
             d[f"{algo}_policy_loss"] = abs(got[algo]["policy_loss"] - reference[algo]["policy_loss"])
