@@ -63,7 +63,6 @@ class DPOTrainer(JobDefaults):
         self.units = {"model": self.model}
         self.reference = (None if cfg.dpo.reference_free
                           else frozen_model(cfg, cfg.model, cfg.dpo.reference))
-        self.frozen_models = {"reference": self.reference} if self.reference else {}
         self.data = open_data(cfg, cfg.data.train_path)
         self.pairs = self.data.pairs()
         self.batches = BatchSource(cfg.data.global_batch_size,
@@ -71,6 +70,10 @@ class DPOTrainer(JobDefaults):
                                    parallel_state.get_data_parallel_world_size(), cfg.seed)
         distributed.print_rank0(f"DPO: {len(self.pairs)} pairs from {cfg.data.train_path}, "
                                 f"reference {cfg.dpo.reference or 'none (reference-free)'}")
+
+    @property
+    def frozen_models(self) -> dict[str, list[torch.nn.Module]]:
+        return {"reference": self.reference} if self.reference else {}
 
     def initialize(self) -> None:
         self.model.load_weights(self.cfg.checkpoint.init_from)
