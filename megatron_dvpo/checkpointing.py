@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from megatron_dvpo.config import ConfigError
 from megatron_dvpo.integrity import CheckpointDamaged, damage, write_checksums
+from megatron_dvpo.staging import move_into_place
 from megatron_dvpo.mcore_compat import (EXTRA_STATE, StrictHandling, adam_step,
                                         collect_write_results_in_process, init_adam_state,
                                         restore_adam_step)
@@ -94,13 +95,7 @@ def save_sharded(parts: dict[str, dict], directory: str | Path, overwrite: bool 
     write_checksums(partial)
     _barrier()
     if _is_rank0():
-        if directory.exists():
-            stale = directory.with_name(directory.name + ".old")
-            directory.rename(stale)
-            partial.rename(directory)
-            shutil.rmtree(stale)
-        else:
-            partial.rename(directory)
+        move_into_place(partial, directory, ".old")
     _barrier()
     return directory
 

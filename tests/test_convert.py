@@ -79,7 +79,8 @@ def test_converted_config_records_layout_and_shape(converted):
 
     cfg = load_config(converted["llama"] / "config.yaml")
     assert cfg.parallel.tensor_model_parallel_size == 2
-    assert cfg.model.rope_scaling_factor == 8.0 and cfg.model.rope_scaling_original_max_position == 32
+    assert cfg.model.rope_scaling_factor == 8.0
+    assert cfg.model.rope_scaling_original_max_position == 32
     assert cfg.model.num_query_groups == 2 and not cfg.model.tie_embeddings
     mistral = load_config(converted["mistral"] / "config.yaml").model
     assert mistral.vocab_size == 1001 and mistral.padded_vocab_size == 1024
@@ -190,7 +191,8 @@ def rewrite(hf_dir: Path, drop=(), add=None):
 def test_missing_and_leftover_keys(tmp_path):
     broken = hf_models.build("llama", tmp_path / "missing")
     rewrite(broken, drop=["model.layers.1.mlp.up_proj.weight"])
-    expect_error(broken, tmp_path / "out", r"lacks 1 tensors: \['model.layers.1.mlp.up_proj.weight'\]")
+    expect_error(broken, tmp_path / "out",
+                 r"lacks 1 tensors: \['model.layers.1.mlp.up_proj.weight'\]")
     extra = hf_models.build("llama", tmp_path / "extra")
     rewrite(extra, add={"model.extra_adapter.weight": torch.zeros(2, 2)})
     expect_error(extra, tmp_path / "out", r"would drop: \['model.extra_adapter.weight'\]")
@@ -346,7 +348,7 @@ def test_te_rules_differ_only_in_the_fused_norm_names():
     from megatron_dvpo.conversion.mapping import weight_rules
     from megatron_dvpo.config import ModelConfig
 
-    model = ModelConfig(num_layers=2, add_qkv_bias=True)
+    model = ModelConfig(num_layers=2, add_qkv_bias=True, hf_architecture="Qwen2ForCausalLM")
     local, te = weight_rules(model), weight_rules(model, spec="te")
     assert [(r.hf, r.kind) for r in local] == [(r.hf, r.kind) for r in te]
     renamed = {a.megatron: b.megatron for a, b in zip(local, te) if a.megatron != b.megatron}
@@ -355,6 +357,26 @@ def test_te_rules_differ_only_in_the_fused_norm_names():
         for i in range(2) for old, new in (("input_layernorm.", "self_attention.linear_qkv."
                                             "layer_norm_"),
                                            ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))}
+
+
+def test_export_refuses_parameters_its_family_has_no_place_for(converted, tmp_path,
+                                                               single_rank):
+    """A qkv bias on a Llama, whose HF layers have none, fails the export, naming the
+    parameters, instead of dropping them; nothing is written."""
+    import shutil
+
+    from megatron_dvpo.config import load_config, save_config
+
+    ckpt = tmp_path / "biased"
+    shutil.copytree(converted["llama"], ckpt)
+    cfg = load_config(ckpt / "config.yaml")
+    cfg.model.add_qkv_bias = True
+    save_config(cfg, ckpt / "config.yaml")
+    with pytest.raises(CheckpointError, match=r"LlamaForCausalLM has no HF tensors for megatron "
+                                              r"parameters \['decoder.layers.0.self_attention"
+                                              r".linear_qkv.bias'"):
+        export_hf(ckpt, tmp_path / "hf", verbose=False)
+    assert not list(tmp_path.glob("hf*"))
 
 
 def test_checkpoints_hold_the_te_names(converted):

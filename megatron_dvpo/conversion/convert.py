@@ -35,6 +35,7 @@ from megatron_dvpo.logging import Progress
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.gpt import DTYPES
 from megatron_dvpo.models.precision import Hardware, plan_precision
+from megatron_dvpo.staging import move_into_place
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
@@ -141,13 +142,8 @@ class _Staged:
             shutil.rmtree(self.partial, ignore_errors=True)
             return False
         (self.partial / PARTIAL_MARKER).unlink()
-        if self.out.exists():  # empty, or our own earlier output (checked in __init__)
-            stale = self.out.with_name(self.out.name + ".replaced")
-            self.out.rename(stale)
-            self.partial.rename(self.out)
-            shutil.rmtree(stale)
-        else:
-            self.partial.rename(self.out)
+        # an existing --out is empty, or our own earlier output (checked in __init__)
+        move_into_place(self.partial, self.out, ".replaced")
         return False
 
 
@@ -194,7 +190,8 @@ def _write_megatron(directory: Path, chunk, rules, reader: SafetensorsReader, mo
 def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: int = 1,
               pp: int = 1, dtype: str | None = None, overwrite: bool = False,
               verbose: bool = True) -> Path:
-    """Convert an HF Llama/Mistral/Qwen2 directory into a megatron checkpoint directory.
+    """Convert an HF directory of a known family (``families/``) into a megatron checkpoint
+    directory.
 
     Everything that can be wrong with the input is checked before anything is written.
     """
@@ -250,6 +247,10 @@ def _write_hf_weights(directory: Path, chunk, spec: str, ckpt: Path, model,
     """
     rules = weight_rules(model, spec=spec)
     params = dict(chunk.named_parameters())
+    unmapped = sorted(set(params) - {rule.megatron for rule in rules})
+    if unmapped:  # e.g. a qkv bias on a family whose HF layers have none: never drop weights
+        raise CheckpointError(f"{model.hf_architecture} has no HF tensors for megatron "
+                              f"parameters {unmapped}")
     sharded = model_sharded_state_dict([chunk])["model"]  # parameter -> checkpoint key
     plan = [PlannedTensor(name, tuple(part.shape), part.dtype) for rule in rules
             for name, part in to_hf(rule, torch.empty_like(params[rule.megatron],

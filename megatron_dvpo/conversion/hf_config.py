@@ -1,27 +1,23 @@
-"""HF ``config.json`` <-> our ``ModelConfig`` for Llama, Mistral and Qwen2 decoders."""
+"""HF ``config.json`` <-> our ``ModelConfig``: the Llama-style decoder keys every family shares.
+
+What a family reads or refuses beyond them, and writes back, is its ``read``/``write`` in
+``families/``; nothing here names a family.
+"""
 
 from __future__ import annotations
 
 from megatron_dvpo.config import ModelConfig
+from megatron_dvpo.conversion.families import ARCHITECTURES, Family, family_of
 from megatron_dvpo.conversion.safetensors_io import CheckpointError
 
-# architecture -> (family, task head in the checkpoint)
-SUPPORTED = {
-    "LlamaForCausalLM": ("llama", "lm"),
-    "MistralForCausalLM": ("mistral", "lm"),
-    "Qwen2ForCausalLM": ("qwen2", "lm"),
-    "LlamaForSequenceClassification": ("llama", "score"),
-    "MistralForSequenceClassification": ("mistral", "score"),
-    "Qwen2ForSequenceClassification": ("qwen2", "score"),
-}
 
-
-def architecture(hf: dict) -> str:
+def family_from_hf(hf: dict) -> Family:
+    """The family of the config's single architecture (a causal LM or a sequence classifier)."""
     archs = hf.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in SUPPORTED:
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                              f"supported: {', '.join(SUPPORTED)}")
-    return archs[0]
+                              f"supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[archs[0]]
 
 
 def _rope(hf: dict) -> tuple[float, dict | None]:
@@ -46,31 +42,24 @@ def model_config_from_hf(hf: dict, source=None) -> ModelConfig:
     try:
         if not isinstance(hf, dict):
             raise CheckpointError("the top level must be a JSON object")
-        architecture(hf)
+        family = family_from_hf(hf)
         missing = [k for k in REQUIRED_KEYS if k not in hf]
         if missing:
             raise CheckpointError(f"missing keys {missing}")
-        return _model_config(hf)
+        return _model_config(hf, family)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}" if source else str(e)) from None
 
 
-def _model_config(hf: dict) -> ModelConfig:
-    arch = architecture(hf)
-    family = SUPPORTED[arch][0]
+def _model_config(hf: dict, family: Family) -> ModelConfig:
+    """The shared decoder's fields, then the family's own (which may override them)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported (only silu)")
-    if hf.get("mlp_bias") or (family != "qwen2" and hf.get("attention_bias")):
-        raise CheckpointError("attention_bias/mlp_bias on Llama or Mistral layers is not supported")
+    own = family.read(hf)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     theta, scaling = _rope(hf)
-    max_positions = hf.get("max_position_embeddings", 4096)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    if window:
-        # Our attention is full causal; it equals sliding-window attention up to the window.
-        max_positions = min(max_positions, window)
-    model = ModelConfig(
+    fields = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
@@ -78,15 +67,15 @@ def _model_config(hf: dict) -> ModelConfig:
         ffn_hidden_size=hf["intermediate_size"],
         kv_channels=head_dim if head_dim * heads != hf["hidden_size"] else None,
         vocab_size=hf["vocab_size"],
-        max_position_embeddings=max_positions,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
         normalization="RMSNorm",
         norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         activation="swiglu",
-        add_qkv_bias=family == "qwen2",
         rotary_base=theta,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        hf_architecture=arch.replace("ForSequenceClassification", "ForCausalLM"),
+        hf_architecture=family.architectures[0],  # a reward model's trunk exports as its LM
     )
+    model = ModelConfig(**{**fields, **own})
     if scaling is not None:
         model.rope_scaling_factor = float(scaling["factor"])
         model.rope_scaling_low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
@@ -98,10 +87,10 @@ def _model_config(hf: dict) -> ModelConfig:
 
 def hf_config_from_model(model: ModelConfig) -> dict:
     """A config.json for a model that did not come from HF (or lost its original config)."""
-    family = SUPPORTED.get(model.hf_architecture, ("llama",))[0]
+    family = family_of(model)
     hf = {
         "architectures": [model.hf_architecture],
-        "model_type": family,
+        "model_type": family.name,
         "hidden_size": model.hidden_size,
         "intermediate_size": model.ffn_size,
         "num_hidden_layers": model.num_layers,
@@ -121,6 +110,5 @@ def hf_config_from_model(model: ModelConfig) -> dict:
             "low_freq_factor": model.rope_scaling_low_freq_factor,
             "high_freq_factor": model.rope_scaling_high_freq_factor,
             "original_max_position_embeddings": model.rope_scaling_original_max_position}
-    if family != "qwen2":
-        hf["attention_bias"] = False
+    hf.update(family.write(model))
     return hf

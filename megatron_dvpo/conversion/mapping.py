@@ -8,11 +8,11 @@ on load. The two specs differ only in the norms: TE fuses each into the linear a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
 from megatron_dvpo.config import ModelConfig
+from megatron_dvpo.conversion.families import Rule, family_of
 from megatron_dvpo.conversion.safetensors_io import CheckpointError, SafetensorsReader
 
 # Value/reward heads other projects save, as (weight, bias or None): TRL, then HF
@@ -38,14 +38,8 @@ def spec_name(local_name: str, spec: str) -> str:
     return local_name
 
 
-@dataclass(frozen=True)
-class Rule:
-    megatron: str
-    hf: tuple[str, ...]
-    kind: str  # copy | qkv | fc1 | vocab_rows | value_head
-
-
 def _layer_rules(i: int, model: ModelConfig) -> list[Rule]:
+    """Layer ``i``'s tensors: those of every Llama-style layer, then its family's own."""
     src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
     attn = src + "self_attn."
     rules = [
@@ -59,10 +53,7 @@ def _layer_rules(i: int, model: ModelConfig) -> list[Rule]:
              (src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"), "fc1"),
         Rule(dst + "mlp.linear_fc2.weight", (src + "mlp.down_proj.weight",), "copy"),
     ]
-    if model.add_qkv_bias:
-        rules.append(Rule(dst + "self_attention.linear_qkv.bias",
-                          tuple(f"{attn}{p}_proj.bias" for p in "qkv"), "qkv"))
-    return rules
+    return rules + family_of(model).layer_rules(src, dst, model)
 
 
 def find_value_head(keys: set[str], shapes: dict[str, list[int]]) -> tuple[str, ...] | None:
@@ -110,7 +101,8 @@ def _groups(model: ModelConfig) -> tuple[int, int, int]:
 
 def read_megatron(rule: Rule, out: torch.Tensor, reader: SafetensorsReader,
                   model: ModelConfig) -> None:
-    """Fill the megatron parameter ``out`` from the HF tensors of ``rule``, row range by row range."""
+    """Fill the megatron parameter ``out`` from the HF tensors of ``rule``, row range by row
+    range."""
     if rule.kind == "copy":
         reader.read_rows_into(rule.hf[0], out)
     elif rule.kind == "vocab_rows":  # pad the vocabulary with zero rows
