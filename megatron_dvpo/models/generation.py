@@ -36,6 +36,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dvpo.device import device as current_device
+from megatron_dvpo.distributed import broadcast_from_last_stage
 from megatron_dvpo.models.forward import logit_temperature, tempered
 from megatron_dvpo.models.precision import fp8_disabled, sequence_parallel_disabled
 
@@ -210,13 +211,6 @@ def last_position_logits(chunks: list[torch.nn.Module]):
             hook.remove()
 
 
-def _broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(tensor, parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
-    return tensor
-
-
 @torch.no_grad()
 def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: SamplingConfig,
              eos_id: int, pad_id: int, vocab_size: int, seed: int, guide=None) -> Rollout:
@@ -260,16 +254,15 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
             logits = _model_forward(chunks, context, tokens[:, start:end], positions, mask)
             context.sequence_len_offset += end - start
             start = end
-            chosen = torch.zeros(batch, dtype=torch.long, device=device)
-            chosen_logprob = torch.zeros(batch, device=device)
+            chosen = chosen_logprob = None  # made on the last stage
             if logits is not None:
                 last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
                 chosen = (guide.choose(last, cfg.temperature, generator) if guide is not None
                           else sample_tokens(last, cfg, generator))
                 chosen_logprob = F.log_softmax(tempered(last, temperature), -1).gather(
                     -1, chosen[:, None]).squeeze(-1)
-            _broadcast_from_last_stage(chosen)
-            _broadcast_from_last_stage(chosen_logprob)
+            chosen = broadcast_from_last_stage(chosen, (batch,), torch.long)
+            chosen_logprob = broadcast_from_last_stage(chosen_logprob, (batch,), torch.float32)
             tokens[:, end] = torch.where(alive, chosen, pad_id)
             logprobs[:, step] = chosen_logprob * alive
             lengths += alive
