@@ -281,8 +281,11 @@ class RLConfig:
     clip_eps: float = _checked(0.2, POSITIVE)
     ratio_threshold: float = _checked(10.0, POSITIVE)
     entropy_coef: float = _checked(0.0, NON_NEGATIVE)
-    # Policy-loss options (docs/algorithm.md §2, "Policy-loss options"). How token losses
+    # Policy-loss options (docs/algorithm.md §2, "Policy-loss options"). The loss
+    # (rl/policy_loss.py POLICY_LOSSES): ppo, the clipped surrogate on each token's ratio; gspo,
+    # on each response's sequence ratio (clip_eps of a few 1e-4 there). How token losses
     # aggregate: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    policy_loss: Literal["ppo", "gspo"] = "ppo"
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                            "seq-mean-token-sum-norm"] = "token-mean"
     # dual-clip PPO: a negative advantage's token loss capped at -dual_clip x A (> 1; verl: 3)
@@ -337,6 +340,8 @@ class PPOConfig:
 
     reward_model: Optional[str] = None  # trained with gvm.objective=bradley_terry
     critic: Optional[str] = None  # the critic's initial weights; default: the reward model
+    # the critic's loss (rl/losses.py VALUE_LOSSES): clipped around the rollout's values, or mse
+    value_loss: Literal["clipped", "mse"] = "clipped"
     value_clip_eps: float = _checked(0.2, POSITIVE)
 
 

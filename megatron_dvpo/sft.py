@@ -23,6 +23,7 @@ from megatron_dvpo.models import forward
 from megatron_dvpo.training.cli import run_trainer
 from megatron_dvpo.training.job import JobDefaults
 from megatron_dvpo.training.loop import StepResult
+from megatron_dvpo.training.loss import Loss
 from megatron_dvpo.training.trained_model import trained_policy
 
 
@@ -56,11 +57,10 @@ class SFTTrainer(JobDefaults):
         # logprobs[:, p] scores token p + 1: response tokens are scored where the mask, shifted
         # left by one, is set
         scored = batch["response_mask"][:, 1:]
-        tokens = distributed.all_reduce_data_parallel(float(scored.sum()))
 
-        def loss_fn(outputs, mb):
-            nll = -(outputs["logprobs"] * mb["scored"]).sum()
-            return nll / tokens, {"nll_sum": nll.detach()}
+        def nll(outputs, mb):
+            summed = -(outputs["logprobs"] * mb["scored"]).sum()
+            return {"nll": summed}, {"nll_sum": summed.detach()}
 
         data = self.cfg.data
         lengths = batch["prompt_lengths"] + batch["response_lengths"]
@@ -70,12 +70,10 @@ class SFTTrainer(JobDefaults):
         update = self.model.update(microbatches,
                                    forward.policy_logprobs_head(self.cfg.model.vocab_size,
                                                                 chunk=forward.LOGPROB_CHUNK),
-                                   loss_fn)
-        local = ({"nll_sum": sum(float(o["nll_sum"]) for o in update.outputs)}
-                 if update.outputs else None)
-        nll = distributed.sum_over_replicas(["nll_sum"], local)["nll_sum"]
+                                   Loss(nll, lambda mb: {"nll": mb["scored"].sum()},
+                                        ("nll_sum",)))
         seq_tokens = distributed.all_reduce_data_parallel(float(lengths.sum()))
-        return StepResult({"sft/loss": nll / tokens, "sft/grad_norm": update.grad_norm or 0.0,
+        return StepResult({"sft/loss": update.sums["nll_sum"] / max(update.counts["nll"], 1.0), "sft/grad_norm": update.grad_norm or 0.0,
                            "sft/lr": self.model.lr,
                            "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)},
                           [update])

@@ -199,6 +199,7 @@ class ScaledLossJob(JobDefaults):
     def step(self, step):
         import torch
 
+        from distributed.losses import mean_logprob_loss
         from megatron_dvpo.models import forward
         from megatron_dvpo.training.loop import StepResult
 
@@ -210,7 +211,7 @@ class ScaledLossJob(JobDefaults):
                                    generator=torch.Generator().manual_seed(self.updates))
             results.append(self.model.update(
                 forward.make_microbatches(2, tokens=tokens), forward.policy_logprobs_head(100),
-                lambda out, batch, s=scale: (-out["logprobs"].mean() * s, {})))
+                mean_logprob_loss(scale)))
         return StepResult({"x/loss": sum(float(o["loss"]) for r in results for o in r.outputs
                                          if r.applied)}, results)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, resumed_from
+from distributed.losses import mean_logprob_loss
 from megatron_dvpo.demo import scalars
 
 BF16 = ["precision.params_dtype=bf16", "train_steps=4", "checkpoint.save_interval=2",
@@ -153,7 +154,7 @@ def test_a_loaded_model_keeps_its_weights_across_the_first_step(models, single_r
     for _ in range(60):
         result = unit.update(forward.make_microbatches(2, tokens=tokens),
                              forward.policy_logprobs_head(cfg.model.vocab_size),
-                             lambda out, mb: (-out["logprobs"].mean(), {}))
+                             mean_logprob_loss())
         if result.applied:
             break
     assert result.applied, result

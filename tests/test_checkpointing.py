@@ -1,5 +1,6 @@
 """Which checkpoint a restart picks when a save was interrupted (no process groups needed)."""
 
+from distributed.losses import mean_logprob_loss
 from megatron_dvpo.checkpointing import (TRACKER, complete_checkpoints, find_latest_checkpoint,
                                          iteration_dir)
 
@@ -65,7 +66,7 @@ def test_units_save_together_and_older_checkpoints_still_load(tmp_path, single_r
             tokens = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
             model.update(forward.make_microbatches(2, tokens=tokens),
                          forward.policy_logprobs_head(100),
-                         lambda out, batch: (-out["logprobs"].mean(), {}))
+                         mean_logprob_loss())
         return model
 
     policy, critic = unit(step=True), unit(step=True)

@@ -389,7 +389,8 @@ def test_gae_with_released_value_whitening_matches_the_released_recipe():
     """Raw GVM outputs of each forward chunk (prompt positions, padding and the last position
     included) whitened with TRL's whiten (unbiased variance, rsqrt(var + 1e-8)), the last column
     dropped, V(s_t) read at the position before y_t, then GAE over the KL-only rewards."""
-    from megatron_dvpo.rl.scoring import estimator_inputs
+    from megatron_dvpo.rl.scoring import (reads_released_whitening, released_whitened_q_view,
+                                          rollout_q_view)
 
     g = torch.Generator().manual_seed(3)
     width, lengths = 3, torch.tensor([4, 2, 3, 1])
@@ -410,13 +411,14 @@ def test_gae_with_released_value_whitening_matches_the_released_recipe():
             for i in reversed(range(n)):
                 running = r[i] + gamma * v[i + 1] - v[i] + gamma * lam * running
                 expected[row, i] = running
-    q, q_prompt = estimator_inputs(raw, width, lengths, "qview", "gae", "released", chunk)
+    assert reads_released_whitening("gae", "released")
+    q, q_prompt = released_whitened_q_view(raw, width, lengths, "qview", chunk)
     got, _ = compute_advantages("gae", q, q_prompt, mask, logp_old, logp_ref, beta, gamma, lam,
                                 whiten_values=False)
     assert torch.allclose(got, expected, atol=1e-12), (got, expected)
     # the per-sequence variant is a different estimator, and says so by its name
-    q, q_prompt = estimator_inputs(raw, width, lengths, "qview", "gae", "per_sequence_states",
-                                   chunk)
+    assert not reads_released_whitening("gae", "per_sequence_states")
+    q, q_prompt = rollout_q_view(raw, width, lengths, "qview")
     other, _ = compute_advantages("gae", q, q_prompt, mask, logp_old, logp_ref, beta, gamma,
                                   lam, whiten_values=True)
     assert not torch.allclose(other, expected, atol=1e-3)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, ScaledLossJob, assert_identical, checkpoint_contents
+from distributed.losses import mean_logprob_loss
 from megatron_dvpo.checkpointing import complete_checkpoints, find_latest_checkpoint
 from megatron_dvpo.demo import scalars
 
@@ -199,7 +200,7 @@ def test_a_nan_update_skips_only_itself(tmp_path, single_rank):
         tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(seed))
         clean.model.update(forward.make_microbatches(2, tokens=tokens),
                            forward.policy_logprobs_head(100),
-                           lambda out, batch: (-out["logprobs"].mean(), {}))
+                           mean_logprob_loss())
     for a, b in zip(trainee.model.chunks[0].parameters(), clean.model.chunks[0].parameters()):
         assert torch.equal(a, b)
     # a step whose every update is NaN is a skipped step

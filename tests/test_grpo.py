@@ -10,7 +10,7 @@ from conftest import launch
 from megatron_dvpo.config import ConfigError, load_config
 from megatron_dvpo.demo import scalars
 from megatron_dvpo.rl.advantages import group_advantages
-from megatron_dvpo.rl.estimators import ESTIMATORS, EstimatorInputs, Scores
+from megatron_dvpo.rl.estimators import ESTIMATORS, EstimatorInputs, SequenceScores
 
 
 def test_group_advantages_by_hand():
@@ -35,8 +35,8 @@ def test_group_estimator_subtracts_the_summed_kl_and_fills_every_response_token(
     logp_old = torch.tensor([[-1.0, -2.0, -9.0], [-1.0, -1.0, -1.0]])
     logp_ref = torch.tensor([[-1.5, -2.5, 0.0], [-1.0, -1.0, -2.0]])  # KL sums 1.0 and 1.0
     x = EstimatorInputs(mask, logp_old, logp_ref, beta=0.5, gamma=1.0, lam=1.0, group_size=2)
-    got = ESTIMATORS[method](Scores(final_value=torch.zeros(2),
-                                    sequence_rewards=torch.tensor([3.0, 1.0])), x)
+    got = ESTIMATORS[method](SequenceScores(final_value=torch.zeros(2),
+                                            rewards=torch.tensor([3.0, 1.0])), x)
     expected = group_advantages(torch.tensor([3.0 - 0.5, 1.0 - 0.5]), 2, method)
     assert torch.allclose(got.advantages, expected[:, None] * mask)
     assert got.advantages[0, 2] == 0 and got.returns is None
@@ -126,3 +126,19 @@ def test_dr_grpo_centres_without_the_std():
     rewards = torch.tensor([1.0, 0.0, 0.0, 3.0])
     assert group_advantages(rewards, 4, "dr_grpo").tolist() == pytest.approx(
         [0.0, -1.0, -1.0, 2.0])
+
+
+def test_an_estimator_is_refused_scores_it_cannot_read():
+    """Typed scores: each estimator names the scores it reads, and a scorer that gives others
+    is refused before any model is built; a critic's scores carry a reward per response, so
+    the group estimators can read them."""
+    from megatron_dvpo.rl.estimators import CriticScores, GVMScores, check_estimator
+
+    with pytest.raises(ConfigError, match="the gae_critic estimator reads CriticScores; "
+                                          "GVMScorer gives GVMScores"):
+        check_estimator("gae_critic", GVMScores, "GVMScorer")
+    with pytest.raises(ConfigError, match="the td estimator reads GVMScores; TextScorer gives "
+                                          "SequenceScores"):
+        check_estimator("td", SequenceScores, "TextScorer")
+    assert check_estimator("rloo", CriticScores, "RewardCriticScorer").grouped
+    assert not check_estimator("gae", GVMScores, "GVMScorer").grouped

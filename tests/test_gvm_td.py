@@ -115,9 +115,6 @@ def test_loss_by_hand():
                            train_prompt_value=True)
     assert loss.item() == pytest.approx(0.835)
     assert stats["tokens"].item() == 4 and stats["response_tokens"].item() == 3
-    loss, _ = gvm_loss(values, [2], [3], torch.tensor([1.0], dtype=torch.float64), 1.0, 0.0,
-                       train_prompt_value=True, normalizer=4)
-    assert loss.item() == pytest.approx(0.835 / 4)
 
 
 def test_loss_sums_over_rows():
@@ -186,7 +183,6 @@ R = torch.tensor([1.0, -1.0])
     ([2, 4], [3, 5], {}, ValueError, "exceeds the sequence length 8"),
     ([2, 4], [3, 2], {"lam": 1.5}, ValueError, "lam must be in"),
     ([2, 4], [3, 2], {"gamma": -0.1}, ValueError, "gamma must be in"),
-    ([2, 4], [3, 2], {"normalizer": 0.0}, ValueError, "normalizer must be positive"),
     ([2, 4, 1], [3, 2, 1], {}, ValueError, r"prompt_lengths must have shape \(2,\)"),
     ([2.0, 4.0], [3, 2], {}, TypeError, "prompt_lengths must hold integers"),
 ])

@@ -3,6 +3,8 @@ gradient buffer and 8 of Adam moments per parameter; a frozen model its weights 
 
 import torch
 
+from distributed.losses import mean_logprob_loss
+
 from megatron_dvpo.config import load_config
 
 
@@ -17,7 +19,7 @@ def test_trained_and_frozen_bytes(single_rank):
     n = sum(p.numel() for p in model.chunks[0].parameters())
     tokens = torch.randint(0, 100, (2, 8))
     model.update(forward.make_microbatches(2, tokens=tokens), forward.policy_logprobs_head(100),
-                 lambda out, mb: (-out["logprobs"].sum(), {}))
+                 mean_logprob_loss())
     got = trained_bytes(model)
     assert got["params"] == 4 * n
     assert 4 * n <= got["grads"] <= 4 * n * 1.01  # megatron pads its buffers a little

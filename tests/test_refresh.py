@@ -42,18 +42,17 @@ def test_a_tied_pair_adds_nothing_to_the_pairwise_term():
                               rollout([[12, 2], [13, 2]]), [1.0, 0.3], [0.0, 0.3], (1.0, -1.0))
     batch = collate(samples, 6, 0)
     objective = OBJECTIVES["td_pairwise"](GVMConfig(objective="td_pairwise", pairwise_weight=2.0))
-    counts = objective.counts(batch)
-    assert counts["pairs"] == 1.0
+    assert objective.loss.counts(batch)["pairs"] == 1.0
     values = torch.zeros(4, 6, requires_grad=True)
-    loss, stats = objective.loss_fn(counts)({"values": values}, batch)
+    terms, stats = objective.loss.terms({"values": values}, batch)
     assert float(stats["correct"]) == 0.5  # equal values: a tie counts half
     td_only = OBJECTIVES["td"](GVMConfig())
-    td_loss, _ = td_only.loss_fn({"tokens": objective.counts(batch)["tokens"]})(
-        {"values": values}, batch)
-    (loss - td_loss).backward()  # the pairwise part alone
+    td_terms, _ = td_only.loss.terms({"values": values}, batch)
+    assert torch.equal(terms["td"], td_terms["td"])
+    terms["pairs"].backward()  # the pairwise part alone
     grad = values.grad
     last = 3  # prompt 2 + response 2, q-view: the last response token's output
     assert grad[0, last] < 0 < grad[1, last]  # chosen up, rejected down
     assert grad[2:].abs().sum() == 0  # the tied pair: no pairwise gradient
     # weight 2 x -log sigmoid(0) / 1 pair
-    assert torch.isclose(loss - td_loss, 2 * torch.log(torch.tensor(2.0)))
+    assert torch.isclose(terms["pairs"], 2 * torch.log(torch.tensor(2.0)))

@@ -6,10 +6,9 @@
   of two +-1 labels that each depend on an unseen partner;
 - ``bradley_terry``: Bradley-Terry on the final values alone (PPO's reward model).
 
-An objective turns one collated batch into a loss function for ``TrainedModel.update`` and
-turns the summed statistics of the whole global batch into tagged metrics. Losses are sums
-divided by global counts (times the data-parallel size, since megatron DDP averages gradients
-over replicas), so gradients do not depend on the micro-batch or DP split.
+An objective is a ``Loss`` (summed terms, each with its count in a microbatch: the update
+divides by the global counts once) and the metrics of the whole global batch's summed
+statistics and counts.
 """
 
 from __future__ import annotations
@@ -19,13 +18,12 @@ from typing import Callable
 
 import torch
 
-from megatron_dvpo import distributed
 from megatron_dvpo.config import GVMConfig
 from megatron_dvpo.device import to_device
 from megatron_dvpo.gvm.td import gather_response_values, gvm_loss, loss_token_count
 from megatron_dvpo.models import forward
-from megatron_dvpo.models.forward import LossFn
 from megatron_dvpo.rl.losses import bradley_terry_loss
+from megatron_dvpo.training.loss import Loss
 from megatron_dvpo.training.trained_model import TrainedModel, UpdateResult
 
 Counts = dict[str, float]
@@ -33,15 +31,15 @@ Counts = dict[str, float]
 
 @dataclass(frozen=True)
 class Objective:
-    """``counts(batch)``: this rank's normalising counts (the trainer all-reduces each);
-    ``loss_fn(counts)``: the per-microbatch share of the loss; ``metrics(sums, counts)``."""
+    """``loss``: what the model minimises; ``metrics_of(sums, counts)`` of the global batch."""
 
-    sums: tuple[str, ...]
+    loss: Loss
     whole_pairs: bool  # batches hold (chosen, rejected) rows next to each other
-    counts: Callable[[dict], Counts]
-    loss_fn: Callable[[Counts], LossFn]
-    metrics: Callable[[dict[str, float], Counts], dict[str, float]]
+    metrics_of: Callable[[dict[str, float], Counts], dict[str, float]]
     summary_tags: tuple[str, ...]
+
+    def metrics(self, update: UpdateResult) -> dict[str, float]:
+        return self.metrics_of(update.sums, update.counts)
 
 
 TD_SUMS = ("sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response_tokens",
@@ -68,13 +66,12 @@ def _final_values(values: torch.Tensor, mb: dict, alignment: str) -> torch.Tenso
 
 
 def _td_terms(gvm: GVMConfig):
-    """(loss_fn of the TD(lambda) part, its metrics) for ``gvm``."""
+    """(the TD(lambda) term, its count in a microbatch, its metrics) for ``gvm``."""
     prompt_value = gvm.train_prompt_value and gvm.alignment == "qview"
 
-    def td(outputs, mb, tokens: float):
+    def td(outputs, mb):
         return gvm_loss(outputs["values"], mb["prompt_lengths"], mb["response_lengths"],
-                        mb["rewards"], gvm.gamma, gvm.lam, prompt_value, normalizer=tokens,
-                        alignment=gvm.alignment)
+                        mb["rewards"], gvm.gamma, gvm.lam, prompt_value, alignment=gvm.alignment)
 
     def metrics(s: dict[str, float]) -> dict[str, float]:
         # half the mean squared TD error over response tokens (docs/algorithm.md §1); the
@@ -84,59 +81,52 @@ def _td_terms(gvm: GVMConfig):
                 "gvm/value_mean": s["value_sum"] / s["response_tokens"],
                 "gvm/final_value_mean": s["final_value_sum"] / s["rows"]}
 
-    def tokens(batch: dict) -> float:
-        return loss_token_count(batch["response_lengths"], prompt_value)
+    def count(mb: dict) -> float:
+        return loss_token_count(mb["response_lengths"], prompt_value)
 
-    return td, metrics, tokens
+    return td, count, metrics
 
 
-def _pair_term(outputs, mb, alignment: str, pairs: float):
-    """Summed Bradley-Terry loss of the microbatch's ordered pairs / all of them, and its
-    stats."""
+def _pair_term(outputs, mb, alignment: str):
+    """Summed Bradley-Terry loss of the microbatch's ordered pairs, and its stats."""
     reward = _final_values(outputs["values"], mb, alignment)
     ranked = _ranked(mb).to(reward.device)
-    n = float(ranked.sum())
-    if not n:
+    if not bool(ranked.any()):
         zero = reward.sum() * 0.0  # keeps the graph, so every microbatch has a backward
         return zero, {"pair_loss_sum": zero.detach(), "correct": zero.detach()}
     value, stats = bradley_terry_loss(reward[0::2][ranked], reward[1::2][ranked])
-    return value * n / max(pairs, 1.0), {"pair_loss_sum": value.detach() * n,
-                                         "correct": stats["accuracy"] * n}
+    return value, {"pair_loss_sum": value.detach(), "correct": stats["correct"]}
 
 
 def td_objective(gvm: GVMConfig) -> Objective:
-    td, td_metrics, tokens = _td_terms(gvm)
+    td, count, td_metrics = _td_terms(gvm)
 
-    def loss_fn(counts: Counts) -> LossFn:
-        def loss(outputs, mb):
-            value, stats = td(outputs, mb, counts["tokens"])
-            return value, {k: stats[k] for k in TD_SUMS}
-        return loss
+    def terms(outputs, mb):
+        value, stats = td(outputs, mb)
+        return {"td": value}, {k: stats[k] for k in TD_SUMS}
 
-    return Objective(TD_SUMS, False, lambda batch: {"tokens": tokens(batch)}, loss_fn,
+    return Objective(Loss(terms, lambda mb: {"td": count(mb)}, TD_SUMS), False,
                      lambda s, counts: td_metrics(s),
                      ("gvm/loss", "gvm/value_mean", "gvm/pair_acc_last",
                       "perf/train_tokens_per_s"))
 
 
 def td_pairwise_objective(gvm: GVMConfig) -> Objective:
-    td, td_metrics, tokens = _td_terms(gvm)
+    td, count, td_metrics = _td_terms(gvm)
 
-    def loss_fn(counts: Counts) -> LossFn:
-        def loss(outputs, mb):
-            value, stats = td(outputs, mb, counts["tokens"])
-            pair, pair_stats = _pair_term(outputs, mb, gvm.alignment, counts["pairs"])
-            return value + gvm.pairwise_weight * pair, {
-                **{k: stats[k] for k in TD_SUMS}, **pair_stats}
-        return loss
+    def terms(outputs, mb):
+        value, stats = td(outputs, mb)
+        pair, pair_stats = _pair_term(outputs, mb, gvm.alignment)
+        return ({"td": value, "pairs": gvm.pairwise_weight * pair},
+                {**{k: stats[k] for k in TD_SUMS}, **pair_stats})
 
     def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
         pairs = max(counts["pairs"], 1.0)
         return {**td_metrics(s), "gvm/pair_loss": s["pair_loss_sum"] / pairs,
                 "gvm/train_pair_accuracy": s["correct"] / pairs}
 
-    return Objective(TD_SUMS + PAIR_SUMS, True,
-                     lambda batch: {"tokens": tokens(batch), "pairs": _pairs(batch)}, loss_fn,
+    return Objective(Loss(terms, lambda mb: {"td": count(mb), "pairs": _pairs(mb)},
+                          TD_SUMS + PAIR_SUMS), True,
                      metrics, ("gvm/loss", "gvm/pair_loss", "gvm/pair_acc_last",
                                "perf/train_tokens_per_s"))
 
@@ -144,49 +134,27 @@ def td_pairwise_objective(gvm: GVMConfig) -> Objective:
 def bradley_terry_objective(gvm: GVMConfig) -> Objective:
     """-log sigmoid(r_chosen - r_rejected) on the final values of whole pairs."""
 
-    def loss_fn(counts: Counts) -> LossFn:
-        def loss(outputs, mb):
-            value, stats = _pair_term(outputs, mb, gvm.alignment, counts["pairs"])
-            return value, {"loss_sum": stats["pair_loss_sum"], "correct": stats["correct"]}
-        return loss
+    def terms(outputs, mb):
+        value, stats = _pair_term(outputs, mb, gvm.alignment)
+        return {"pairs": value}, {"loss_sum": stats["pair_loss_sum"], "correct": stats["correct"]}
 
     def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
         pairs = max(counts["pairs"], 1.0)
         return {"rm/loss": s["loss_sum"] / pairs, "rm/train_accuracy": s["correct"] / pairs}
 
-    return Objective(("loss_sum", "correct"), True, lambda batch: {"pairs": _pairs(batch)},
-                     loss_fn, metrics, ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last"))
+    return Objective(Loss(terms, lambda mb: {"pairs": _pairs(mb)}, ("loss_sum", "correct")),
+                     True, metrics, ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last"))
 
 
 OBJECTIVES = {"td": td_objective, "td_pairwise": td_pairwise_objective,
               "bradley_terry": bradley_terry_objective}
 
 
-@dataclass(frozen=True)
-class ObjectiveUpdate:
-    """One optimizer step of an objective: the update, the global sums and counts."""
-
-    update: UpdateResult
-    sums: dict[str, float]
-    counts: Counts
-
-    def metrics(self, objective: Objective) -> dict[str, float]:
-        return objective.metrics(self.sums, self.counts)
-
-
 def train_on_batch(model: TrainedModel, objective: Objective, batch: dict,
-                   micro_batch_size: int, micro_batch_tokens: int = 0) -> ObjectiveUpdate:
-    """One update of ``model`` on this rank's part of a global batch. Losses are normalised by
-    the whole global batch, so the gradient is that of the documented mean however the batch
-    is split over microbatches and replicas."""
-    counts = {k: distributed.all_reduce_data_parallel(v)
-              for k, v in objective.counts(batch).items()}
+                   micro_batch_size: int, micro_batch_tokens: int = 0) -> UpdateResult:
+    """One update of ``model`` on this rank's part of a global batch."""
     batch = to_device(batch)
     microbatches = forward.split_microbatches(
         micro_batch_size, micro_batch_tokens, batch["prompt_lengths"] + batch["response_lengths"],
         2 if objective.whole_pairs else 1, **batch)
-    update = model.update(microbatches, forward.gvm_values_head, objective.loss_fn(counts))
-    keys = list(objective.sums)
-    local = ({k: sum(float(o[k]) for o in update.outputs) for k in keys}
-             if update.outputs else None)
-    return ObjectiveUpdate(update, distributed.sum_over_replicas(keys, local), counts)
+    return model.update(microbatches, forward.gvm_values_head, objective.loss)

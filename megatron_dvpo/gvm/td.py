@@ -143,8 +143,8 @@ def td_lambda_targets(q: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor
 def loss_token_count(response_lengths: torch.Tensor | Sequence[int],
                      train_prompt_value: bool = False) -> int:
     """Number of squared-error terms ``gvm_loss`` sums: every response token, plus one per row
-    for ``q_{-1}`` when it is trained. The trainer sums this over the global batch to get the
-    normaliser that turns the per-microbatch sums into the mean of docs/algorithm.md."""
+    for ``q_{-1}`` when it is trained: the count the update divides the summed loss by, over the
+    global batch (``training/loss.py``), for the mean of docs/algorithm.md."""
     lengths = torch.as_tensor(response_lengths)
     if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(f"response_lengths must be a 1-D integer sequence, got {lengths}")
@@ -156,9 +156,8 @@ def loss_token_count(response_lengths: torch.Tensor | Sequence[int],
 def gvm_loss(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
              response_lengths: torch.Tensor | Sequence[int], rewards: torch.Tensor,
              gamma: float, lam: float, train_prompt_value: bool = False,
-             normalizer: float | None = None, alignment: str = "qview"
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``0.5 * sum (v_t - G_t)^2`` over the trained outputs, divided by ``normalizer`` if given.
+             alignment: str = "qview") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``0.5 * sum (v_t - G_t)^2`` over the trained outputs.
 
     The trained outputs ``v_0 .. v_{T-1}`` are ``q_0 .. q_{T-1}`` (``qview``) or
     ``q_{-1} .. q_{T-2}`` (``released``), the reward on the last of them. A sum, not a mean, so
@@ -173,8 +172,6 @@ def gvm_loss(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
     ``value_sum`` (over the trained outputs) and ``final_value_sum`` (``v_{T_b-1}``, the
     predicted reward, over rows).
     """
-    if normalizer is not None and not normalizer > 0:
-        raise ValueError(f"normalizer must be positive, got {normalizer}")
     _check_alignment(alignment)
     if alignment == "released":
         prompt, _, mask, steps = _response_layout(values, prompt_lengths, response_lengths)
@@ -193,8 +190,6 @@ def gvm_loss(values: torch.Tensor, prompt_lengths: torch.Tensor | Sequence[int],
         sq_err = sq_err + (q_prompt - targets[:, 0]).square().sum()
         tokens = tokens + q.shape[0]
     loss = 0.5 * sq_err
-    if normalizer is not None:
-        loss = loss / normalizer
     lengths = mask.sum(1)
     with torch.no_grad():
         q_det = q.detach()

@@ -101,14 +101,14 @@ class GVMTrainer(JobDefaults):
         seq_tokens = distributed.all_reduce_data_parallel(
             float((batch["prompt_lengths"] + batch["response_lengths"]).sum()))
         prefix = self.summary_tags[0].split("/")[0]
-        metrics = {**trained.metrics(self.objective),
-                   f"{prefix}/grad_norm": trained.update.grad_norm or 0.0,
+        metrics = {**self.objective.metrics(trained),
+                   f"{prefix}/grad_norm": trained.grad_norm or 0.0,
                    f"{prefix}/lr": self.model.lr,
                    "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)}
         interval = self.cfg.gvm.eval_interval
         if self.eval_data is not None and interval and (step + 1) % interval == 0:
             metrics.update(self.evaluate())
-        return StepResult(metrics, [trained.update])
+        return StepResult(metrics, [trained])
 
     def finish(self) -> dict[str, float]:
         if self.eval_data is None:

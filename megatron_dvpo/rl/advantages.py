@@ -74,28 +74,25 @@ def _previous_values(q: torch.Tensor, q_prompt: torch.Tensor) -> torch.Tensor:
     return torch.cat([q_prompt.unsqueeze(1), q[:, :-1]], dim=1)
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# Schulman's single-sample estimators of KL(pi_old || pi_ref) from d = logp_old - logp_ref
+# (rl.kl_estimator; verl's kl, mse, low_var_kl):
+# - k1: d, unbiased, as the released code uses; it can be negative on a token;
+# - k2: d^2 / 2, biased, low variance, never negative;
+# - k3: exp(-d) - 1 + d, unbiased and never negative.
+KL_ESTIMATORS = {"k1": lambda d: d, "k2": lambda d: 0.5 * d.square(),
+                 "k3": lambda d: torch.expm1(-d) + d}
 
 
 def kl_penalty(logp_old: torch.Tensor, logp_ref: torch.Tensor,
                mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token single-sample estimate of ``KL(pi_old || pi_ref)`` on the sampled token, 0 at
-    padding (Schulman's k1-k3, with ``d = logp_old - logp_ref``):
-
-    - ``k1``: ``d``, unbiased, as the released code uses; it can be negative on a token;
-    - ``k2``: ``d^2 / 2``, biased, low variance, never negative;
-    - ``k3``: ``exp(-d) - 1 + d``, unbiased and never negative (verl's ``low_var_kl``).
-    """
+    """Per-token estimate of ``KL(pi_old || pi_ref)`` on the sampled token (``KL_ESTIMATORS``),
+    0 at padding."""
     _check_shapes(mask, logp_old=logp_old, logp_ref=logp_ref)
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; one of {KL_ESTIMATORS}")
+        raise ValueError(f"unknown KL estimator {estimator!r}; one of {tuple(KL_ESTIMATORS)}")
     logp_old, logp_ref = _constant(logp_old, logp_ref)
     d = torch.where(mask, logp_old - logp_ref, 0.0)
-    if estimator == "k2":
-        return 0.5 * d.square()
-    if estimator == "k3":
-        return torch.where(mask, torch.expm1(-d) + d, 0.0)
-    return d
+    return torch.where(mask, KL_ESTIMATORS[estimator](d), 0.0)
 
 
 def td_advantages(q: torch.Tensor, q_prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

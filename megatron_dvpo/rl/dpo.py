@@ -30,6 +30,7 @@ from megatron_dvpo.rl.scorers import frozen_model
 from megatron_dvpo.training.cli import run_trainer
 from megatron_dvpo.training.job import JobDefaults
 from megatron_dvpo.training.loop import StepResult
+from megatron_dvpo.training.loss import Loss
 from megatron_dvpo.training.trained_model import trained_policy
 
 SUMS = ("loss_sum", "correct", "margin_sum", "chosen_reward_sum", "rejected_reward_sum")
@@ -104,14 +105,13 @@ class DPOTrainer(JobDefaults):
         batch = collate([self.data[i] for i in indices], data.seq_length, self.data.pad_id)
         tensors = to_device({"tokens": batch["tokens"], "scored": batch["response_mask"][:, 1:]})
         tensors["ref"] = self._reference_logprobs(tensors["tokens"], tensors["scored"])
-        pairs = distributed.all_reduce_data_parallel(float(len(indices) // 2))
         options = self.cfg.dpo
 
-        def loss_fn(outputs, mb):
+        def terms(outputs, mb):
             seq = (outputs["logprobs"] * mb["scored"]).sum(1)
             loss, stats = dpo_loss(seq[0::2], seq[1::2], mb["ref"][0::2], mb["ref"][1::2],
                                    options.beta, options.loss, options.label_smoothing)
-            return loss / pairs, {"loss_sum": loss.detach(), **stats}
+            return {"pairs": loss}, {"loss_sum": loss.detach(), **stats}
 
         lengths = batch["prompt_lengths"] + batch["response_lengths"]
         microbatches = forward.split_microbatches(data.micro_batch_size, data.micro_batch_tokens,
@@ -119,10 +119,9 @@ class DPOTrainer(JobDefaults):
         update = self.model.update(microbatches,
                                    forward.policy_logprobs_head(self.cfg.model.vocab_size,
                                                                 chunk=forward.LOGPROB_CHUNK),
-                                   loss_fn)
-        local = ({k: sum(float(o[k]) for o in update.outputs) for k in SUMS}
-                 if update.outputs else None)
-        sums = distributed.sum_over_replicas(list(SUMS), local)
+                                   Loss(terms, lambda mb: {"pairs": mb["tokens"].shape[0] // 2},
+                                        SUMS))
+        sums, pairs = update.sums, max(update.counts["pairs"], 1.0)
         seq_tokens = distributed.all_reduce_data_parallel(float(lengths.sum()))
         return StepResult({"dpo/loss": sums["loss_sum"] / pairs,
                            "dpo/reward_accuracy": sums["correct"] / pairs,

@@ -13,19 +13,38 @@ its training on on-policy pairs ranked by the user's scorer (``rl/refresh.py``).
 
 from __future__ import annotations
 
+import functools
+
 from megatron_dvpo.rl.refresh import GVMRefresh
+from megatron_dvpo.rl.rewards import load_scorer
 from megatron_dvpo.rl.scorers import GVMScorer
-from megatron_dvpo.rl.trainer import RLAlgorithm
+from megatron_dvpo.rl.trainer import RLAlgorithm, RLTrainer
 from megatron_dvpo.training.cli import run_trainer
+
+
+def _refresh(trainer: RLTrainer) -> GVMRefresh | None:
+    """The GVM refresh of a trainer whose scorer is a trained ``GVMScorer``, ranking pairs with
+    dvpo.refresh_scorer, else rl.true_reward."""
+    cfg, scorer = trainer.cfg, trainer.scorer
+    if not cfg.dvpo.refresh_interval:
+        return None
+    key = "dvpo.refresh_scorer" if cfg.dvpo.refresh_scorer else "rl.true_reward"
+    text_scorer = load_scorer(cfg.dvpo.refresh_scorer or cfg.rl.true_reward, key)
+    return GVMRefresh(cfg, scorer.gvm_cfg, scorer.model,
+                      lambda rollout: scorer.score(rollout).final_value,
+                      trainer.tokenizer.pad_id, trainer.sample,
+                      functools.partial(trainer.text_scores, text_scorer))
+
 
 DVPO = RLAlgorithm(
     name="DVPO",
     value_keys=lambda cfg: ("dvpo.gvm",),
+    scorer=lambda cfg: GVMScorer,
     make_scorer=lambda cfg, value_cfgs, total: GVMScorer(cfg, value_cfgs["dvpo.gvm"]),
     estimator=lambda cfg: cfg.dvpo.estimator,
     needs_reference=lambda cfg: cfg.rl.kl_coef > 0,
     whiten_state_values=lambda cfg: cfg.dvpo.value_whitening == "per_sequence_states",
-    make_refresh=lambda job: GVMRefresh.for_job(job) if job.cfg.dvpo.refresh_interval else None,
+    make_refresh=_refresh,
 )
 
 

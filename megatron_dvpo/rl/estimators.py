@@ -12,26 +12,41 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_dvpo.config import ConfigError
 from megatron_dvpo.rl.advantages import compute_advantages, gae, group_advantages, kl_penalty
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Scores:
-    """What a scorer says about a rollout, identical on every rank of a model-parallel group.
-
-    ``final_value [B]`` is the scorer's (unwhitened) prediction of each response's reward, logged
-    under the scorer's ``final_value_tag``. A GVM gives its Q-view ``q [B, T]`` and ``q_prompt [B]``
-    (read as its estimator needs them); a reward model and critic give ``sequence_rewards [B]``
-    and ``state_values [B, T]`` (``V(s_t)``).
-    """
+    """What a scorer says about a rollout, identical on every rank of a model-parallel group:
+    ``final_value [B]``, its (unwhitened) prediction of each response's reward, logged under
+    the scorer's ``final_value_tag``; ``out_of_range [B, T]`` (bool, or None), values outside
+    the range the scorer produced on its own training data."""
 
     final_value: torch.Tensor
-    q: Optional[torch.Tensor] = None
-    q_prompt: Optional[torch.Tensor] = None
-    sequence_rewards: Optional[torch.Tensor] = None
-    state_values: Optional[torch.Tensor] = None
-    # [B, T] bool: values outside the range the scorer produced on its own training data
     out_of_range: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GVMScores(Scores):
+    """A GVM's Q-view (``q [B, T]``, ``q_prompt [B]``), read as its estimator needs them."""
+
+    q: torch.Tensor
+    q_prompt: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class SequenceScores(Scores):
+    """One reward per response (a reward model, the user's function of the text)."""
+
+    rewards: torch.Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class CriticScores(SequenceScores):
+    """A reward per response and a critic's ``state_values [B, T]`` (``V(s_t)``)."""
+
+    state_values: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -53,10 +68,10 @@ class Advantages:
     returns: Optional[torch.Tensor] = None  # [B, T] GAE's A + V, what a critic is fitted to
 
 
-def _gvm(estimator: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
+def _gvm(estimator: str) -> Callable[[GVMScores, EstimatorInputs], Advantages]:
     """DVPO's estimators over a frozen GVM's Q-view (td, q, gae)."""
 
-    def estimate(scores: Scores, x: EstimatorInputs) -> Advantages:
+    def estimate(scores: GVMScores, x: EstimatorInputs) -> Advantages:
         advantages, _ = compute_advantages(estimator, scores.q, scores.q_prompt, x.mask,
                                            x.logp_old, x.logp_ref, x.beta, x.gamma, x.lam,
                                            x.whiten_state_values, x.kl_estimator)
@@ -65,25 +80,25 @@ def _gvm(estimator: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
     return estimate
 
 
-def gae_with_critic(scores: Scores, x: EstimatorInputs) -> Advantages:
+def gae_with_critic(scores: CriticScores, x: EstimatorInputs) -> Advantages:
     """PPO's: GAE over the critic's ``V(s_t)``, rewards = per-token KL penalty plus the reward
     model's score at the last token."""
     rewards = torch.zeros_like(x.logp_old, dtype=torch.float32)
     if x.logp_ref is not None and x.beta > 0:
         rewards = -x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask, x.kl_estimator)
     last = (x.mask.sum(1) - 1).unsqueeze(1)
-    rewards = rewards.scatter_add(1, last, scores.sequence_rewards.unsqueeze(1).to(rewards.dtype))
+    rewards = rewards.scatter_add(1, last, scores.rewards.unsqueeze(1).to(rewards.dtype))
     advantages, returns = gae(scores.state_values, rewards, x.mask, x.gamma, x.lam)
     return Advantages(advantages, returns)
 
 
-def _group(method: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
+def _group(method: str) -> Callable[[SequenceScores, EstimatorInputs], Advantages]:
     """GRPO's and RLOO's (docs/algorithm.md §3): each response's sequence reward, minus
     ``beta`` times its summed KL to the reference (verl's KL-in-reward), against the other
     samples of its prompt; every token of a response gets its advantage."""
 
-    def estimate(scores: Scores, x: EstimatorInputs) -> Advantages:
-        rewards = scores.sequence_rewards.float()
+    def estimate(scores: SequenceScores, x: EstimatorInputs) -> Advantages:
+        rewards = scores.rewards.float()
         if x.logp_ref is not None and x.beta > 0:
             rewards = rewards - x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask,
                                                     x.kl_estimator).sum(1)
@@ -93,10 +108,36 @@ def _group(method: str) -> Callable[[Scores, EstimatorInputs], Advantages]:
     return estimate
 
 
-ESTIMATORS: dict[str, Callable[[Scores, EstimatorInputs], Advantages]] = {
-    "td": _gvm("td"), "q": _gvm("q"), "gae": _gvm("gae"),
-    "gae_critic": gae_with_critic,
-    "grpo": _group("grpo"), "dr_grpo": _group("dr_grpo"), "rloo": _group("rloo"),
+@dataclass(frozen=True)
+class Estimator:
+    """An estimator, the kind of scores it reads, and whether its advantages are already
+    normalised within each prompt's group (then never whitened again over the batch)."""
+
+    estimate: Callable[[Scores, EstimatorInputs], Advantages]
+    reads: type[Scores]
+    grouped: bool = False
+
+    def __call__(self, scores: Scores, x: EstimatorInputs) -> Advantages:
+        return self.estimate(scores, x)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "td": Estimator(_gvm("td"), GVMScores), "q": Estimator(_gvm("q"), GVMScores),
+    "gae": Estimator(_gvm("gae"), GVMScores),
+    "gae_critic": Estimator(gae_with_critic, CriticScores),
+    "grpo": Estimator(_group("grpo"), SequenceScores, grouped=True),
+    "dr_grpo": Estimator(_group("dr_grpo"), SequenceScores, grouped=True),
+    "rloo": Estimator(_group("rloo"), SequenceScores, grouped=True),
 }
-# Already normalised within each prompt's group: never whitened again over the batch.
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def check_estimator(name: str, scores: type[Scores], scorer: str) -> Estimator:
+    """The estimator ``name``, refused (before any model is built) where ``scorer``'s scores,
+    of type ``scores``, are not what it reads."""
+    if name not in ESTIMATORS:
+        raise ConfigError(f"unknown advantage estimator {name!r}; one of {tuple(ESTIMATORS)}")
+    estimator = ESTIMATORS[name]
+    if not issubclass(scores, estimator.reads):
+        raise ConfigError(f"the {name} estimator reads {estimator.reads.__name__}; {scorer} "
+                          f"gives {scores.__name__}")
+    return estimator

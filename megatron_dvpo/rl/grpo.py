@@ -33,6 +33,7 @@ def _check(cfg: RunConfig) -> None:
 GRPO = RLAlgorithm(
     name="GRPO",
     value_keys=lambda cfg: ("grpo.reward_model",) if cfg.grpo.reward_model else (),
+    scorer=lambda cfg: TextScorer if cfg.grpo.scorer else RewardModelScorer,
     make_scorer=lambda cfg, value_cfgs, total: (
         TextScorer(cfg) if cfg.grpo.scorer else
         RewardModelScorer(cfg, value_cfgs["grpo.reward_model"], cfg.grpo.reward_model)),

@@ -24,6 +24,7 @@ def _default_critic(cfg: RunConfig) -> None:
 PPO = RLAlgorithm(
     name="PPO",
     value_keys=lambda cfg: ("ppo.reward_model", "ppo.critic"),
+    scorer=lambda cfg: RewardCriticScorer,
     make_scorer=lambda cfg, value_cfgs, total: RewardCriticScorer(
         cfg, value_cfgs["ppo.reward_model"], value_cfgs["ppo.critic"], total),
     estimator=lambda cfg: "gae_critic",

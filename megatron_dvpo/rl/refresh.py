@@ -12,7 +12,6 @@ learnt from them: the policy's exploit of it shows there first.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,8 +23,7 @@ from megatron_dvpo.data.dataset import collate
 from megatron_dvpo.data.preference import Sample
 from megatron_dvpo.gvm.objectives import OBJECTIVES, train_on_batch
 from megatron_dvpo.models.generation import Rollout, rollout_responses
-from megatron_dvpo.rl.rewards import load_scorer
-from megatron_dvpo.training.trained_model import UpdateResult
+from megatron_dvpo.training.trained_model import TrainedModel, UpdateResult
 
 REFRESH_SEED = 7919  # the second sample's seed stream, apart from the rollouts'
 
@@ -67,28 +65,21 @@ class Refreshed:
 
 
 class GVMRefresh:
-    """Built from the GVM scorer (whose model trains when refresh is on), the policy's sampler
-    and the text scorer; called once per step by ``rl_step``."""
+    """The GVM's trained ``model`` (``score(rollout)`` gives its final values), the policy's
+    sampler ``sample(prompts, step_seed)`` and the user's ``score_text(prompts, rollout)``;
+    called once per step by ``rl_step``."""
 
-    def __init__(self, cfg: RunConfig, gvm_cfg: RunConfig, scorer, tokenizer,
+    def __init__(self, cfg: RunConfig, gvm_cfg: RunConfig, model: TrainedModel,
+                 score: Callable[[Rollout], torch.Tensor], pad_id: int,
                  sample: Callable[[list[list[int]], int], Rollout],
                  score_text: Callable[[list[list[int]], Rollout], list[float]]):
         self.interval, self.updates = cfg.dvpo.refresh_interval, cfg.dvpo.refresh_updates
         self.objective = OBJECTIVES[gvm_cfg.gvm.objective](gvm_cfg.gvm)
         self.labels = (gvm_cfg.data.chosen_reward, gvm_cfg.data.rejected_reward)
-        self.scorer, self.pad_id = scorer, tokenizer.pad_id
+        self.model, self.score, self.pad_id = model, score, pad_id
         self.sample, self.score_text = sample, score_text
         # whole pairs in every microbatch, for the objectives with a pairwise term
         self.micro_batch_size = 2 * max(cfg.data.micro_batch_size // 2, 1)
-
-    @classmethod
-    def for_job(cls, job) -> "GVMRefresh":
-        """The refresh of an ``RLTrainer`` whose scorer is a trained ``GVMScorer``."""
-        cfg = job.cfg
-        key = "dvpo.refresh_scorer" if cfg.dvpo.refresh_scorer else "rl.true_reward"
-        text_scorer = load_scorer(cfg.dvpo.refresh_scorer or cfg.rl.true_reward, key)
-        return cls(cfg, job.scorer.gvm_cfg, job.scorer, job.tokenizer, job.rollout,
-                   functools.partial(job.text_scores, text_scorer))
 
     def __call__(self, step: int, prompts: list[list[int]], rollout: Rollout,
                  final_values: torch.Tensor) -> Refreshed | None:
@@ -97,7 +88,7 @@ class GVMRefresh:
         second = self.sample(prompts, REFRESH_SEED + step)
         first_scores = self.score_text(prompts, rollout)
         second_scores = self.score_text(prompts, second)
-        before = self._ranked_correctly(final_values, self.scorer.score(second).final_value,
+        before = self._ranked_correctly(final_values, self.score(second),
                                         first_scores, second_scores)
         samples, ties = ranked_pairs(prompts, rollout, second, first_scores, second_scores,
                                      self.labels)
@@ -105,19 +96,19 @@ class GVMRefresh:
         if len(samples) % self.micro_batch_size:  # whole microbatches: repeat the first pairs
             samples += samples[:self.micro_batch_size - len(samples) % self.micro_batch_size]
         batch = collate(samples, width, self.pad_id)
-        trained = [train_on_batch(self.scorer.model, self.objective, batch,
-                                  self.micro_batch_size) for _ in range(self.updates)]
-        self.scorer.model.sync_params()  # the next step scores with the refreshed weights
+        trained = [train_on_batch(self.model, self.objective, batch, self.micro_batch_size)
+                   for _ in range(self.updates)]
+        self.model.sync_params()  # the next step scores with the refreshed weights
         pairs = distributed.all_reduce_data_parallel(float(len(prompts)))
         metrics = {f"gvm_refresh/{tag.split('/')[-1]}": value
-                   for tag, value in trained[-1].metrics(self.objective).items()}
+                   for tag, value in self.objective.metrics(trained[-1]).items()}
         metrics.update({
             "gvm_refresh/pairs": pairs,
             "gvm_refresh/tied_rate": distributed.all_reduce_data_parallel(float(ties)) / pairs,
             "gvm_refresh/pair_accuracy_before": before / pairs,
             "gvm_refresh/true_reward_mean": distributed.all_reduce_data_parallel(
                 sum(first_scores) + sum(second_scores)) / (2 * pairs)})
-        return Refreshed(metrics, [t.update for t in trained])
+        return Refreshed(metrics, trained)
 
     @staticmethod
     def _ranked_correctly(first_values: torch.Tensor, second_values: torch.Tensor,

@@ -29,11 +29,13 @@ from megatron_dvpo.device import device
 from megatron_dvpo.integrity import require_intact
 from megatron_dvpo.models.generation import Rollout, rollout_prompts, rollout_responses
 from megatron_dvpo.models.precision import inference_precision
-from megatron_dvpo.rl.estimators import Advantages, Scores
+from megatron_dvpo.rl.estimators import (Advantages, CriticScores, GVMScores, Scores,
+                                         SequenceScores)
 from megatron_dvpo.rl.gaming import flat_value_range, out_of_range
 from megatron_dvpo.rl.refresh import refresh_optimizer, refresh_updates_total
 from megatron_dvpo.rl.rewards import load_scorer, score_texts
-from megatron_dvpo.rl.scoring import estimator_inputs, rollout_q_view
+from megatron_dvpo.rl.scoring import (reads_released_whitening, released_whitened_q_view,
+                                      rollout_q_view)
 from megatron_dvpo.rl.updates import UpdateSummary, update_critic
 from megatron_dvpo.training.trained_model import TrainedModel
 
@@ -43,6 +45,7 @@ class Scorer(Protocol):
     frozen: dict[str, list[torch.nn.Module]]  # forward-only models, by name
     # the tag of the mean of Scores.final_value: it names the model (or function) behind it
     final_value_tag: str
+    scores: type[Scores]  # what score gives, checked against what the estimator reads
 
     def score(self, rollout: Rollout) -> Scores: ...
 
@@ -83,6 +86,7 @@ class RewardModelScorer:
     """GRPO's and RLOO's: a frozen reward model's sequence reward, nothing trained."""
 
     final_value_tag = "rollout/reward_model_score_mean"
+    scores = SequenceScores
 
     def __init__(self, cfg: RunConfig, reward_cfg: RunConfig, directory: str):
         self.units: dict[str, TrainedModel] = {}
@@ -92,7 +96,7 @@ class RewardModelScorer:
 
     def score(self, rollout: Rollout) -> Scores:
         reward = sequence_rewards(self.reward_model, rollout, self.micro_batch_size)
-        return Scores(final_value=reward, sequence_rewards=reward)
+        return SequenceScores(final_value=reward, rewards=reward)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None
@@ -104,6 +108,7 @@ class TextScorer:
     group holds the same rollout and scores it alike."""
 
     final_value_tag = "rollout/scorer_reward_mean"
+    scores = SequenceScores
 
     def __init__(self, cfg: RunConfig):
         self.units: dict[str, TrainedModel] = {}
@@ -115,7 +120,7 @@ class TextScorer:
         reward = torch.tensor(score_texts(self.scorer, self.tokenizer, rollout_prompts(rollout),
                                           rollout_responses(rollout)),
                               dtype=torch.float32, device=device())
-        return Scores(final_value=reward, sequence_rewards=reward)
+        return SequenceScores(final_value=reward, rewards=reward)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None
@@ -127,6 +132,7 @@ class GVMScorer:
     is a trained model instead (``rl/refresh.py`` trains it), checkpointed as the unit ``gvm``."""
 
     final_value_tag = "rollout/gvm_final_value_mean"  # q_{T-1}
+    scores = GVMScores
 
     def __init__(self, cfg: RunConfig, gvm_cfg: RunConfig):
         self.cfg, self.gvm_cfg = cfg, gvm_cfg
@@ -146,7 +152,7 @@ class GVMScorer:
             self.gvm = frozen_model(cfg, gvm_cfg.model, cfg.dvpo.gvm)
             self.frozen = {"gvm": self.gvm}
         self.alignment = gvm_cfg.gvm.alignment
-        self.estimator, self.value_whitening = cfg.dvpo.estimator, cfg.dvpo.value_whitening
+        self.whitened = reads_released_whitening(cfg.dvpo.estimator, cfg.dvpo.value_whitening)
         self.micro_batch_size, self.offload = cfg.data.micro_batch_size, cfg.dvpo.gvm_offload
         state = Path(cfg.dvpo.gvm) / "train_state.json"  # absent for a converted GVM
         self.value_range = (json.loads(state.read_text()).get("value_range")
@@ -172,13 +178,14 @@ class GVMScorer:
             for chunk in self.gvm:
                 chunk.cpu()
         width, lengths = rollout.prompt_width, rollout.response_lengths
-        q, q_prompt = estimator_inputs(values, width, lengths, self.alignment, self.estimator,
-                                       self.value_whitening, self.micro_batch_size)
-        plain, _ = rollout_q_view(values, width, lengths, self.alignment)
+        plain, plain_prompt = rollout_q_view(values, width, lengths, self.alignment)
+        q, q_prompt = (released_whitened_q_view(values, width, lengths, self.alignment,
+                                                self.micro_batch_size)
+                       if self.whitened else (plain, plain_prompt))
         ood = (out_of_range(plain, *self.value_range) & rollout.response_mask
                if self.value_range else None)
-        return Scores(final_value=plain.gather(1, (lengths - 1)[:, None]).squeeze(1),
-                      q=q, q_prompt=q_prompt, out_of_range=ood)
+        return GVMScores(final_value=plain.gather(1, (lengths - 1)[:, None]).squeeze(1),
+                         q=q, q_prompt=q_prompt, out_of_range=ood)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None  # the GVM never learns from the policy's advantages
@@ -188,6 +195,7 @@ class RewardCriticScorer:
     """PPO's frozen Bradley-Terry reward model and its online critic (docs/algorithm.md §3)."""
 
     final_value_tag = RewardModelScorer.final_value_tag
+    scores = CriticScores
 
     def __init__(self, cfg: RunConfig, reward_cfg: RunConfig, critic_cfg: RunConfig,
                  total_updates: int):
@@ -213,10 +221,10 @@ class RewardCriticScorer:
         v, v_prompt = rollout_q_view(rollout_values(self.critic.chunks, rollout, mbs), width,
                                      lengths)
         values = torch.cat([v_prompt[:, None], v[:, :-1]], 1) * rollout.response_mask
-        return Scores(final_value=reward, sequence_rewards=reward, state_values=values)
+        return CriticScores(final_value=reward, rewards=reward, state_values=values)
 
     def learn(self, rollout: Rollout, scores: Scores, advantages: Advantages,
               seed: list[int]) -> UpdateSummary:
         return update_critic(self.critic, rollout, scores.state_values, advantages.returns,
-                             self.cfg.rl, self.cfg.ppo.value_clip_eps,
+                             self.cfg.rl, self.cfg.ppo.value_loss, self.cfg.ppo.value_clip_eps,
                              self.cfg.data, seed)

@@ -22,12 +22,16 @@ def rollout_q_view(values: torch.Tensor, prompt_width: int, response_lengths: to
     return q, q_prompt
 
 
-def estimator_inputs(values: torch.Tensor, prompt_width: int, response_lengths: torch.Tensor,
-                     alignment: str, estimator: str, value_whitening: str,
-                     chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(q, q_prompt)`` an estimator reads: the plain Q-view, except that ``gae`` with
-    ``value_whitening=released`` reads it from raw outputs whitened per forward chunk of
-    ``chunk_rows`` rows, exactly as the released code does (docs/algorithm.md §2)."""
-    if estimator == "gae" and value_whitening == "released":
-        values = released_value_whitening(values, chunk_rows)
-    return rollout_q_view(values, prompt_width, response_lengths, alignment)
+def reads_released_whitening(estimator: str, value_whitening: str) -> bool:
+    """Whether the estimator reads the Q-view of raw outputs whitened per forward chunk, as
+    the released code's ``gae`` does (docs/algorithm.md §2)."""
+    return estimator == "gae" and value_whitening == "released"
+
+
+def released_whitened_q_view(values: torch.Tensor, prompt_width: int,
+                             response_lengths: torch.Tensor, alignment: str,
+                             chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, q_prompt)`` from raw outputs whitened per forward chunk of ``chunk_rows`` rows,
+    exactly as the released code does."""
+    return rollout_q_view(released_value_whitening(values, chunk_rows), prompt_width,
+                          response_lengths, alignment)

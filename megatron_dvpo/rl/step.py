@@ -2,25 +2,61 @@
 
     prompts -> rollout -> score -> advantages -> policy update -> (scorer's own update) -> metrics
 
-Every per-token tensor here is the same on all ranks of a model-parallel group: outputs made on
-the last pipeline stage are broadcast once, so nothing below branches on the stage.
+``rl_step`` reads only its ``RLParts``, built once by the trainer. Every per-token tensor here
+is the same on all ranks of a model-parallel group: outputs made on the last pipeline stage are
+broadcast once, so nothing below branches on the stage.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
+from megatron_dvpo.config import RunConfig
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.rl.advantages import masked_moments, whiten_with_moments
-from megatron_dvpo.rl.estimators import (ESTIMATORS, GROUP_ESTIMATORS, Advantages,
-                                         EstimatorInputs, Scores)
+from megatron_dvpo.rl.estimators import Advantages, Estimator, EstimatorInputs, Scores
 from megatron_dvpo.rl.gaming import repeat_counts, truncated
-from megatron_dvpo.training.loop import StepResult
+from megatron_dvpo.rl.rollout_backend import RolloutBackend
+from megatron_dvpo.rl.scorers import Scorer
+from megatron_dvpo.rl.updates import update_policy
+from megatron_dvpo.training.trained_model import TrainedModel, UpdateResult
+
+
+@dataclass(frozen=True)
+class RLParts:
+    """What an RL step is made of. ``refresh(step, prompts, rollout, final_values)`` keeps the
+    scorer in step with the policy (DVPO's GVM refresh), or is None."""
+
+    cfg: RunConfig
+    policy: TrainedModel
+    backend: RolloutBackend
+    scorer: Scorer
+    reference: Optional[list[torch.nn.Module]]
+    estimator: Estimator
+    kl: object  # rl/advantages.py's adaptive or fixed KL controller
+    temperature: float  # logp_old, logp and logp_ref come from the distribution sampled from
+    eos_id: int
+    whiten_state_values: bool = False
+    refresh: Optional[Callable] = None
+
+
+@dataclass(frozen=True)
+class RLStepOutput:
+    rollout: Rollout
+    metrics: dict[str, float]
+    updates: list[UpdateResult]
+
+
+def rollout_seed(step_seed: int) -> int:
+    """Each data-parallel rank samples its own responses."""
+    return step_seed * 1009 + parallel_state.get_data_parallel_rank()
 
 
 def response_logprobs(chunks, rollout: Rollout, vocab_size: int, micro_batch_size: int,
@@ -76,44 +112,55 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
             "rollout/logprob_diff": drift_sum / tokens}
 
 
-def rl_step(job, step: int) -> StepResult:
-    """``job`` is an ``RLTrainer``: its policy, reference, scorer, estimator and KL control."""
-    cfg, rl = job.cfg, job.cfg.rl
+def perf_metrics(rollout: Rollout, epochs: int, gen_s: float, score_s: float,
+                 train_s: float) -> dict[str, float]:
+    mask = rollout.response_mask
+    gen_tokens = distributed.all_reduce_data_parallel(float(mask.sum()))
+    seq_tokens = distributed.all_reduce_data_parallel(float(
+        (rollout.prompt_width - rollout.prompt_pad + rollout.response_lengths).sum()))
+    return {"perf/gen_tokens_per_s": gen_tokens / gen_s,
+            "perf/train_tokens_per_s": seq_tokens * epochs / train_s,
+            "perf/gen_time_s": gen_s, "perf/score_time_s": score_s, "perf/train_time_s": train_s}
+
+
+def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput:
+    """``prompts``: this rank's, ``rollout.n_samples`` copies of each next to each other, so
+    groups never span ranks and group statistics are exact."""
+    cfg, rl = parts.cfg, parts.cfg.rl
     mbs, vocab = cfg.data.micro_batch_size, cfg.model.vocab_size
     seed = [cfg.seed, step + 1]
-    # rollout.n_samples per prompt, next to each other on this rank: groups never span ranks,
-    # so group statistics are exact
-    prompts = [p for p in job.prompts.next_batch() for _ in range(cfg.rollout.n_samples)]
     start = time.perf_counter()
-    rollout = job.rollout(prompts, step + 1)
+    rollout = parts.backend.generate(prompts, rollout_seed(step + 1))
     generated = time.perf_counter()
-    scores = job.scorer.score(rollout)
-    logp_ref = (response_logprobs(job.reference, rollout, vocab, mbs, job.temperature)
-                if job.reference is not None else None)
+    scores = parts.scorer.score(rollout)
+    logp_ref = (response_logprobs(parts.reference, rollout, vocab, mbs, parts.temperature)
+                if parts.reference is not None else None)
     scored = time.perf_counter()
-    logp_old = response_logprobs(job.policy.chunks, rollout, vocab, mbs, job.temperature)
-    estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, job.kl.beta, rl.gamma,
-                               rl.lam, job.whiten_state_values, cfg.rollout.n_samples,
-                               rl.kl_estimator)
-    result: Advantages = ESTIMATORS[job.estimator](scores, estimate)
+    logp_old = response_logprobs(parts.policy.chunks, rollout, vocab, mbs, parts.temperature)
+    estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, parts.kl.beta,
+                               rl.gamma, rl.lam, parts.whiten_state_values,
+                               cfg.rollout.n_samples, rl.kl_estimator)
+    result: Advantages = parts.estimator(scores, estimate)
     advantages = result.advantages
-    if rl.whiten_advantages and job.estimator not in GROUP_ESTIMATORS:
+    if rl.whiten_advantages and not parts.estimator.grouped:
         advantages = whiten_globally(advantages, rollout.response_mask)
-    policy = job.update_policy(rollout, logp_old, advantages, seed)
-    learned = job.scorer.learn(rollout, scores, result, seed + [1])
-    refreshed = (job.refresh(step, prompts, rollout, scores.final_value)
-                 if job.refresh is not None else None)
+    policy = update_policy(parts.policy, rollout, logp_old, advantages, rl, cfg.data, vocab,
+                           parts.temperature, seed, cfg.rollout.max_new_tokens)
+    parts.backend.sync_weights()
+    learned = parts.scorer.learn(rollout, scores, result, seed + [1])
+    refreshed = (parts.refresh(step, prompts, rollout, scores.final_value)
+                 if parts.refresh is not None else None)
     trained = time.perf_counter()
 
-    metrics = {**rollout_metrics(rollout, scores, estimate, advantages, job.tokenizer.eos_id,
-                                 cfg.rollout.max_new_tokens, job.scorer.final_value_tag),
+    metrics = {**rollout_metrics(rollout, scores, estimate, advantages, parts.eos_id,
+                                 cfg.rollout.max_new_tokens, parts.scorer.final_value_tag),
                **policy.metrics, **(learned.metrics if learned else {}),
                **(refreshed.metrics if refreshed else {})}
-    job.kl.update(metrics["rollout/kl_ref"], job.samples_per_step)
-    metrics["rollout/beta"] = job.kl.beta
-    metrics.update(job.perf_metrics(rollout, generated - start, scored - generated,
-                                    trained - scored))
-    metrics.update(job.true_reward_metrics(prompts, rollout, step))
+    parts.kl.update(metrics["rollout/kl_ref"],
+                    cfg.data.global_batch_size * cfg.rollout.n_samples)
+    metrics["rollout/beta"] = parts.kl.beta
+    metrics.update(perf_metrics(rollout, rl.ppo_epochs, generated - start, scored - generated,
+                                trained - scored))
     updates = (policy.updates + (learned.updates if learned else [])
                + (refreshed.updates if refreshed else []))
-    return StepResult(metrics, updates, stop=job.check_gaming(metrics, step + 1))
+    return RLStepOutput(rollout, metrics, updates)

@@ -18,16 +18,16 @@ from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
-from megatron_dvpo.models.generation import (Rollout, SamplingConfig, generate,
-                                              rollout_responses)
+from megatron_dvpo.models.generation import Rollout, SamplingConfig, rollout_responses
 from megatron_dvpo.models.guided import GuideConfig, ValueGuide
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
+from megatron_dvpo.rl.estimators import check_estimator
 from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
 from megatron_dvpo.rl.rewards import TrueReward, load_scorer, score_texts
+from megatron_dvpo.rl.rollout_backend import MegatronSampler
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
-from megatron_dvpo.rl.step import rl_step
-from megatron_dvpo.rl.updates import UpdateSummary, update_policy
+from megatron_dvpo.rl.step import RLParts, rl_step, rollout_seed
 from megatron_dvpo.training.loop import StepResult
 from megatron_dvpo.training.trained_model import TrainedModel
 
@@ -40,13 +40,14 @@ class RLAlgorithm:
 
     name: str
     value_keys: Callable[[RunConfig], tuple[str, ...]]  # the config keys of its value models
+    scorer: Callable[[RunConfig], type]  # the Scorer class this config selects
     make_scorer: Callable[[RunConfig, dict[str, RunConfig], int], Scorer]
     estimator: Callable[[RunConfig], str]
     needs_reference: Callable[[RunConfig], bool]
     whiten_state_values: Callable[[RunConfig], bool] = lambda cfg: False
     prepare: Callable[[RunConfig], None] = lambda cfg: None  # defaults resolved before checks
     # what keeps the scorer in step with the policy (DVPO's GVM refresh), called every step
-    make_refresh: Callable[["RLTrainer"], Optional[Callable]] = lambda job: None
+    make_refresh: Callable[["RLTrainer"], Optional[Callable]] = lambda trainer: None
 
     @staticmethod
     def updates_per_step(cfg: RunConfig) -> int:
@@ -54,6 +55,8 @@ class RLAlgorithm:
 
     def check_inputs(self, cfg: RunConfig, overrides: list[str] | tuple = ()) -> RLInputs:
         self.prepare(cfg)
+        scorer = self.scorer(cfg)
+        check_estimator(self.estimator(cfg), scorer.scores, scorer.__name__)
         if cfg.rollout.guide_beta > 0:
             if "dvpo.gvm" not in self.value_keys(cfg):
                 raise ConfigError(f"rollout.guide_beta steers sampling by DVPO's GVM; "
@@ -66,8 +69,13 @@ class RLAlgorithm:
                                   "parallel.pipeline_model_parallel_size=1")
         return check_rl_inputs(cfg, overrides, self.value_keys(cfg), self.needs_reference(cfg))
 
+    def build(self, cfg: RunConfig, inputs: RLInputs) -> "RLTrainer":
+        return RLTrainer(cfg, self, inputs)
+
     def __call__(self, cfg: RunConfig) -> "RLTrainer":
-        return RLTrainer(cfg, self, self.check_inputs(cfg))
+        """Checked and built in one (in-process use; the command line checks before any
+        process group, then builds)."""
+        return self.build(cfg, self.check_inputs(cfg))
 
 
 class PromptSource:
@@ -83,6 +91,8 @@ class PromptSource:
 
 
 class RLTrainer:
+    """The loop's job for an RL algorithm: builds the step's parts once (``RLParts``), feeds
+    it prompts, and adds what is the trainer's own (evaluation, true reward, gaming checks)."""
 
     def __init__(self, cfg: RunConfig, algorithm: RLAlgorithm, inputs: RLInputs):
         self.cfg, self.algorithm, rl = cfg, algorithm, cfg.rl
@@ -98,8 +108,6 @@ class RLTrainer:
         self.units = {"model": self.policy, **self.scorer.units}
         self.reference = (frozen_model(cfg, cfg.model, rl.reference or rl.policy)
                           if algorithm.needs_reference(cfg) else None)
-        self.estimator = algorithm.estimator(cfg)
-        self.whiten_state_values = algorithm.whiten_state_values(cfg)
         self.kl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
                    if rl.kl_adaptive and rl.kl_coef > 0 else FixedKLController(rl.kl_coef))
         limit, skip = cfg.rollout.max_prompt_length, cfg.data.skip_bad_rows
@@ -108,14 +116,23 @@ class RLTrainer:
         self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit, skip)[0]
                              if cfg.data.eval_path else None)
         self.true_reward = load_scorer(rl.true_reward)
-        self.refresh = algorithm.make_refresh(self)
-        self.sequence_length = cfg.rollout.max_prompt_length + cfg.rollout.max_new_tokens
-        self.sampling = SamplingConfig(cfg.rollout.max_new_tokens, cfg.rollout.temperature,
-                                       cfg.rollout.top_p, cfg.rollout.top_k)
-        # logp_old, logp and logp_ref all come from the distribution the rollout samples from
-        self.temperature = forward.logit_temperature(cfg.rollout.temperature)
+        rollout = cfg.rollout
+        self.sequence_length = rollout.max_prompt_length + rollout.max_new_tokens
+        guide = (ValueGuide(self.scorer.gvm, GuideConfig(rollout.guide_beta, rollout.guide_top_k))
+                 if rollout.guide_beta > 0 else None)
+        self.backend = MegatronSampler(
+            self.policy.chunks, SamplingConfig(rollout.max_new_tokens, rollout.temperature,
+                                               rollout.top_p, rollout.top_k),
+            self.tokenizer.eos_id, self.tokenizer.pad_id, cfg.model.vocab_size, guide)
+        self.parts = RLParts(
+            cfg, self.policy, self.backend, self.scorer, self.reference,
+            check_estimator(algorithm.estimator(cfg), self.scorer.scores,
+                            type(self.scorer).__name__),
+            self.kl, forward.logit_temperature(rollout.temperature), self.tokenizer.eos_id,
+            algorithm.whiten_state_values(cfg), algorithm.make_refresh(self))
         distributed.print_rank0(
-            f"{algorithm.name}: {len(prompts)} prompts ({counts}), estimator {self.estimator}, "
+            f"{algorithm.name}: {len(prompts)} prompts ({counts}), estimator "
+            f"{algorithm.estimator(cfg)}, "
             f"reference {'loaded' if self.reference else 'not loaded'}")
 
     # -- the loop's job ---------------------------------------------------------------------
@@ -132,7 +149,10 @@ class RLTrainer:
         self.kl.load_state_dict(state["kl"])
 
     def step(self, step: int) -> StepResult:
-        return rl_step(self, step)
+        prompts = [p for p in self.prompts.next_batch() for _ in range(self.cfg.rollout.n_samples)]
+        out = rl_step(self.parts, prompts, step)
+        metrics = {**out.metrics, **self.true_reward_metrics(prompts, out.rollout, step)}
+        return StepResult(metrics, out.updates, stop=self.check_gaming(metrics, step + 1))
 
     def start(self, resumed: bool) -> dict[str, float]:
         return {} if resumed else self.evaluate()  # the initial policy's true reward
@@ -143,31 +163,9 @@ class RLTrainer:
             return {}  # the last step was just evaluated
         return self.evaluate()
 
-    # -- what rl_step uses ------------------------------------------------------------------
-    def rollout(self, prompts: list[list[int]], step_seed: int) -> Rollout:
-        seed = step_seed * 1009 + parallel_state.get_data_parallel_rank()
-        rollout = self.cfg.rollout
-        guide = (ValueGuide(self.scorer.gvm, GuideConfig(rollout.guide_beta, rollout.guide_top_k))
-                 if rollout.guide_beta > 0 else None)
-        return generate(self.policy.chunks, prompts, self.sampling, self.tokenizer.eos_id,
-                        self.tokenizer.pad_id, self.cfg.model.vocab_size, seed, guide)
-
-    def update_policy(self, rollout: Rollout, logp_old: torch.Tensor, advantages: torch.Tensor,
-                      seed: list[int]) -> UpdateSummary:
-        return update_policy(self.policy, rollout, logp_old, advantages, self.cfg.rl,
-                             self.cfg.data, self.cfg.model.vocab_size,
-                             self.temperature, seed, self.cfg.rollout.max_new_tokens)
-
-    def perf_metrics(self, rollout: Rollout, gen_s: float, score_s: float,
-                     train_s: float) -> dict[str, float]:
-        mask = rollout.response_mask
-        gen_tokens = distributed.all_reduce_data_parallel(float(mask.sum()))
-        seq_tokens = distributed.all_reduce_data_parallel(float(
-            (rollout.prompt_width - rollout.prompt_pad + rollout.response_lengths).sum()))
-        return {"perf/gen_tokens_per_s": gen_tokens / gen_s,
-                "perf/train_tokens_per_s": seq_tokens * self.cfg.rl.ppo_epochs / train_s,
-                "perf/gen_time_s": gen_s, "perf/score_time_s": score_s,
-                "perf/train_time_s": train_s}
+    # -- the trainer's own -------------------------------------------------------------------
+    def sample(self, prompts: list[list[int]], step_seed: int) -> Rollout:
+        return self.backend.generate(prompts, rollout_seed(step_seed))
 
     @property
     def frozen_models(self) -> dict[str, list[torch.nn.Module]]:
@@ -218,7 +216,7 @@ class RLTrainer:
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
-        rollout = self.rollout(mine, EVAL_SEED)
+        rollout = self.sample(mine, EVAL_SEED)
         total = distributed.all_reduce_data_parallel(
             sum(self.text_scores(self.true_reward, mine, rollout)))
         return {"eval/true_reward_mean": total / len(self.eval_prompts)}

@@ -59,7 +59,8 @@ def runtime_errors_exit(run_dir: str):
 
 def run_trainer(job_class, description: str, argv=None,
                 check: Callable[[RunConfig, list[str]], object] | None = None) -> None:
-    """Parse, check, build ``job_class(cfg)`` and run it through the ``TrainingLoop``.
+    """Parse, check, build ``job_class.build(cfg, checked)`` and run it through the
+    ``TrainingLoop``.
 
     Everything that can be checked is checked before any process group or model exists: the
     precision plan, ``check(cfg, overrides)`` (the job's inputs: checkpoints, tokenizer, data,
@@ -77,13 +78,12 @@ def run_trainer(job_class, description: str, argv=None,
         with input_errors_exit():
             cfg = load_config(args.config, args.overrides)
             plan = plan_precision(cfg.precision, cfg.parallel, None, Hardware.detect())
-            if check is not None:
-                check(cfg, args.overrides)
+            checked = check(cfg, args.overrides) if check is not None else None
             env = launch_env()
             validate(cfg, env.world_size)
             lock = preflight(cfg, job_class.updates_per_step(cfg), env.rank)
         try:
-            _train(job_class, cfg, plan, signals)
+            _train(job_class, cfg, plan, signals, checked)
         finally:
             if lock is not None:
                 lock.release()
@@ -93,11 +93,11 @@ def run_trainer(job_class, description: str, argv=None,
     # finished and saved: the stop signals stay ignored while the process ends
 
 
-def _train(job_class, cfg: RunConfig, plan, signals: StopSignals) -> None:
+def _train(job_class, cfg: RunConfig, plan, signals: StopSignals, checked) -> None:
     init_distributed(cfg.parallel, cfg.seed)
     print_rank0(f"precision: {cfg.precision.params_dtype} parameters, {plan.describe()}")
     with input_errors_exit(), runtime_errors_exit(cfg.logging.run_dir):
-        job = job_class(cfg)
+        job = job_class.build(cfg, checked)  # from what the checks found: not checked again
         try:
             TrainingLoop(job.cfg, job, job.units, signals).run()
         except StoppedRun as stopped:

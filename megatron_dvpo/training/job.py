@@ -39,11 +39,16 @@ class Job(Protocol):
 
 class JobDefaults:
     """The optional parts for a job with nothing to add: one update a step, no metrics at the
-    start or the end, no frozen models, sequences of ``data.seq_length``."""
+    start or the end, no frozen models, sequences of ``data.seq_length``, and a job built from
+    its config alone (its input checks resolve what they find into the config)."""
 
     @staticmethod
     def updates_per_step(cfg: RunConfig) -> int:
         return 1
+
+    @classmethod
+    def build(cls, cfg: RunConfig, checked: object = None):
+        return cls(cfg)
 
     def start(self, resumed: bool) -> dict[str, float]:
         return {}

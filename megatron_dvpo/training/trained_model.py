@@ -8,12 +8,11 @@ guard, the gradient norm and the LR schedule behave the same for all of them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -25,8 +24,9 @@ from megatron_dvpo.checkpointing import load_model, read_model
 from megatron_dvpo.config import OptimizerConfig, ParallelConfig, PrecisionConfig, RunConfig
 from megatron_dvpo.integrity import require_intact
 from megatron_dvpo.models import build_chunks
-from megatron_dvpo.models.forward import Head, LossFn, run_microbatches
+from megatron_dvpo.models.forward import Head, run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
+from megatron_dvpo.training.loss import Loss, global_counts, normalised
 
 NON_FINITE = "a NaN/Inf loss or gradient"
 # fp16's dynamic loss scaling: an overflowing scaled gradient skips the update and lowers the
@@ -112,12 +112,15 @@ def build_scheduler(optimizer, optim: OptimizerConfig, total_updates: int,
 @dataclass(frozen=True)
 class UpdateResult:
     """One update: the microbatch outputs (last pipeline stage; empty elsewhere), whether the
-    optimizer stepped, why not if it did not, and the gradient norm of an applied step."""
+    optimizer stepped, why not if it did not, the gradient norm of an applied step, and the
+    loss's statistics and counts summed over the global batch (on every rank)."""
 
     outputs: list[dict]
     applied: bool
     skipped_for: Optional[str] = None
     grad_norm: Optional[float] = None
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
 
     @property
     def non_finite(self) -> bool:
@@ -177,22 +180,13 @@ class TrainedModel:
                 part.setdefault(name, param.detach().float())
         return read
 
-    def update(self, microbatches: list[dict], head: Head, loss_fn: LossFn,
-               accept: Optional[Callable[[list[dict]], bool]] = None) -> UpdateResult:
-        """Gradients of the global loss, then one optimizer step, unless a loss or gradient is
-        NaN/Inf on any rank (no weight changes then) or ``accept``, called with the outputs on
-        every rank, says no (the ratio-threshold rule).
-
-        ``loss_fn`` gives each microbatch's share of the global loss (its sums divided by the
-        global count the caller normalises by); the shares of every microbatch and data-parallel
-        rank add up to it. megatron's DDP averages gradients over the data-parallel replicas,
-        which this undoes here, the one place that knows their number."""
-        replicas = parallel_state.get_data_parallel_world_size()
-
-        def global_share(outputs, batch):
-            loss, stats = loss_fn(outputs, batch)
-            return loss * replicas, stats
-
+    def update(self, microbatches: list[dict], head: Head, loss: Loss,
+               accept: Optional[Callable[[dict[str, float]], bool]] = None) -> UpdateResult:
+        """Gradients of the global loss (``training/loss.py``: sums over global counts), then
+        one optimizer step, unless a loss or gradient is NaN/Inf on any rank (no weight changes
+        then) or ``accept``, called with the global sums of the loss's statistics on every
+        rank, says no (the ratio-threshold rule)."""
+        counts = global_counts(loss, microbatches)
         if self.ddp[0].use_forward_hook and not self._gather_hooks_on:
             for chunk in self.ddp:
                 chunk.enable_forward_pre_hook()
@@ -201,18 +195,22 @@ class TrainedModel:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = run_microbatches(self.ddp, microbatches, head, global_share)
+        outputs = run_microbatches(self.ddp, microbatches, head, normalised(loss, counts))
+        local = ({k: sum(float(o[k]) for o in outputs) for k in loss.stats}
+                 if outputs else None)
+        result = UpdateResult(outputs, False, sums=distributed.sum_over_replicas(
+            list(loss.stats), local), counts=counts)
         # under fp16 loss scaling the optimizer checks the gradients itself (and must, to lower
         # its scale); a non-finite loss is never the scale's doing
         if not self._all_finite(outputs, gradients=not self.loss_scaled):
-            return UpdateResult(outputs, False, NON_FINITE)
-        if accept is not None and not accept(outputs):
-            return UpdateResult(outputs, False, RATIO_THRESHOLD)
+            return replace(result, skipped_for=NON_FINITE)
+        if accept is not None and not accept(result.sums):
+            return replace(result, skipped_for=RATIO_THRESHOLD)
         success, grad_norm, _ = self.optimizer.step()
         if not success:  # megatron's fp16 loss-scale check found Inf/NaN gradients
-            return UpdateResult(outputs, False, LOSS_SCALE_OVERFLOW)
+            return replace(result, skipped_for=LOSS_SCALE_OVERFLOW)
         self.scheduler.step(increment=1)
-        return UpdateResult(outputs, True, None, float(grad_norm or 0.0))
+        return replace(result, applied=True, grad_norm=float(grad_norm or 0.0))
 
     def sync_params(self) -> None:
         """With overlap_param_gather, an optimizer step leaves this rank's parameters stale

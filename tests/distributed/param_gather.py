@@ -24,6 +24,9 @@ from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models import forward as fw
 from megatron_dvpo.training.trained_model import TrainedModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from distributed.losses import mean_logprob_loss  # noqa: E402
+
 VOCAB = 250
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
          "model.ffn_hidden_size=128", f"model.vocab_size={VOCAB}",
@@ -38,8 +41,7 @@ def microbatches(update: int) -> list[dict]:
     return fw.make_microbatches(2, tokens=torch.randint(0, VOCAB, (4, 12), generator=g))
 
 
-def loss(outputs, batch):
-    return -outputs["logprobs"].mean(), {}
+loss = mean_logprob_loss()
 
 
 def trained(overlap: bool) -> tuple[TrainedModel, object]:

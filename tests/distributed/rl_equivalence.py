@@ -14,6 +14,7 @@ dp1pp1) loads every recorded layout back and writes its differences to dp1pp1 of
 precision to WORKDIR/diffs.json.
 """
 
+import dataclasses
 import json
 import re
 import sys
@@ -28,6 +29,7 @@ from megatron_dvpo.config import ParallelConfig, load_config, save_config
 from megatron_dvpo.device import device
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.models.gvm import build_gvm_chunks
+from megatron_dvpo.rl import step as step_module
 
 ROWS, WIDTH, STEPS = 8, 5, 6
 
@@ -109,16 +111,24 @@ def rl_job(algorithm, work: Path, layout: str, suffix: str, extra: list[str]):
     cfg.parallel = parse(layout)
     job = algorithm(cfg)
     job.initialize()
-    job.rollout = lambda prompts, seed: fixed_rollout(device())
+
+    class FixedRollout:  # the rollout backend: the same rollout on every layout
+        generate = staticmethod(lambda prompts, seed: fixed_rollout(device()))
+        sync_weights = staticmethod(lambda: None)
+
+    job.parts = dataclasses.replace(job.parts, backend=FixedRollout())
     recorded = {}
-    update = job.update_policy
+    update = step_module.update_policy
 
-    def recording(rollout, logp_old, advantages, seed):
+    def recording(policy, rollout, logp_old, advantages, *args):
         recorded["advantages"] = gather_rows(advantages)
-        return update(rollout, logp_old, advantages, seed)
+        return update(policy, rollout, logp_old, advantages, *args)
 
-    job.update_policy = recording
-    metrics = job.step(0).metrics
+    step_module.update_policy = recording
+    try:
+        metrics = job.step(0).metrics
+    finally:
+        step_module.update_policy = update
     return job, metrics, recorded["advantages"]
 
 
