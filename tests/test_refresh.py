@@ -10,6 +10,7 @@ from megatron_dvpo.data.dataset import collate
 from megatron_dvpo.gvm.objectives import OBJECTIVES
 from megatron_dvpo.models.generation import Rollout
 from megatron_dvpo.rl.refresh import ranked_pairs
+from megatron_dvpo.rl.rewards import RolloutTextScores
 
 
 def rollout(responses: list[list[int]], width: int = 4) -> Rollout:
@@ -56,3 +57,31 @@ def test_a_tied_pair_adds_nothing_to_the_pairwise_term():
     assert grad[2:].abs().sum() == 0  # the tied pair: no pairwise gradient
     # weight 2 x -log sigmoid(0) / 1 pair
     assert torch.isclose(terms["pairs"], 2 * torch.log(torch.tensor(2.0)))
+
+
+class _Tokenizer:
+    eos_id = 2
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_a_step_scores_each_rollout_once():
+    """The refresh ranks the step's rollout and its second sample; the true reward then reads
+    the step's rollout again: the user's scorer sees each response once."""
+    calls = []
+
+    def scorer(prompt: str, response: str) -> float:
+        calls.append(response)
+        return float(len(response))
+
+    scores = RolloutTextScores(scorer, _Tokenizer())
+    prompts = [[1, 5], [1, 6]]
+    step, second = rollout([[10, 2], [11, 12, 2]]), rollout([[20, 2], [21, 2]])
+    first = scores(prompts, step)  # the refresh: the step's rollout, then its second sample
+    assert scores(prompts, second) == [2.0, 2.0]
+    assert scores(prompts, step) == first == [2.0, 5.0]  # the true reward
+    assert calls == ["10", "11 12", "20", "21"]
+    scores(prompts, rollout([[10, 2], [11, 12, 2]]))  # another step's rollout, equal tokens
+    assert len(calls) == 6

@@ -13,10 +13,7 @@ its training on on-policy pairs ranked by the user's scorer (``rl/refresh.py``).
 
 from __future__ import annotations
 
-import functools
-
 from megatron_dvpo.rl.refresh import GVMRefresh
-from megatron_dvpo.rl.rewards import load_scorer
 from megatron_dvpo.rl.scorers import GVMScorer
 from megatron_dvpo.rl.trainer import RLAlgorithm, RLTrainer
 from megatron_dvpo.training.cli import run_trainer
@@ -28,12 +25,9 @@ def _refresh(trainer: RLTrainer) -> GVMRefresh | None:
     cfg, scorer = trainer.cfg, trainer.scorer
     if not cfg.dvpo.refresh_interval:
         return None
-    key = "dvpo.refresh_scorer" if cfg.dvpo.refresh_scorer else "rl.true_reward"
-    text_scorer = load_scorer(cfg.dvpo.refresh_scorer or cfg.rl.true_reward, key)
     return GVMRefresh(cfg, scorer.gvm_cfg, scorer.model,
                       lambda rollout: scorer.score(rollout).final_value,
-                      trainer.tokenizer.pad_id, trainer.sample,
-                      functools.partial(trainer.text_scores, text_scorer))
+                      trainer.tokenizer.pad_id, trainer.sample, trainer.refresh_scores)
 
 
 DVPO = RLAlgorithm(

@@ -12,20 +12,24 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from megatron_dvpo.checkpointing import resolve_checkpoint_dir
 from megatron_dvpo.config import ConfigError, RunConfig, load_config, model_from_checkpoint
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.tokenizer import check_vocab, load_tokenizer
-from megatron_dvpo.rl.rewards import load_scorer
+from megatron_dvpo.rl.rewards import TrueReward, load_scorer
 
 
 @dataclass(frozen=True)
 class RLInputs:
-    """The checked inputs: each scoring model's config by its config key, and the tokenizer."""
+    """The checked inputs: each scoring model's config by its config key, the tokenizer, and
+    the probed text scorers (``rl.true_reward``, ``dvpo.refresh_scorer``; None where unset)."""
 
     value_models: dict[str, RunConfig]
     tokenizer: Path
+    true_reward: Optional[TrueReward] = None
+    refresh_scorer: Optional[TrueReward] = None
 
 
 def checkpoint_tokenizer(directory: Path) -> Path | None:
@@ -96,17 +100,19 @@ def _check_lengths(cfg: RunConfig, models: dict[str, RunConfig]) -> None:
                               f"{key}={_get(cfg, key)}")
 
 
-def _check_refresh(cfg: RunConfig) -> None:
+def _check_refresh(cfg: RunConfig) -> Optional[TrueReward]:
+    """The refresh's own scorer (dvpo.refresh_scorer), probed; None when it ranks with
+    rl.true_reward or is off."""
     dvpo = cfg.dvpo
     if not dvpo.refresh_interval:
-        return
+        return None
     if not (dvpo.refresh_scorer or cfg.rl.true_reward):
         raise ConfigError(f"dvpo.refresh_interval={dvpo.refresh_interval} ranks on-policy pairs "
                           "with a scorer: set dvpo.refresh_scorer (or rl.true_reward)")
     if dvpo.gvm_offload:
         raise ConfigError("dvpo.gvm_offload=true with dvpo.refresh_interval: a refreshed GVM "
                           "trains on the GPU; turn one of them off")
-    load_scorer(dvpo.refresh_scorer, "dvpo.refresh_scorer")
+    return load_scorer(dvpo.refresh_scorer, "dvpo.refresh_scorer")
 
 
 def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
@@ -144,12 +150,11 @@ def check_rl_inputs(cfg: RunConfig, overrides: list[str] | tuple = (),
     tokenizer_path = next(iter(known.values()))
     tokenizer = load_tokenizer(str(tokenizer_path))
     check_vocab(tokenizer, policy.model.vocab_size, f"rl.policy={rl.policy}")
-    load_scorer(rl.true_reward)  # imported and probed now: a wrong spec fails at once
-    if "dvpo.gvm" in value_keys:
-        _check_refresh(cfg)
+    true_reward = load_scorer(rl.true_reward)  # imported and probed now: fails at once
+    refresh_scorer = _check_refresh(cfg) if "dvpo.gvm" in value_keys else None
     if not cfg.data.train_path:
         raise ConfigError("data.train_path (the prompts) is required")
     for path in (cfg.data.train_path, cfg.data.eval_path):
         if path:
             load_prompts(path, tokenizer, cfg.rollout.max_prompt_length, cfg.data.skip_bad_rows)
-    return RLInputs(value_cfgs, tokenizer_path)
+    return RLInputs(value_cfgs, tokenizer_path, true_reward, refresh_scorer)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_dvpo.config import ConfigError
+from megatron_dvpo.models.generation import Rollout, rollout_responses
 
 TrueReward = Callable[[str, str], float]  # (prompt text, response text) -> reward
 FORMS = "'synthetic:<seed>', 'bigram:<seed>', 'module:function' or 'file.py:function'"
@@ -80,3 +81,24 @@ def score_texts(scorer: TrueReward, tokenizer, prompts: list[list[int]],
     return [float(scorer(tokenizer.decode(prompt),
                          tokenizer.decode([t for t in response if t != eos])))
             for prompt, response in zip(prompts, responses)]
+
+
+class RolloutTextScores:
+    """``scorer`` on a rollout's (prompt, response) texts, called once per rollout: the true
+    reward and the GVM refresh's ranking read the same step's rollout (the refresh also scores
+    its second sample, so the last two rollouts are remembered), and a user's scorer (a
+    verifier, a judge) may be the costliest part of a step."""
+
+    REMEMBERED = 2
+
+    def __init__(self, scorer: TrueReward, tokenizer):
+        self.scorer, self.tokenizer = scorer, tokenizer
+        self._recent: list[tuple[Rollout, list[float]]] = []
+
+    def __call__(self, prompts: list[list[int]], rollout: Rollout) -> list[float]:
+        for seen, scores in self._recent:
+            if seen is rollout:
+                return scores
+        scores = score_texts(self.scorer, self.tokenizer, prompts, rollout_responses(rollout))
+        self._recent = [*self._recent[-(self.REMEMBERED - 1):], (rollout, scores)]
+        return scores

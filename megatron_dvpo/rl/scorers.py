@@ -47,6 +47,8 @@ class Scorer(Protocol):
     final_value_tag: str
     scores: type[Scores]  # what score gives, checked against what the estimator reads
 
+    def initialize(self) -> None: ...  # loads what the scorer trains
+
     def score(self, rollout: Rollout) -> Scores: ...
 
     def learn(self, rollout: Rollout, scores: Scores, advantages: Advantages,
@@ -98,6 +100,9 @@ class RewardModelScorer:
         reward = sequence_rewards(self.reward_model, rollout, self.micro_batch_size)
         return SequenceScores(final_value=reward, rewards=reward)
 
+    def initialize(self) -> None:
+        return None
+
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None
 
@@ -121,6 +126,9 @@ class TextScorer:
                                           rollout_responses(rollout)),
                               dtype=torch.float32, device=device())
         return SequenceScores(final_value=reward, rewards=reward)
+
+    def initialize(self) -> None:
+        return None
 
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None

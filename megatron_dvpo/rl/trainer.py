@@ -18,13 +18,13 @@ from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
-from megatron_dvpo.models.generation import Rollout, SamplingConfig, rollout_responses
+from megatron_dvpo.models.generation import Rollout, SamplingConfig
 from megatron_dvpo.models.guided import GuideConfig, ValueGuide
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.estimators import check_estimator
 from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
-from megatron_dvpo.rl.rewards import TrueReward, load_scorer, score_texts
+from megatron_dvpo.rl.rewards import RolloutTextScores
 from megatron_dvpo.rl.rollout_backend import MegatronSampler
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
 from megatron_dvpo.rl.step import RLParts, rl_step, rollout_seed
@@ -115,7 +115,12 @@ class RLTrainer:
         self.prompts = PromptSource(prompts, cfg.data.global_batch_size, cfg.seed)
         self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit, skip)[0]
                              if cfg.data.eval_path else None)
-        self.true_reward = load_scorer(rl.true_reward)
+        # the true reward, and the refresh's ranking (the same object when it is the true
+        # reward's, so that a step's rollout is scored once)
+        self.true_reward = (RolloutTextScores(inputs.true_reward, self.tokenizer)
+                            if inputs.true_reward else None)
+        self.refresh_scores = (RolloutTextScores(inputs.refresh_scorer, self.tokenizer)
+                               if inputs.refresh_scorer else self.true_reward)
         rollout = cfg.rollout
         self.sequence_length = rollout.max_prompt_length + rollout.max_new_tokens
         guide = (ValueGuide(self.scorer.gvm, GuideConfig(rollout.guide_beta, rollout.guide_top_k))
@@ -138,8 +143,7 @@ class RLTrainer:
     # -- the loop's job ---------------------------------------------------------------------
     def initialize(self) -> None:
         self.policy.load_weights(self.cfg.rl.policy)
-        if hasattr(self.scorer, "initialize"):
-            self.scorer.initialize()
+        self.scorer.initialize()
 
     def state_dict(self) -> dict:
         return {**self.prompts.batches.state_dict(), "kl": self.kl.state_dict()}
@@ -183,7 +187,7 @@ class RLTrainer:
         metrics = {}
         if self.true_reward is not None:
             total = distributed.all_reduce_data_parallel(
-                sum(self.text_scores(self.true_reward, prompts, rollout)))
+                sum(self.true_reward(prompts, rollout)))
             metrics["rollout/true_reward_mean"] = total / self.samples_per_step
         interval = self.cfg.rl.eval_interval
         if interval and (step + 1) % interval == 0:
@@ -204,11 +208,6 @@ class RLTrainer:
         distributed.print_rank0(f"warning: {message}")
         return message if rl.stop_on_gaming else None
 
-    def text_scores(self, scorer: TrueReward, prompts: list[list[int]],
-                    rollout: Rollout) -> list[float]:
-        """``scorer`` on each (prompt, response) as text, the response without its EOS."""
-        return score_texts(scorer, self.tokenizer, prompts, rollout_responses(rollout))
-
     def evaluate(self) -> dict[str, float]:
         """Mean true reward of sampled responses to the held-out prompts."""
         if self.true_reward is None or self.eval_prompts is None:
@@ -218,5 +217,5 @@ class RLTrainer:
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
         rollout = self.sample(mine, EVAL_SEED)
         total = distributed.all_reduce_data_parallel(
-            sum(self.text_scores(self.true_reward, mine, rollout)))
+            sum(self.true_reward(mine, rollout)))
         return {"eval/true_reward_mean": total / len(self.eval_prompts)}
