@@ -89,6 +89,23 @@ def test_trainer_input_errors_are_one_line_before_any_work(work, tmp_path, modul
     assert not (tmp_path / "tensorboard").exists()  # no trainer was built
 
 
+@pytest.mark.parametrize("algorithm, args, expected", [
+    ("GRPO", ["grpo.scorer=synthetic:0", "rollout.n_samples=2", "rollout.guide_beta=1"],
+     "rollout.guide_beta=1.0: GRPO has no value model to guide decoding with"),
+    ("DVPO", ["rollout.guide_beta=1", "dvpo.refresh_interval=2", "rl.true_reward=synthetic:0"],
+     "GVM-guided decoding needs a frozen GVM on the device"),
+])
+def test_guided_decoding_is_refused_where_it_cannot_run(work, tmp_path, algorithm, args,
+                                                        expected):
+    """Only an algorithm with a guide hook (DVPO's frozen GVM) takes rollout.guide_beta."""
+    from megatron_dvpo.rl.dvpo import DVPO
+    from megatron_dvpo.rl.grpo import GRPO
+
+    cfg = load_config(REPO / "examples/dvpo_tiny.yaml", dvpo_args(work, tmp_path)[2:] + args)
+    with pytest.raises(ConfigError, match=expected):
+        {"DVPO": DVPO, "GRPO": GRPO}[algorithm].check_inputs(cfg)
+
+
 @pytest.mark.multirank
 def test_under_torchrun_the_error_is_printed_once(work, tmp_path):
     proc = cli("megatron_dvpo.rl.dvpo", dvpo_args(work, tmp_path, "dvpo.estimator=qq"),

@@ -13,6 +13,8 @@ its training on on-policy pairs ranked by the user's scorer (``rl/refresh.py``).
 
 from __future__ import annotations
 
+from megatron_dvpo.config import ConfigError, RunConfig
+from megatron_dvpo.models.guided import GuideConfig, ValueGuide
 from megatron_dvpo.rl.refresh import GVMRefresh
 from megatron_dvpo.rl.scorers import GVMScorer
 from megatron_dvpo.rl.trainer import RLAlgorithm, RLTrainer
@@ -30,6 +32,20 @@ def _refresh(trainer: RLTrainer) -> GVMRefresh | None:
                       trainer.tokenizer.pad_id, trainer.sample, trainer.refresh_scores)
 
 
+def _check(cfg: RunConfig) -> None:
+    if cfg.rollout.guide_beta > 0 and (cfg.dvpo.refresh_interval or cfg.dvpo.gvm_offload
+                                       or cfg.parallel.pipeline_model_parallel_size > 1):
+        raise ConfigError("rollout.guide_beta: GVM-guided decoding needs a frozen GVM on the "
+                          "device (dvpo.refresh_interval=0, dvpo.gvm_offload=false) and "
+                          "parallel.pipeline_model_parallel_size=1")
+
+
+def _guide(trainer: RLTrainer) -> ValueGuide:
+    """The frozen GVM's values steer sampling (docs/algorithm.md, GVM-guided decoding)."""
+    rollout = trainer.cfg.rollout
+    return ValueGuide(trainer.scorer.gvm, GuideConfig(rollout.guide_beta, rollout.guide_top_k))
+
+
 DVPO = RLAlgorithm(
     name="DVPO",
     value_keys=lambda cfg: ("dvpo.gvm",),
@@ -38,7 +54,9 @@ DVPO = RLAlgorithm(
     estimator=lambda cfg: cfg.dvpo.estimator,
     needs_reference=lambda cfg: cfg.rl.kl_coef > 0,
     whiten_state_values=lambda cfg: cfg.dvpo.value_whitening == "per_sequence_states",
+    check=_check,
     make_refresh=_refresh,
+    guide=_guide,
 )
 
 

@@ -39,7 +39,7 @@ GRPO = RLAlgorithm(
         RewardModelScorer(cfg, value_cfgs["grpo.reward_model"], cfg.grpo.reward_model)),
     estimator=lambda cfg: cfg.grpo.estimator,
     needs_reference=lambda cfg: cfg.rl.kl_coef > 0,
-    prepare=_check,
+    check=_check,
 )
 
 

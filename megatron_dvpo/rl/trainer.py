@@ -19,7 +19,7 @@ from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig
-from megatron_dvpo.models.guided import GuideConfig, ValueGuide
+from megatron_dvpo.models.guided import ValueGuide
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.estimators import check_estimator
 from megatron_dvpo.rl.gaming import gaming_warnings
@@ -46,8 +46,11 @@ class RLAlgorithm:
     needs_reference: Callable[[RunConfig], bool]
     whiten_state_values: Callable[[RunConfig], bool] = lambda cfg: False
     prepare: Callable[[RunConfig], None] = lambda cfg: None  # defaults resolved before checks
+    check: Callable[[RunConfig], None] = lambda cfg: None  # its own checks, before any work
     # what keeps the scorer in step with the policy (DVPO's GVM refresh), called every step
     make_refresh: Callable[["RLTrainer"], Optional[Callable]] = lambda trainer: None
+    # the rollout backend's guide (rollout.guide_beta > 0; DVPO: its GVM), or None: refused
+    guide: Optional[Callable[["RLTrainer"], ValueGuide]] = None
 
     @staticmethod
     def updates_per_step(cfg: RunConfig) -> int:
@@ -57,16 +60,10 @@ class RLAlgorithm:
         self.prepare(cfg)
         scorer = self.scorer(cfg)
         check_estimator(self.estimator(cfg), scorer.scores, scorer.__name__)
-        if cfg.rollout.guide_beta > 0:
-            if "dvpo.gvm" not in self.value_keys(cfg):
-                raise ConfigError(f"rollout.guide_beta steers sampling by DVPO's GVM; "
-                                  f"{self.name} has none")
-            if (cfg.dvpo.refresh_interval or cfg.dvpo.gvm_offload
-                    or cfg.parallel.pipeline_model_parallel_size > 1):
-                raise ConfigError("rollout.guide_beta: GVM-guided decoding needs a frozen GVM "
-                                  "on the device (dvpo.refresh_interval=0, "
-                                  "dvpo.gvm_offload=false) and "
-                                  "parallel.pipeline_model_parallel_size=1")
+        if cfg.rollout.guide_beta > 0 and self.guide is None:
+            raise ConfigError(f"rollout.guide_beta={cfg.rollout.guide_beta}: {self.name} has "
+                              "no value model to guide decoding with")
+        self.check(cfg)
         return check_rl_inputs(cfg, overrides, self.value_keys(cfg), self.needs_reference(cfg))
 
     def build(self, cfg: RunConfig, inputs: RLInputs) -> "RLTrainer":
@@ -123,8 +120,7 @@ class RLTrainer:
                                if inputs.refresh_scorer else self.true_reward)
         rollout = cfg.rollout
         self.sequence_length = rollout.max_prompt_length + rollout.max_new_tokens
-        guide = (ValueGuide(self.scorer.gvm, GuideConfig(rollout.guide_beta, rollout.guide_top_k))
-                 if rollout.guide_beta > 0 else None)
+        guide = algorithm.guide(self) if rollout.guide_beta > 0 else None
         self.backend = MegatronSampler(
             self.policy.chunks, SamplingConfig(rollout.max_new_tokens, rollout.temperature,
                                                rollout.top_p, rollout.top_k),
