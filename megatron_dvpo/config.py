@@ -39,7 +39,7 @@ def _checked(default, constraint: dict):
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama/Mistral/Qwen2-style decoder (or the GVM trunk)."""
+    """Architecture of a Llama/Mistral/Qwen2/Qwen3-style decoder (or the GVM trunk)."""
 
     num_layers: int = _checked(2, POSITIVE)
     hidden_size: int = _checked(64, POSITIVE)
@@ -57,6 +57,7 @@ class ModelConfig:
     activation: Literal["swiglu", "gelu"] = "swiglu"
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2
+    qk_layernorm: bool = False  # Qwen3: an RMSNorm on each head's query and key, before RoPE
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
@@ -557,7 +558,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 # Model keys that decide a parameter's shape: a checkpoint's value cannot be overridden.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
-              "normalization", "activation", "add_bias_linear", "add_qkv_bias",
+              "normalization", "activation", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
               "position_embedding_type", "tie_embeddings", "value_head")
 
 

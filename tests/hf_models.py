@@ -19,7 +19,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def build(kind: str, directory: Path, seed: int = 0) -> Path:
-    """Save a tiny model of ``kind`` (llama, mistral, qwen2, llama_cls) to ``directory``."""
+    """Save a tiny model of ``kind`` (llama, mistral, qwen2, qwen3, llama_cls) to ``directory``."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -35,6 +35,9 @@ def build(kind: str, directory: Path, seed: int = 0) -> Path:
     elif kind == "qwen2":  # QKV bias, tied embeddings as in the small Qwen2 models
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, vocab_size=1000,
                                                    tie_word_embeddings=True))
+    elif kind == "qwen3":  # qk-norm, a head_dim that is not hidden_size / heads
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, vocab_size=1000, head_dim=32,
+                                                   tie_word_embeddings=False))
     elif kind == "llama_cls":  # a reward model: score.weight instead of lm_head
         model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**COMMON, vocab_size=1000,
                                                                  num_labels=1, pad_token_id=0))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import hf_models
 from conftest import REPO, launch
 from megatron_dvpo.conversion.convert import export_hf, import_hf
+from megatron_dvpo.conversion.families import FAMILIES
 from megatron_dvpo.conversion.safetensors_io import CheckpointError
 
 CONVERT = [sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py")]
@@ -23,7 +24,7 @@ LOGIT_TOL = 1e-4  # fp32
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     return {kind: hf_models.build(kind, root / kind, seed=i)
-            for i, kind in enumerate(("llama", "mistral", "qwen2"))}
+            for i, kind in enumerate(FAMILIES)}
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +52,18 @@ def read_hf_state(directory: Path) -> dict:
 def test_logits_match_hf_at_tp1_tp2_pp2(hf_dirs, converted, tmp_path):
     specs = [f"{hf_dirs['llama']}:{converted['llama']}:tp1pp1,tp2pp1,tp1pp2",
              f"{hf_dirs['mistral']}:{converted['mistral']}:tp1pp1,tp2pp1",
-             f"{hf_dirs['qwen2']}:{converted['qwen2']}:tp1pp1,tp2pp1,tp1pp2"]
+             f"{hf_dirs['qwen2']}:{converted['qwen2']}:tp1pp1,tp2pp1,tp1pp2",
+             f"{hf_dirs['qwen3']}:{converted['qwen3']}:tp1pp1,tp2pp1,tp1pp2"]
     out = tmp_path / "logits.json"
     launch([str(REPO / "tests" / "distributed" / "hf_logits.py"), str(out), *specs], nproc=2)
     diffs = json.loads(out.read_text())
-    for kind in ("llama", "mistral", "qwen2"):
+    for kind in FAMILIES:
         for layout, diff in diffs[kind].items():
             assert 0.0 <= diff <= LOGIT_TOL, f"{kind} {layout}: max |logit diff| = {diff}"
 
 
 @pytest.mark.compat
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", list(FAMILIES))
 def test_round_trip_is_identical(kind, hf_dirs, converted, tmp_path, single_rank):
     back = export_hf(converted[kind], tmp_path / "hf", verbose=False)
     original, exported = read_hf_state(hf_dirs[kind]), read_hf_state(back)
@@ -86,6 +88,8 @@ def test_converted_config_records_layout_and_shape(converted):
     assert mistral.vocab_size == 1001 and mistral.padded_vocab_size == 1024
     qwen = load_config(converted["qwen2"] / "config.yaml").model
     assert qwen.add_qkv_bias and qwen.tie_embeddings
+    qwen3 = load_config(converted["qwen3"] / "config.yaml").model
+    assert qwen3.qk_layernorm and qwen3.kv_channels == 32 and not qwen3.add_qkv_bias
 
 
 def gvm_values(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:

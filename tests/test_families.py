@@ -12,7 +12,8 @@ from megatron_dvpo.conversion.safetensors_io import CheckpointError
 # What each family's tiny model has beyond the shared decoder's defaults.
 OWN = {"llama": dict(rope_scaling_factor=8.0, rope_scaling_original_max_position=32),
        "mistral": {},
-       "qwen2": dict(add_qkv_bias=True, tie_embeddings=True)}
+       "qwen2": dict(add_qkv_bias=True, tie_embeddings=True),
+       "qwen3": dict(qk_layernorm=True, kv_channels=32)}
 QKV_BIAS = "decoder.layers.{}.self_attention.linear_qkv.bias"
 
 
@@ -25,8 +26,8 @@ def tiny(name: str, **changes) -> ModelConfig:
 
 def test_every_architecture_maps_to_its_family():
     assert sorted(OWN) == sorted(FAMILIES)  # a new family adds its tiny model above
-    assert list(ARCHITECTURES)[:3] == ["LlamaForCausalLM", "MistralForCausalLM",
-                                       "Qwen2ForCausalLM"]
+    assert list(ARCHITECTURES)[:4] == ["LlamaForCausalLM", "MistralForCausalLM",
+                                       "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
     causal, classifiers = zip(*(family.architectures for family in FAMILIES.values()))
     assert list(ARCHITECTURES) == [*causal, *classifiers]  # the order errors list them in
     assert "Qwen2ForSequenceClassification" in classifiers
@@ -80,3 +81,19 @@ def test_qkv_bias_rules_are_qwen2s():
     assert biases(tiny("llama")) == biases(tiny("mistral")) == {}
     assert biases(tiny("llama", add_qkv_bias=True)) == {}  # Llama's HF layers have no place
     assert biases(tiny("qwen2", add_qkv_bias=False)) == {}
+
+
+def test_qk_norm_rules_are_qwen3s():
+    def norms(model: ModelConfig) -> dict:
+        return {r.megatron: r for r in weight_rules(model) if "_layernorm." in r.megatron
+                and "self_attention" in r.megatron}
+
+    qwen3 = norms(tiny("qwen3"))
+    assert sorted(qwen3) == [f"decoder.layers.{i}.self_attention.{q}_layernorm.weight"
+                             for i in range(2) for q in "kq"]
+    assert qwen3["decoder.layers.1.self_attention.q_layernorm.weight"].hf == (
+        "model.layers.1.self_attn.q_norm.weight",)
+    assert all(norms(tiny(name)) == {} for name in ("llama", "mistral", "qwen2"))
+    with pytest.raises(CheckpointError, match="^attention_bias on Qwen3 layers is not "
+                                              "supported$"):
+        model_config_from_hf({**hf_config_from_model(tiny("qwen3")), "attention_bias": True})

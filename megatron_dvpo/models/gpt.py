@@ -1,4 +1,4 @@
-"""Build megatron-core ``GPTModel``s (Llama, Mistral, Qwen2 shapes) from our config."""
+"""Build megatron-core ``GPTModel``s (Llama, Mistral, Qwen2, Qwen3 shapes) from our config."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,

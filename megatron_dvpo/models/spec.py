@@ -23,12 +23,17 @@ def layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
+    qk = model.qk_layernorm
     if use_te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization,
+                                                        qk_layernorm=qk)
         spec.submodules.input_layernorm = TorchNorm
         spec.submodules.pre_mlp_layernorm = TorchNorm
+        if qk:  # TP ranks hold other heads: megatron sums these norms' gradients over TP
+            spec.submodules.self_attention.submodules.q_layernorm = TorchNorm
+            spec.submodules.self_attention.submodules.k_layernorm = TorchNorm
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
