@@ -58,6 +58,17 @@ class ModelConfig:
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2
     qk_layernorm: bool = False  # Qwen3: an RMSNorm on each head's query and key, before RoPE
+    # Mixture of experts (None: a dense MLP): each token goes to moe_router_topk of num_experts
+    # expert MLPs of moe_ffn_hidden_size (None: ffn_hidden_size), weighted by the router's
+    # softmax over its top-k logits (Mixtral), or over all experts first with
+    # moe_router_pre_softmax (Qwen2-MoE's weights, not renormalised)
+    num_experts: Optional[int] = _checked(None, POSITIVE)
+    moe_router_topk: int = _checked(2, POSITIVE)
+    moe_ffn_hidden_size: Optional[int] = _checked(None, POSITIVE)
+    moe_router_pre_softmax: bool = False
+    # the router's load-balancing (auxiliary) loss and z-loss coefficients in training
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
     rotary_base: float = 10000.0
     rotary_percent: float = 1.0
@@ -100,6 +111,8 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     context_parallel_size: int = 1
+    # MoE: each expert-parallel group of this many ranks splits every layer's experts
+    expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     # megatron DDP: start each gradient bucket's data-parallel reduction during the backward
@@ -599,7 +612,7 @@ def save_config(cfg, path: str | Path) -> None:
 
 def _validate_sizes(parallel: ParallelConfig) -> None:
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                 "context_parallel_size"):
+                 "context_parallel_size", "expert_model_parallel_size"):
         if getattr(parallel, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(parallel, name)}")
 
@@ -634,6 +647,17 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
                           f"{model.vocab_size}, make_vocab_size_divisible_by="
                           f"{model.make_vocab_size_divisible_by}) is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp}")
+    ep = parallel.expert_model_parallel_size
+    if ep > 1 and not model.num_experts:
+        raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs a mixture-of-experts "
+                          "model (model.num_experts)")
+    if model.num_experts:
+        if model.num_experts % ep:
+            raise ConfigError(f"model.num_experts={model.num_experts} is not divisible by "
+                              f"parallel.expert_model_parallel_size={ep}")
+        if not model.moe_router_topk <= model.num_experts:
+            raise ConfigError(f"model.moe_router_topk={model.moe_router_topk} exceeds "
+                              f"model.num_experts={model.num_experts}")
     if model.num_layers % (pp * vpp):
         what = f"pipeline_model_parallel_size={pp}"
         if vpp > 1:
@@ -664,6 +688,11 @@ def validate_parallel(parallel: ParallelConfig, world_size: int) -> None:
         raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size"
                           f"={tp} x pipeline_model_parallel_size={pp} x context_parallel_size={cp}"
                           f" = {tp * pp * cp}")
+    ep = parallel.expert_model_parallel_size
+    if world_size % (tp * pp * ep):  # megatron: experts split TP x EP ranks of a stage
+        raise ConfigError(f"world size {world_size} is not divisible by tensor_model_parallel_size"
+                          f"={tp} x pipeline_model_parallel_size={pp} x "
+                          f"expert_model_parallel_size={ep} = {tp * pp * ep}")
 
 
 def validate_recompute(recompute: RecomputeConfig, model: ModelConfig,

@@ -63,6 +63,12 @@ _REDIRECTED_MODULES = {
     "megatron.core.parallel_state": "synchronize",
     # activation recompute (CheckpointFunction) saves torch.cuda.random.get_rng_state()
     "megatron.core.tensor_parallel.random": "random.get_rng_state",
+    # TopKRouter: weights moved to, and aux-loss scratch made on, torch.cuda.current_device()
+    "megatron.core.transformer.moe.router": "current_device",
+    # GroupedMLP/SequentialMLP helpers: expert buffers on torch.cuda.current_device()
+    "megatron.core.transformer.moe.experts": "current_device",
+    # the MoE metrics tracker: per-layer loss values on device="cuda"
+    "megatron.core.transformer.moe.moe_utils": "device='cuda'",
 }
 
 _CPU = torch.device("cpu")
@@ -239,6 +245,14 @@ def install() -> bool:
                                  mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED)
     mp_random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # RouterGatingLinearFunction.forward tests `te_general_gemm is not None`, but without
+    # Transformer Engine megatron-core 0.16.1 never defines the name (moe_utils.py:34): NameError
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        _installed["moe_utils.te_general_gemm"] = True
     return True
 
 
@@ -256,6 +270,10 @@ def uninstall() -> None:
         _installed.pop("rng_tracker"))
     torch.Tensor.type = _installed.pop("Tensor.type")
     torch.Tensor.cuda = _installed.pop("Tensor.cuda")
+    if _installed.pop("moe_utils.te_general_gemm", False):
+        from megatron.core.transformer.moe import moe_utils
+
+        del moe_utils.te_general_gemm
     for name, original in _installed.items():
         importlib.import_module(name).torch = original
     _installed.clear()

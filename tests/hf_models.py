@@ -19,7 +19,8 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def build(kind: str, directory: Path, seed: int = 0) -> Path:
-    """Save a tiny model of ``kind`` (llama, mistral, qwen2, qwen3, llama_cls) to ``directory``."""
+    """Save a tiny model of ``kind`` (llama, mistral, qwen2, qwen3, mixtral,
+    llama_cls) to ``directory``."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -38,6 +39,10 @@ def build(kind: str, directory: Path, seed: int = 0) -> Path:
     elif kind == "qwen3":  # qk-norm, a head_dim that is not hidden_size / heads
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, vocab_size=1000, head_dim=32,
                                                    tie_word_embeddings=False))
+    elif kind == "mixtral":  # 4 experts, top-2
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(**COMMON, vocab_size=1000,
+                                                       num_local_experts=4, num_experts_per_tok=2,
+                                                       sliding_window=None))
     elif kind == "llama_cls":  # a reward model: score.weight instead of lm_head
         model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**COMMON, vocab_size=1000,
                                                                  num_labels=1, pad_token_id=0))

@@ -53,7 +53,8 @@ def test_logits_match_hf_at_tp1_tp2_pp2(hf_dirs, converted, tmp_path):
     specs = [f"{hf_dirs['llama']}:{converted['llama']}:tp1pp1,tp2pp1,tp1pp2",
              f"{hf_dirs['mistral']}:{converted['mistral']}:tp1pp1,tp2pp1",
              f"{hf_dirs['qwen2']}:{converted['qwen2']}:tp1pp1,tp2pp1,tp1pp2",
-             f"{hf_dirs['qwen3']}:{converted['qwen3']}:tp1pp1,tp2pp1,tp1pp2"]
+             f"{hf_dirs['qwen3']}:{converted['qwen3']}:tp1pp1,tp2pp1,tp1pp2",
+             f"{hf_dirs['mixtral']}:{converted['mixtral']}:tp1pp1,tp2pp1,tp1pp1ep2"]
     out = tmp_path / "logits.json"
     launch([str(REPO / "tests" / "distributed" / "hf_logits.py"), str(out), *specs], nproc=2)
     diffs = json.loads(out.read_text())
@@ -90,6 +91,8 @@ def test_converted_config_records_layout_and_shape(converted):
     assert qwen.add_qkv_bias and qwen.tie_embeddings
     qwen3 = load_config(converted["qwen3"] / "config.yaml").model
     assert qwen3.qk_layernorm and qwen3.kv_channels == 32 and not qwen3.add_qkv_bias
+    mixtral = load_config(converted["mixtral"] / "config.yaml").model
+    assert (mixtral.num_experts, mixtral.moe_router_topk) == (4, 2)
 
 
 def gvm_values(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:

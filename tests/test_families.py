@@ -13,7 +13,8 @@ from megatron_dvpo.conversion.safetensors_io import CheckpointError
 OWN = {"llama": dict(rope_scaling_factor=8.0, rope_scaling_original_max_position=32),
        "mistral": {},
        "qwen2": dict(add_qkv_bias=True, tie_embeddings=True),
-       "qwen3": dict(qk_layernorm=True, kv_channels=32)}
+       "qwen3": dict(qk_layernorm=True, kv_channels=32),
+       "mixtral": dict(num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)}
 QKV_BIAS = "decoder.layers.{}.self_attention.linear_qkv.bias"
 
 
@@ -26,8 +27,9 @@ def tiny(name: str, **changes) -> ModelConfig:
 
 def test_every_architecture_maps_to_its_family():
     assert sorted(OWN) == sorted(FAMILIES)  # a new family adds its tiny model above
-    assert list(ARCHITECTURES)[:4] == ["LlamaForCausalLM", "MistralForCausalLM",
-                                       "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+    assert list(ARCHITECTURES)[:5] == ["LlamaForCausalLM", "MistralForCausalLM",
+                                       "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                       "MixtralForCausalLM"]
     causal, classifiers = zip(*(family.architectures for family in FAMILIES.values()))
     assert list(ARCHITECTURES) == [*causal, *classifiers]  # the order errors list them in
     assert "Qwen2ForSequenceClassification" in classifiers
@@ -93,7 +95,21 @@ def test_qk_norm_rules_are_qwen3s():
                              for i in range(2) for q in "kq"]
     assert qwen3["decoder.layers.1.self_attention.q_layernorm.weight"].hf == (
         "model.layers.1.self_attn.q_norm.weight",)
-    assert all(norms(tiny(name)) == {} for name in ("llama", "mistral", "qwen2"))
+    assert all(norms(tiny(name)) == {} for name in ("llama", "mistral", "qwen2", "mixtral"))
     with pytest.raises(CheckpointError, match="^attention_bias on Qwen3 layers is not "
                                               "supported$"):
         model_config_from_hf({**hf_config_from_model(tiny("qwen3")), "attention_bias": True})
+
+
+def test_mixtral_layers_are_experts():
+    rules = {r.megatron: r for r in weight_rules(tiny("mixtral"))}
+    layer = "decoder.layers.1.mlp."
+    assert not any(name.startswith(layer + "linear_fc") for name in rules)  # no dense MLP
+    assert rules[layer + "router.weight"].hf == ("model.layers.1.block_sparse_moe.gate.weight",)
+    fc1 = rules[layer + "experts.local_experts.3.linear_fc1.weight"]
+    assert fc1.kind == "fc1" and fc1.hf == tuple(
+        f"model.layers.1.block_sparse_moe.experts.3.w{i}.weight" for i in (1, 3))
+    assert sum(".local_experts." in name for name in rules) == 2 * 2 * 4  # layers x fc x experts
+    with pytest.raises(CheckpointError, match="router_jitter_noise on Mixtral"):
+        model_config_from_hf({**hf_config_from_model(tiny("mixtral")),
+                              "router_jitter_noise": 0.1})

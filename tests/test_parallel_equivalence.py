@@ -48,12 +48,15 @@ def four_rank(tmp_path_factory):
     return _run(tmp_path_factory, 4, FOUR_RANK_LAYOUTS)
 
 
-def _assert_matches(result: dict, layout: str):
+def _assert_matches(result: dict, layout: str, grads: bool = True):
+    """``grads=False``: the distributed optimizer at data-parallel size > 1 reduce-scatters,
+    so a rank's gradient buffer holds the reduced sum of its own shard only; the stepped
+    weights and the gradient norm still check the whole step."""
     r = result[layout]
     assert r["last_stage_outputs"] == OUTPUTS_PER_RUN, r
+    compared = ("policy_grad_max_diff", "gvm_grad_max_diff") if grads else ()
     for key in ("logprobs_max_diff", "values_max_diff", "policy_loss_diff", "gvm_loss_diff",
-                "policy_grad_max_diff", "gvm_grad_max_diff",
-                "policy_stepped_max_diff", "gvm_stepped_max_diff"):
+                *compared, "policy_stepped_max_diff", "gvm_stepped_max_diff"):
         assert 0.0 <= r[key] <= TOL, f"{layout} {key}={r[key]} ({r})"
     for key in ("policy_grad_norm_diff", "gvm_grad_norm_diff"):
         assert r[key] <= TOL, f"{layout} {key}={r[key]}"
@@ -61,7 +64,7 @@ def _assert_matches(result: dict, layout: str):
     assert r["policy_grad_max_abs"] > 1e-3 and r["gvm_grad_max_abs"] > 1e-3
 
 
-def _assert_matches_in_bf16(result: dict, layout: str):
+def _assert_matches_in_bf16(result: dict, layout: str, grads: bool = True):
     r = result[f"{layout}-bf16"]
     assert r["last_stage_outputs"] == OUTPUTS_PER_RUN, r
     for key in ("logprobs", "values"):
@@ -69,7 +72,7 @@ def _assert_matches_in_bf16(result: dict, layout: str):
     for model in ("policy", "gvm"):
         assert 0 <= r[f"{model}_loss_diff"] <= 2e-3, (layout, model, r)  # losses are O(1)
         assert r[f"{model}_grad_norm_diff"] <= 8 * BF16_EPS * r[f"{model}_grad_norm"], r
-        for what in ("grad", "stepped"):
+        for what in ("grad", "stepped") if grads else ("stepped",):
             assert 0 <= r[f"{model}_{what}_max_diff"] <= (
                 BF16_TOL[what] * r[f"{model}_{what}_max_abs"]), (layout, model, what, r)
     assert r["policy_grad_max_abs"] > 1e-3 and r["gvm_grad_max_abs"] > 1e-3

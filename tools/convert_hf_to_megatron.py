@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 checkpoint into a megatron_dvpo checkpoint.
+"""Convert a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mixtral checkpoint into ours.
 
     python tools/convert_hf_to_megatron.py --hf DIR --out DIR [--tp N --pp M]
         [--target policy|gvm] [--dtype fp32|bf16|fp16] [--overwrite]

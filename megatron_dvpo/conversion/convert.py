@@ -25,7 +25,7 @@ from megatron_dvpo.checkpointing import model_sharded_state_dict, resolve_checkp
 from megatron_dvpo.config import (ParallelConfig, PrecisionConfig, RunConfig, load_config,
                                   save_config, validate_model)
 from megatron_dvpo.conversion.hf_config import hf_config_from_model, model_config_from_hf
-from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, layer_of,
+from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, stacked_index,
                                               read_megatron, to_hf, weight_rules)
 from megatron_dvpo.conversion.safetensors_io import (CheckpointError, SafetensorsReader,
                                                      PlannedTensor, StreamingSafetensorsWriter,
@@ -257,7 +257,8 @@ def _write_hf_weights(directory: Path, chunk, spec: str, ckpt: Path, model,
                                                           device="meta"), model).items()]
     writer = StreamingSafetensorsWriter(directory, plan, max_shard_bytes)
     for rule in rules:
-        tensor = read_layer(ckpt / "model", sharded[rule.megatron].key, layer_of(rule.megatron))
+        tensor = read_layer(ckpt / "model", sharded[rule.megatron].key,
+                            stacked_index(rule.megatron))
         for name, part in to_hf(rule, tensor, model).items():
             writer.write(name, part)
         del tensor

@@ -30,18 +30,29 @@ TE_NAMES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
 SPECS = ("local", "te")
 
 
-def spec_name(local_name: str, spec: str) -> str:
-    """A parameter's name in a model built with ``spec`` (``local`` or ``te``)."""
+def spec_name(local_name: str, spec: str, moe: bool = False) -> str:
+    """A parameter's name in a model built with ``spec`` (``local`` or ``te``). TE fuses no
+    norm into a mixture of experts: its ``pre_mlp_layernorm`` keeps its name."""
     if spec == "te":
         for old, new in TE_NAMES.items():
-            local_name = local_name.replace(f".{old}", f".{new}")
+            if not (moe and old == "pre_mlp_layernorm."):
+                local_name = local_name.replace(f".{old}", f".{new}")
     return local_name
 
 
+def dense_mlp_rules(hf_layer: str, megatron_layer: str, model: ModelConfig) -> list[Rule]:
+    return [Rule(megatron_layer + "mlp.linear_fc1.weight",
+                 (hf_layer + "mlp.gate_proj.weight", hf_layer + "mlp.up_proj.weight"), "fc1"),
+            Rule(megatron_layer + "mlp.linear_fc2.weight", (hf_layer + "mlp.down_proj.weight",),
+                 "copy")]
+
+
 def _layer_rules(i: int, model: ModelConfig) -> list[Rule]:
-    """Layer ``i``'s tensors: those of every Llama-style layer, then its family's own."""
+    """Layer ``i``'s tensors: those of every Llama-style layer, its family's MLP (the shared
+    dense one unless the family has its own), then its family's own extras."""
     src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
     attn = src + "self_attn."
+    family = family_of(model)
     rules = [
         Rule(dst + "input_layernorm.weight", (src + "input_layernorm.weight",), "copy"),
         Rule(dst + "self_attention.linear_qkv.weight",
@@ -49,11 +60,9 @@ def _layer_rules(i: int, model: ModelConfig) -> list[Rule]:
         Rule(dst + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), "copy"),
         Rule(dst + "pre_mlp_layernorm.weight", (src + "post_attention_layernorm.weight",),
              "copy"),
-        Rule(dst + "mlp.linear_fc1.weight",
-             (src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"), "fc1"),
-        Rule(dst + "mlp.linear_fc2.weight", (src + "mlp.down_proj.weight",), "copy"),
     ]
-    return rules + family_of(model).layer_rules(src, dst, model)
+    rules += (family.mlp_rules or dense_mlp_rules)(src, dst, model)
+    return rules + family.layer_rules(src, dst, model)
 
 
 def find_value_head(keys: set[str], shapes: dict[str, list[int]]) -> tuple[str, ...] | None:
@@ -75,7 +84,8 @@ def weight_rules(model: ModelConfig, value_head: tuple[str, ...] | None = None,
     if spec not in SPECS:
         raise ValueError(f"spec must be one of {SPECS}, got {spec!r}")
     rules = _local_rules(model, value_head)
-    return [Rule(spec_name(r.megatron, spec), r.hf, r.kind) for r in rules]
+    moe = bool(model.num_experts)
+    return [Rule(spec_name(r.megatron, spec, moe), r.hf, r.kind) for r in rules]
 
 
 def _local_rules(model: ModelConfig, value_head: tuple[str, ...] | None) -> list[Rule]:
@@ -152,9 +162,13 @@ def to_hf(rule: Rule, tensor: torch.Tensor, model: ModelConfig) -> dict[str, tor
     raise AssertionError(rule.kind)
 
 
-def layer_of(megatron_name: str) -> int | None:
-    match = re.match(r"decoder\.layers\.(\d+)\.", megatron_name)
-    return int(match[1]) if match else None
+def stacked_index(megatron_name: str) -> tuple[int, ...]:
+    """Where a parameter sits in its checkpoint tensor's leading (stacked) axes: its layer, and
+    its expert within the layer (names of a single-rank model number experts globally)."""
+    match = re.match(r"decoder\.layers\.(\d+)\.(?:.*\.local_experts\.(\d+)\.)?", megatron_name)
+    if not match:
+        return ()
+    return tuple(int(g) for g in match.groups() if g is not None)
 
 
 def check_keys(rules: list[Rule], reader: SafetensorsReader, ignorable: set[str]) -> None:

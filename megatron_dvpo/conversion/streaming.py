@@ -21,7 +21,7 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -136,25 +136,25 @@ def _read_chunk_into(directory: Path, info, out: torch.Tensor, what: str) -> Non
             raise ValueError(f"{what}: the stored chunk is truncated")
 
 
-def read_layer(directory: Path, key: str, layer: Optional[int]) -> torch.Tensor:
-    """Layer ``layer`` of the layer-stacked tensor ``key`` of a megatron dist checkpoint (the
-    whole tensor for None), reading only that layer's chunks, each straight into place."""
+def read_layer(directory: Path, key: str, index: tuple[int, ...] = ()) -> torch.Tensor:
+    """The entry ``index`` of the leading stacked axes (a layer, then an expert) of tensor
+    ``key`` of a megatron dist checkpoint (the whole tensor for ``()``), reading only that
+    entry's chunks, each straight into place."""
     metadata = dcp.FileSystemReader(str(directory)).read_metadata()
     entry = metadata.state_dict_metadata.get(key)
     if entry is None or not hasattr(entry, "chunks"):
         raise KeyError(f"{directory} holds no tensor {key!r}")
-    shape = list(entry.size)
-    if layer is not None:
-        shape[0] = 1
+    lead = len(index)
+    shape = [1] * lead + list(entry.size)[lead:]
     out = torch.empty(shape, dtype=entry.properties.dtype)
     for chunk in entry.chunks:
         offsets, sizes = list(chunk.offsets), list(chunk.sizes)
-        if layer is not None:
-            if not offsets[0] <= layer < offsets[0] + sizes[0]:
-                continue
-            if sizes[0] != 1:
-                raise ValueError(f"{key}: a stored chunk holds {sizes[0]} layers, not one")
-            offsets[0] = 0
+        if not all(o <= i < o + n for i, o, n in zip(index, offsets, sizes)):
+            continue
+        if any(n != 1 for n in sizes[:lead]):
+            raise ValueError(f"{key}: a stored chunk spans {sizes[:lead]} stacked entries, "
+                             "not one")
+        offsets[:lead] = [0] * lead
         info = metadata.storage_data[MetadataIndex(key, chunk.offsets)]
         target = out
         for dim, (start, length) in enumerate(zip(offsets, sizes)):
@@ -165,4 +165,4 @@ def read_layer(directory: Path, key: str, layer: Optional[int]) -> torch.Tensor:
             buffer = torch.empty(sizes, dtype=out.dtype)
             _read_chunk_into(directory, info, buffer, key)
             target.copy_(buffer)
-    return out[0] if layer is not None else out
+    return out.reshape(out.shape[lead:])

@@ -37,6 +37,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
         qk_layernorm=model.qk_layernorm,
+        **_moe_kwargs(model, parallel, on_gpu),
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
@@ -61,6 +62,27 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         batch_p2p_comm=on_gpu,
         **recompute.transformer_config_kwargs(),
         **plan.transformer_config_kwargs(),
+    )
+
+
+def _moe_kwargs(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool) -> dict:
+    """megatron's MoE settings; none for a dense model. The experts are a SequentialMLP of the
+    layer's own linear layers (no grouped GEMM), so their weights are named and sharded like
+    the dense MLP's."""
+    if not model.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_size,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_z_loss_coeff=model.moe_z_loss_coeff,
+        moe_grouped_gemm=False,
+        # alltoall builds torch.cuda.Stream()s (token_dispatcher.py): allgather on CPU
+        moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
     )
 
 

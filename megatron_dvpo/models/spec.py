@@ -23,14 +23,18 @@ def layer_spec(model: ModelConfig, use_te: bool) -> ModuleSpec:
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    qk = model.qk_layernorm
+    qk, experts = model.qk_layernorm, model.num_experts
     if use_te:
-        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=qk)
     else:
-        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization,
-                                                        qk_layernorm=qk)
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            num_experts=experts, moe_grouped_gemm=False, normalization=model.normalization,
+            qk_layernorm=qk)
         spec.submodules.input_layernorm = TorchNorm
         spec.submodules.pre_mlp_layernorm = TorchNorm
+        if experts:  # checkpoint keys as TE's MoE layers write them (no fused MLP norm there)
+            spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
         if qk:  # TP ranks hold other heads: megatron sums these norms' gradients over TP
             spec.submodules.self_attention.submodules.q_layernorm = TorchNorm
             spec.submodules.self_attention.submodules.k_layernorm = TorchNorm

@@ -11,8 +11,11 @@ The policy ties its embeddings (as Llama-3.2-1B does), so PP also checks the tie
 all-reduce. Rank 0 writes the largest differences as JSON.
 
 Usage: torchrun --nproc-per-node N equivalence.py OUT_JSON WORKDIR LAYOUT [LAYOUT ...]
-where LAYOUT is tp<T>pp<P>[vpp<V>][sp][dopt], e.g. tp2pp1, tp1pp2vpp2, tp2pp2, tp2pp1spdopt
-(sp: sequence parallelism, dopt: the distributed optimizer).
+where LAYOUT is tp<T>pp<P>[vpp<V>][ep<E>][sp][dopt], e.g. tp2pp1, tp1pp2vpp2, tp2pp2,
+tp2pp1spdopt (sp: sequence parallelism, dopt: the distributed optimizer, ep: expert
+parallelism). ``--moe`` first makes both models mixtures of experts (4 experts, top-2, with the
+load-balancing loss), and gives each data-parallel rank its own rows: layouts then keep the
+reference's data-parallel size (tp1pp1ep2 on 2 ranks).
 """
 
 import json
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import load_model, save_model
@@ -35,21 +39,28 @@ MODEL = ["model.tie_embeddings=true", "model.num_layers=4", "model.hidden_size=6
          "model.num_query_groups=2", "model.ffn_hidden_size=128", f"model.vocab_size={VOCAB}",
          "model.max_position_embeddings=64"]
 SEQ, ROWS, MICRO = 12, 4, 2  # two microbatches of two rows
+OPTIONS: set[str] = set()  # "moe": see the module's docstring
+
+
+MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.01"]
 
 
 def parse_layout(text: str) -> ParallelConfig:
-    m = re.fullmatch(r"tp(\d+)pp(\d+)(?:vpp(\d+))?(sp)?(dopt)?", text)
+    m = re.fullmatch(r"tp(\d+)pp(\d+)(?:vpp(\d+))?(?:ep(\d+))?(sp)?(dopt)?", text)
     if not m:
         raise SystemExit(f"bad layout {text!r}")
     return ParallelConfig(tensor_model_parallel_size=int(m[1]),
                           pipeline_model_parallel_size=int(m[2]),
                           virtual_pipeline_model_parallel_size=int(m[3]) if m[3] else None,
-                          sequence_parallel=bool(m[4]),
-                          use_distributed_optimizer=bool(m[5]))
+                          expert_model_parallel_size=int(m[4] or 1),
+                          sequence_parallel=bool(m[5]),
+                          use_distributed_optimizer=bool(m[6]))
 
 
 def inputs():
-    g = torch.Generator().manual_seed(7)
+    """The same rows on every rank; with --moe each data-parallel rank's own."""
+    rank = parallel_state.get_data_parallel_rank() if "moe" in OPTIONS else 0
+    g = torch.Generator().manual_seed(7 + rank)
     tokens = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
     weights = torch.rand(ROWS, SEQ - 1, generator=g)  # per-token loss weights for the policy
     targets = torch.randn(ROWS, SEQ, generator=g)  # value regression targets for the GVM
@@ -70,7 +81,8 @@ DTYPES = {"": "fp32", "-bf16": "bf16"}  # a result's suffix -> precision.params_
 def build(layout: ParallelConfig, dtype: str):
     distributed.set_parallel_layout(layout)
     distributed.seed_everything(1234)
-    cfg = load_config(None, MODEL + ["optimizer.lr=0.01", "optimizer.clip_grad=1.0",
+    extra = MOE if "moe" in OPTIONS else []
+    cfg = load_config(None, MODEL + extra + ["optimizer.lr=0.01", "optimizer.clip_grad=1.0",
                                    # Adam's first step is ~lr*sign(g): a larger eps keeps
                                    # near-zero gradients from amplifying rounding noise.
                                    "optimizer.adam_eps=1e-4",
@@ -184,6 +196,9 @@ def compare_layouts(workdir: Path, layouts: list[str], suffix: str) -> dict:
 
 def main():
     out_json, workdir, layouts = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    if layouts and layouts[0] == "--moe":
+        OPTIONS.add("moe")
+        layouts = layouts[1:]
     distributed.init_distributed(ParallelConfig(), seed=1234)
     results = {}
     for suffix in DTYPES:

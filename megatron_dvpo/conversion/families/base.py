@@ -9,7 +9,7 @@ how it differs, so adding one never touches the shared code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from megatron_dvpo.config import ModelConfig
 from megatron_dvpo.conversion.safetensors_io import CheckpointError
@@ -43,7 +43,8 @@ class Family:
     (or overrides), raising ``CheckpointError`` for what our layers cannot build; ``write`` is
     its inverse, the config.json keys the shared writer does not write; ``layer_rules`` gives
     the tensors a layer has beyond the shared ones, from the layer's HF and megatron name
-    prefixes (``model.layers.3.``, ``decoder.layers.3.``).
+    prefixes (``model.layers.3.``, ``decoder.layers.3.``); ``mlp_rules``, in the same form,
+    replaces the shared dense MLP's (a mixture of experts).
     """
 
     name: str  # HF's model_type
@@ -51,6 +52,8 @@ class Family:
     read: Callable[[dict], dict] = _nothing
     write: Callable[[ModelConfig], dict] = _nothing
     layer_rules: Callable[[str, str, ModelConfig], list[Rule]] = _no_rules
+    # the layer's MLP when it is not the shared dense one (a mixture of experts), else None
+    mlp_rules: Optional[Callable[[str, str, ModelConfig], list[Rule]]] = None
 
     @property
     def architectures(self) -> tuple[str, ...]:

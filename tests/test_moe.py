@@ -1,0 +1,54 @@
+"""Mixture of experts: expert parallelism reproduces one rank's numbers, and its layout checks.
+
+One torchrun launch runs tests/distributed/equivalence.py with ``--moe``: a policy and a GVM
+(a value head on an MoE trunk) with 4 experts, top-2 and the load-balancing loss, each
+data-parallel rank on its own rows. Expert-parallel layouts load the reference's weights and
+must give its log-probs, values, every gradient element (experts included) and the weights
+after one Adam step.
+"""
+
+import json
+
+import pytest
+
+from conftest import REPO, launch
+from megatron_dvpo.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_dvpo.config import validate_model, validate_parallel
+from test_parallel_equivalence import _assert_matches, _assert_matches_in_bf16
+
+LAYOUTS = ["tp1pp1ep2", "tp1pp1ep2dopt"]
+
+
+@pytest.fixture(scope="module")
+def expert_parallel(tmp_path_factory):
+    work = tmp_path_factory.mktemp("moe")
+    out = work / "result.json"
+    launch([str(REPO / "tests" / "distributed" / "equivalence.py"), str(out), str(work),
+            "--moe", *LAYOUTS], nproc=2)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_expert_parallel_matches_one_rank_of_experts(expert_parallel, layout):
+    grads = "dopt" not in layout  # see _assert_matches
+    _assert_matches(expert_parallel, layout, grads)
+    _assert_matches_in_bf16(expert_parallel, layout, grads)
+
+
+@pytest.mark.parametrize("model, parallel, world, message", [
+    (dict(), dict(expert_model_parallel_size=2), 2,
+     "parallel.expert_model_parallel_size=2 needs a mixture-of-experts model"),
+    (dict(num_experts=6), dict(expert_model_parallel_size=4), 4,
+     "model.num_experts=6 is not divisible by parallel.expert_model_parallel_size=4"),
+    (dict(num_experts=4, moe_router_topk=5), dict(), 1,
+     "model.moe_router_topk=5 exceeds model.num_experts=4"),
+    (dict(num_experts=4), dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), 2,
+     "world size 2 is not divisible by tensor_model_parallel_size=2 x "
+     "pipeline_model_parallel_size=1 x expert_model_parallel_size=2 = 4"),
+])
+def test_expert_layouts_are_checked_before_any_process_group(model, parallel, world, message):
+    with pytest.raises(ConfigError, match=message):
+        layout = ParallelConfig(**parallel)
+        validate_model(ModelConfig(**model), layout)
+        validate_parallel(layout, world)
