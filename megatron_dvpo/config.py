@@ -66,6 +66,10 @@ class ModelConfig:
     moe_router_topk: int = _checked(2, POSITIVE)
     moe_ffn_hidden_size: Optional[int] = _checked(None, POSITIVE)
     moe_router_pre_softmax: bool = False
+    # Qwen2-MoE: a shared expert of this size in every MoE layer (None: none), its output
+    # scaled by a sigmoid gate with moe_shared_expert_gate
+    moe_shared_expert_intermediate_size: Optional[int] = _checked(None, POSITIVE)
+    moe_shared_expert_gate: bool = False
     # the router's load-balancing (auxiliary) loss and z-loss coefficients in training
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: Optional[float] = None
@@ -572,7 +576,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "kv_channels", "vocab_size", "make_vocab_size_divisible_by",
               "normalization", "activation", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-              "position_embedding_type", "tie_embeddings", "value_head")
+              "position_embedding_type", "tie_embeddings", "value_head", "num_experts",
+              "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+              "moe_shared_expert_gate")
 
 
 def model_from_checkpoint(cfg: RunConfig, directory: str | Path, key: str,

@@ -19,8 +19,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 def build(kind: str, directory: Path, seed: int = 0) -> Path:
-    """Save a tiny model of ``kind`` (llama, mistral, qwen2, qwen3, mixtral,
-    llama_cls) to ``directory``."""
+    """Save a tiny model of ``kind`` (a family's name, or llama_cls) to ``directory``."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -43,6 +42,14 @@ def build(kind: str, directory: Path, seed: int = 0) -> Path:
         model = tf.MixtralForCausalLM(tf.MixtralConfig(**COMMON, vocab_size=1000,
                                                        num_local_experts=4, num_experts_per_tok=2,
                                                        sliding_window=None))
+    elif kind == "qwen2_moe":  # a shared expert and its gate, QKV bias, no top-k renormalising
+        model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
+            **COMMON, vocab_size=1000, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, shared_expert_intermediate_size=48))
+    elif kind == "qwen3_moe":  # qk-norm, renormalised top-k weights
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **COMMON, vocab_size=1000, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, head_dim=32, norm_topk_prob=True))
     elif kind == "llama_cls":  # a reward model: score.weight instead of lm_head
         model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**COMMON, vocab_size=1000,
                                                                  num_labels=1, pad_token_id=0))

@@ -54,7 +54,9 @@ def test_logits_match_hf_at_tp1_tp2_pp2(hf_dirs, converted, tmp_path):
              f"{hf_dirs['mistral']}:{converted['mistral']}:tp1pp1,tp2pp1",
              f"{hf_dirs['qwen2']}:{converted['qwen2']}:tp1pp1,tp2pp1,tp1pp2",
              f"{hf_dirs['qwen3']}:{converted['qwen3']}:tp1pp1,tp2pp1,tp1pp2",
-             f"{hf_dirs['mixtral']}:{converted['mixtral']}:tp1pp1,tp2pp1,tp1pp1ep2"]
+             f"{hf_dirs['mixtral']}:{converted['mixtral']}:tp1pp1,tp2pp1,tp1pp1ep2",
+             f"{hf_dirs['qwen2_moe']}:{converted['qwen2_moe']}:tp1pp1,tp2pp1",
+             f"{hf_dirs['qwen3_moe']}:{converted['qwen3_moe']}:tp1pp1,tp1pp1ep2"]
     out = tmp_path / "logits.json"
     launch([str(REPO / "tests" / "distributed" / "hf_logits.py"), str(out), *specs], nproc=2)
     diffs = json.loads(out.read_text())
@@ -93,6 +95,10 @@ def test_converted_config_records_layout_and_shape(converted):
     assert qwen3.qk_layernorm and qwen3.kv_channels == 32 and not qwen3.add_qkv_bias
     mixtral = load_config(converted["mixtral"] / "config.yaml").model
     assert (mixtral.num_experts, mixtral.moe_router_topk) == (4, 2)
+    qwen2_moe = load_config(converted["qwen2_moe"] / "config.yaml").model
+    assert qwen2_moe.moe_shared_expert_intermediate_size == 48 and qwen2_moe.moe_router_pre_softmax
+    qwen3_moe = load_config(converted["qwen3_moe"] / "config.yaml").model
+    assert qwen3_moe.qk_layernorm and not qwen3_moe.moe_router_pre_softmax
 
 
 def gvm_values(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -299,7 +305,7 @@ def test_corrupt_header_or_config_names_the_file(tmp_path):
     expect_error(broken, tmp_path / "out", rf"{config}: missing keys \['num_hidden_layers'")
 
 
-@pytest.mark.parametrize("flag", ["--tp", "--pp"])
+@pytest.mark.parametrize("flag", ["--tp", "--pp", "--ep"])
 def test_parallel_sizes_must_be_positive(hf_dirs, tmp_path, flag):
     for size in ("0", "-2"):
         proc = subprocess.run([*CONVERT, "--hf", str(hf_dirs["llama"]), "--out",
@@ -307,6 +313,20 @@ def test_parallel_sizes_must_be_positive(hf_dirs, tmp_path, flag):
                               text=True, cwd=REPO)
         assert proc.returncode == 2 and f"error: {flag} must be >= 1, got {size}" in proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_expert_parallel_size_is_recorded_and_checked(hf_dirs, tmp_path, single_rank):
+    from megatron_dvpo.config import load_config
+
+    out = import_hf(hf_dirs["mixtral"], tmp_path / "mixtral", ep=2, verbose=False)
+    assert load_config(out / "config.yaml").parallel.expert_model_parallel_size == 2
+    proc = subprocess.run([*CONVERT, "--hf", str(hf_dirs["llama"]), "--out",
+                           str(tmp_path / "llama"), "--ep", "2"], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("error: parallel.expert_model_parallel_size=2 needs a mixture-of-experts model"
+            in proc.stderr)
+    assert not (tmp_path / "llama").exists()
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):

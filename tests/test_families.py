@@ -14,7 +14,12 @@ OWN = {"llama": dict(rope_scaling_factor=8.0, rope_scaling_original_max_position
        "mistral": {},
        "qwen2": dict(add_qkv_bias=True, tie_embeddings=True),
        "qwen3": dict(qk_layernorm=True, kv_channels=32),
-       "mixtral": dict(num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02)}
+       "mixtral": dict(num_experts=4, moe_router_topk=2, moe_aux_loss_coeff=0.02),
+       "qwen2_moe": dict(add_qkv_bias=True, num_experts=4, moe_router_topk=2,
+                         moe_ffn_hidden_size=32, moe_router_pre_softmax=True,
+                         moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True),
+       "qwen3_moe": dict(qk_layernorm=True, kv_channels=32, num_experts=4, moe_router_topk=2,
+                         moe_ffn_hidden_size=32)}
 QKV_BIAS = "decoder.layers.{}.self_attention.linear_qkv.bias"
 
 
@@ -48,7 +53,8 @@ def test_config_adapter_round_trips(name):
     model = tiny(name)
     hf = hf_config_from_model(model)
     assert hf["model_type"] == name and hf["architectures"] == [model.hf_architecture]
-    assert hf.get("attention_bias", "absent") == ("absent" if name == "qwen2" else False)
+    assert hf.get("attention_bias", "absent") == (
+        "absent" if name in ("qwen2", "qwen2_moe") else False)
     assert model_config_from_hf(hf) == model
 
 
@@ -96,6 +102,7 @@ def test_qk_norm_rules_are_qwen3s():
     assert qwen3["decoder.layers.1.self_attention.q_layernorm.weight"].hf == (
         "model.layers.1.self_attn.q_norm.weight",)
     assert all(norms(tiny(name)) == {} for name in ("llama", "mistral", "qwen2", "mixtral"))
+    assert sorted(norms(tiny("qwen3_moe"))) == sorted(qwen3)
     with pytest.raises(CheckpointError, match="^attention_bias on Qwen3 layers is not "
                                               "supported$"):
         model_config_from_hf({**hf_config_from_model(tiny("qwen3")), "attention_bias": True})
@@ -113,3 +120,19 @@ def test_mixtral_layers_are_experts():
     with pytest.raises(CheckpointError, match="router_jitter_noise on Mixtral"):
         model_config_from_hf({**hf_config_from_model(tiny("mixtral")),
                               "router_jitter_noise": 0.1})
+
+
+def test_qwen_moe_layers():
+    qwen2 = {r.megatron: r for r in weight_rules(tiny("qwen2_moe"))}
+    shared = "decoder.layers.0.mlp.shared_experts."
+    assert qwen2[shared + "gate_weight"].hf == ("model.layers.0.mlp.shared_expert_gate.weight",)
+    assert qwen2[shared + "linear_fc1.weight"].hf == (
+        "model.layers.0.mlp.shared_expert.gate_proj.weight",
+        "model.layers.0.mlp.shared_expert.up_proj.weight")
+    assert QKV_BIAS.format(0) in qwen2
+    qwen3 = {r.megatron for r in weight_rules(tiny("qwen3_moe"))}
+    assert not any("shared_experts" in name for name in qwen3)
+    assert "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight" in qwen3
+    hf = hf_config_from_model(tiny("qwen3_moe"))
+    with pytest.raises(CheckpointError, match="dense layers between MoE layers"):
+        model_config_from_hf({**hf, "mlp_only_layers": [1]})

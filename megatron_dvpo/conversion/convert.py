@@ -189,7 +189,7 @@ def _write_megatron(directory: Path, chunk, rules, reader: SafetensorsReader, mo
 
 def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: int = 1,
               pp: int = 1, dtype: str | None = None, overwrite: bool = False,
-              verbose: bool = True) -> Path:
+              verbose: bool = True, ep: int = 1) -> Path:
     """Convert an HF directory of a known family (``families/``) into a megatron checkpoint
     directory.
 
@@ -201,12 +201,13 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
         raise CheckpointError(f"{hf_dir} has no config.json")
     if target not in ("policy", "gvm"):
         raise CheckpointError(f"--target must be policy or gvm, got {target!r}")
-    for flag, size in (("--tp", tp), ("--pp", pp)):
+    for flag, size in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if size < 1:
             raise CheckpointError(f"{flag} must be >= 1, got {size}")
     hf = read_json(config_path, "HF config")
     model = model_config_from_hf(hf, config_path)
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              expert_model_parallel_size=ep)
     reader = SafetensorsReader(hf_dir)
     ignorable = {k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")}
     value_head = None

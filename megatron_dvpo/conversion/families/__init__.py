@@ -8,13 +8,15 @@ round-trips to.
 from __future__ import annotations
 
 from megatron_dvpo.config import ModelConfig
-from megatron_dvpo.conversion.families import llama, mistral, mixtral, qwen2, qwen3
+from megatron_dvpo.conversion.families import (llama, mistral, mixtral, qwen2, qwen2_moe, qwen3,
+                                               qwen3_moe)
 from megatron_dvpo.conversion.families.base import HEADS, Family, Rule
 
 __all__ = ["ARCHITECTURES", "FAMILIES", "Family", "Rule", "family_of"]
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY,
-                                                   qwen3.FAMILY, mixtral.FAMILY)}
+                                                   qwen3.FAMILY, mixtral.FAMILY,
+                                                   qwen2_moe.FAMILY, qwen3_moe.FAMILY)}
 
 # HF architecture -> its family: every family's causal LM, then every sequence classifier
 # (reward models, read as GVM sources); error messages list them in this order.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from megatron_dvpo.config import ModelConfig
 from megatron_dvpo.conversion.families import llama
 from megatron_dvpo.conversion.families.base import Family, Rule, refuse, window_positions
+from megatron_dvpo.conversion.families.moe import expert_rules
 from megatron_dvpo.conversion.safetensors_io import CheckpointError
 
 
@@ -32,14 +33,8 @@ def write(model: ModelConfig) -> dict:
 
 def mlp_rules(hf_layer: str, megatron_layer: str, model: ModelConfig) -> list[Rule]:
     """The router, then each expert's [w1 (gate); w3 (up)] and w2 (down)."""
-    moe, ours = hf_layer + "block_sparse_moe.", megatron_layer + "mlp."
-    rules = [Rule(ours + "router.weight", (moe + "gate.weight",), "copy")]
-    for j in range(model.num_experts):
-        expert, mine = f"{moe}experts.{j}.", f"{ours}experts.local_experts.{j}."
-        rules += [Rule(mine + "linear_fc1.weight", (expert + "w1.weight", expert + "w3.weight"),
-                       "fc1"),
-                  Rule(mine + "linear_fc2.weight", (expert + "w2.weight",), "copy")]
-    return rules
+    return expert_rules(hf_layer + "block_sparse_moe.", megatron_layer + "mlp.", model,
+                        names=("w1", "w3", "w2"))
 
 
 FAMILY = Family(name="mixtral", prefix="Mixtral", read=read, write=write, mlp_rules=mlp_rules)
