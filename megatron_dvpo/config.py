@@ -661,6 +661,10 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
         if model.num_experts % ep:
             raise ConfigError(f"model.num_experts={model.num_experts} is not divisible by "
                               f"parallel.expert_model_parallel_size={ep}")
+        if tp > 1 and not parallel.sequence_parallel:  # megatron's MoELayer refuses to train
+            raise ConfigError(f"a mixture of experts at tensor_model_parallel_size={tp} needs "
+                              "parallel.sequence_parallel=true (megatron-core refuses MoE "
+                              "layers under TP without it)")
         if not model.moe_router_topk <= model.num_experts:
             raise ConfigError(f"model.moe_router_topk={model.moe_router_topk} exceeds "
                               f"model.num_experts={model.num_experts}")

@@ -16,16 +16,26 @@ from megatron_dvpo.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_dvpo.config import validate_model, validate_parallel
 from test_parallel_equivalence import _assert_matches, _assert_matches_in_bf16
 
-LAYOUTS = ["tp1pp1ep2", "tp1pp1ep2dopt"]
+LAYOUTS = ["tp1pp1ep2", "tp1pp1ep2dopt"]  # 2 ranks, each data-parallel rank its own rows
+TP_LAYOUTS = ["tp2pp1ep2sp"]  # 4 ranks, the same rows on every rank
+
+
+def _launch(tmp_path_factory, mode: str, layouts: list[str], nproc: int) -> dict:
+    work = tmp_path_factory.mktemp("moe")
+    out = work / "result.json"
+    launch([str(REPO / "tests" / "distributed" / "equivalence.py"), str(out), str(work),
+            mode, *layouts], nproc=nproc)
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def expert_parallel(tmp_path_factory):
-    work = tmp_path_factory.mktemp("moe")
-    out = work / "result.json"
-    launch([str(REPO / "tests" / "distributed" / "equivalence.py"), str(out), str(work),
-            "--moe", *LAYOUTS], nproc=2)
-    return json.loads(out.read_text())
+    return _launch(tmp_path_factory, "--moe", LAYOUTS, 2)
+
+
+@pytest.fixture(scope="module")
+def tensor_and_expert_parallel(tmp_path_factory):
+    return _launch(tmp_path_factory, "--moe-same-rows", TP_LAYOUTS, 4)
 
 
 @pytest.mark.multirank
@@ -36,6 +46,13 @@ def test_expert_parallel_matches_one_rank_of_experts(expert_parallel, layout):
     _assert_matches_in_bf16(expert_parallel, layout, grads)
 
 
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", TP_LAYOUTS)
+def test_tensor_and_expert_parallel_match_one_rank(tensor_and_expert_parallel, layout):
+    _assert_matches(tensor_and_expert_parallel, layout)
+    _assert_matches_in_bf16(tensor_and_expert_parallel, layout)
+
+
 @pytest.mark.parametrize("model, parallel, world, message", [
     (dict(), dict(expert_model_parallel_size=2), 2,
      "parallel.expert_model_parallel_size=2 needs a mixture-of-experts model"),
@@ -43,7 +60,10 @@ def test_expert_parallel_matches_one_rank_of_experts(expert_parallel, layout):
      "model.num_experts=6 is not divisible by parallel.expert_model_parallel_size=4"),
     (dict(num_experts=4, moe_router_topk=5), dict(), 1,
      "model.moe_router_topk=5 exceeds model.num_experts=4"),
-    (dict(num_experts=4), dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), 2,
+    (dict(num_experts=4), dict(tensor_model_parallel_size=2), 2,
+     "a mixture of experts at tensor_model_parallel_size=2 needs parallel.sequence_parallel"),
+    (dict(num_experts=4), dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                               sequence_parallel=True), 2,
      "world size 2 is not divisible by tensor_model_parallel_size=2 x "
      "pipeline_model_parallel_size=1 x expert_model_parallel_size=2 = 4"),
 ])

@@ -206,8 +206,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, target: str = "policy", tp: i
             raise CheckpointError(f"{flag} must be >= 1, got {size}")
     hf = read_json(config_path, "HF config")
     model = model_config_from_hf(hf, config_path)
+    # megatron trains MoE layers under TP only with sequence parallelism: recorded with them
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              expert_model_parallel_size=ep)
+                              expert_model_parallel_size=ep,
+                              sequence_parallel=bool(model.num_experts) and tp > 1)
     reader = SafetensorsReader(hf_dir)
     ignorable = {k for k in reader.keys() if k.endswith("rotary_emb.inv_freq")}
     value_head = None

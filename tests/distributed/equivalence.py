@@ -15,7 +15,9 @@ where LAYOUT is tp<T>pp<P>[vpp<V>][ep<E>][sp][dopt], e.g. tp2pp1, tp1pp2vpp2, tp
 tp2pp1spdopt (sp: sequence parallelism, dopt: the distributed optimizer, ep: expert
 parallelism). ``--moe`` first makes both models mixtures of experts (4 experts, top-2, with the
 load-balancing loss), and gives each data-parallel rank its own rows: layouts then keep the
-reference's data-parallel size (tp1pp1ep2 on 2 ranks).
+reference's data-parallel size (tp1pp1ep2 on 2 ranks). ``--moe-same-rows`` is the same models
+with the same rows on every rank, for layouts that change the data-parallel size (tp2pp1ep2 on
+4 ranks).
 """
 
 import json
@@ -39,7 +41,7 @@ MODEL = ["model.tie_embeddings=true", "model.num_layers=4", "model.hidden_size=6
          "model.num_query_groups=2", "model.ffn_hidden_size=128", f"model.vocab_size={VOCAB}",
          "model.max_position_embeddings=64"]
 SEQ, ROWS, MICRO = 12, 4, 2  # two microbatches of two rows
-OPTIONS: set[str] = set()  # "moe": see the module's docstring
+OPTIONS: set[str] = set()  # "moe", "own-rows": see the module's docstring
 
 
 MOE = ["model.num_experts=4", "model.moe_router_topk=2", "model.moe_aux_loss_coeff=0.01"]
@@ -59,7 +61,7 @@ def parse_layout(text: str) -> ParallelConfig:
 
 def inputs():
     """The same rows on every rank; with --moe each data-parallel rank's own."""
-    rank = parallel_state.get_data_parallel_rank() if "moe" in OPTIONS else 0
+    rank = parallel_state.get_data_parallel_rank() if "own-rows" in OPTIONS else 0
     g = torch.Generator().manual_seed(7 + rank)
     tokens = torch.randint(0, VOCAB, (ROWS, SEQ), generator=g)
     weights = torch.rand(ROWS, SEQ - 1, generator=g)  # per-token loss weights for the policy
@@ -196,8 +198,8 @@ def compare_layouts(workdir: Path, layouts: list[str], suffix: str) -> dict:
 
 def main():
     out_json, workdir, layouts = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    if layouts and layouts[0] == "--moe":
-        OPTIONS.add("moe")
+    if layouts and layouts[0] in ("--moe", "--moe-same-rows"):
+        OPTIONS.update({"moe"} if layouts[0] == "--moe-same-rows" else {"moe", "own-rows"})
         layouts = layouts[1:]
     distributed.init_distributed(ParallelConfig(), seed=1234)
     results = {}
