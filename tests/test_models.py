@@ -120,3 +120,27 @@ def test_training_flops_of_a_value_model_count_its_one_column_head(single_rank):
                     if "norm" in n or "embedding" in n or n.endswith("bias"))
     attention = 12 * cfg.model.num_layers * 10 * cfg.model.hidden_size
     assert (training_flops_per_token(cfg.model, 10) - attention) / 6 == total - no_matmul
+
+
+def test_training_flops_of_a_mixture_of_experts_count_its_active_parameters(single_rank):
+    """With every expert chosen (top-k = experts) each built matrix multiplies; with top-1 of
+    the same experts, one expert's share; Qwen3-30B-A3B's active parameters are its 3.3B."""
+    from megatron_dvpo.models.gpt import (build_model_chunks, count_parameters,
+                                          training_flops_per_token)
+
+    moe = ("model.num_experts=2", "model.moe_ffn_hidden_size=32",
+           "model.moe_shared_expert_intermediate_size=48", "model.moe_shared_expert_gate=true")
+    cfg = tiny("model.num_query_groups=2", "model.moe_router_topk=2", *moe)
+    chunks = build_model_chunks(cfg)
+    _, total = count_parameters(chunks)
+    no_matmul = sum(p.numel() for n, p in chunks[0].named_parameters()
+                    if "norm" in n or "embedding" in n)
+    attention = 12 * cfg.model.num_layers * 10 * cfg.model.hidden_size
+    all_active = (training_flops_per_token(cfg.model, 10) - attention) / 6
+    assert all_active == total - no_matmul
+    top1 = tiny("model.num_query_groups=2", "model.moe_router_topk=1", *moe).model
+    one_expert = cfg.model.num_layers * 3 * cfg.model.hidden_size * 32
+    assert all_active - (training_flops_per_token(top1, 10) - attention) / 6 == one_expert
+    qwen3 = load_config("examples/qwen3_30b_a3b.yaml").model
+    active = (training_flops_per_token(qwen3, 1) - 12 * 48 * 32 * 128) / 6
+    assert 3.2e9 < active + qwen3.vocab_size * qwen3.hidden_size < 3.4e9  # + the embedding

@@ -169,15 +169,23 @@ def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
 
     The standard 6·N plus attention (PaLM's 12·L·s·d_attn, no causal discount). N counts the
     parameters that multiply: attention and MLP matrices and the LM head (a value model's
-    head: one column); norms, biases and the embedding lookup do no matrix work.
+    head: one column); norms, biases and the embedding lookup do no matrix work. In a mixture
+    of experts a token multiplies by its top-k experts, the router and any shared expert (the
+    active parameters), not by every expert.
     """
     heads = model.num_attention_heads
     groups, head_dim = model.query_groups, model.head_dim
     attn = heads * head_dim
-    ffn = model.ffn_size
+    hidden = model.hidden_size
     mlp_matrices = 3 if model.activation == "swiglu" else 2
-    per_layer = (model.hidden_size * (attn + 2 * groups * head_dim) + attn * model.hidden_size
-                 + mlp_matrices * model.hidden_size * ffn)
+    if model.num_experts:
+        shared = model.moe_shared_expert_intermediate_size or 0
+        mlp = (mlp_matrices * hidden * (model.moe_router_topk
+                                        * (model.moe_ffn_hidden_size or model.ffn_size) + shared)
+               + hidden * (model.num_experts + model.moe_shared_expert_gate))
+    else:
+        mlp = mlp_matrices * hidden * model.ffn_size
+    per_layer = hidden * (attn + 2 * groups * head_dim) + attn * hidden + mlp
     head = 1 if model.value_head else model.padded_vocab_size
     matmul_params = model.num_layers * per_layer + model.hidden_size * head
     return 6.0 * matmul_params + 12.0 * model.num_layers * seq_length * attn
