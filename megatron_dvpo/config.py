@@ -665,6 +665,9 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
             raise ConfigError(f"a mixture of experts at tensor_model_parallel_size={tp} needs "
                               "parallel.sequence_parallel=true (megatron-core refuses MoE "
                               "layers under TP without it)")
+        if model.moe_router_topk == 1 and not model.moe_router_pre_softmax:
+            raise ConfigError("model.moe_router_topk=1 needs model.moe_router_pre_softmax=true "
+                              "(a softmax over one chosen logit is 1; megatron-core refuses it)")
         if not model.moe_router_topk <= model.num_experts:
             raise ConfigError(f"model.moe_router_topk={model.moe_router_topk} exceeds "
                               f"model.num_experts={model.num_experts}")

@@ -73,8 +73,9 @@ class SFTTrainer(JobDefaults):
                                    Loss(nll, lambda mb: {"nll": mb["scored"].sum()},
                                         ("nll_sum",)))
         seq_tokens = distributed.all_reduce_data_parallel(float(lengths.sum()))
-        return StepResult({"sft/loss": update.sums["nll_sum"] / max(update.counts["nll"], 1.0), "sft/grad_norm": update.grad_norm or 0.0,
-                           "sft/lr": self.model.lr,
+        return StepResult({"sft/loss": update.sums["nll_sum"] / max(update.counts["nll"], 1.0),
+                           "sft/grad_norm": update.grad_norm or 0.0, "sft/lr": self.model.lr,
+                           **{f"sft/{tag}": v for tag, v in update.router.items()},
                            "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)},
                           [update])
 

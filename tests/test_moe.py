@@ -60,6 +60,8 @@ def test_tensor_and_expert_parallel_match_one_rank(tensor_and_expert_parallel, l
      "model.num_experts=6 is not divisible by parallel.expert_model_parallel_size=4"),
     (dict(num_experts=4, moe_router_topk=5), dict(), 1,
      "model.moe_router_topk=5 exceeds model.num_experts=4"),
+    (dict(num_experts=4, moe_router_topk=1), dict(), 1,
+     "model.moe_router_topk=1 needs model.moe_router_pre_softmax=true"),
     (dict(num_experts=4), dict(tensor_model_parallel_size=2), 2,
      "a mixture of experts at tensor_model_parallel_size=2 needs parallel.sequence_parallel"),
     (dict(num_experts=4), dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
@@ -72,3 +74,35 @@ def test_expert_layouts_are_checked_before_any_process_group(model, parallel, wo
         layout = ParallelConfig(**parallel)
         validate_model(ModelConfig(**model), layout)
         validate_parallel(layout, world)
+
+
+def _moe_update(topk: int, forward_only_first: bool = False):
+    import torch
+
+    from distributed.losses import mean_logprob_loss
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.models import build_chunks, forward
+    from megatron_dvpo.training.trained_model import TrainedModel
+
+    cfg = load_config(None, ["model.num_layers=2", "model.vocab_size=100", "model.num_experts=4",
+                             f"model.moe_router_topk={topk}", "model.moe_aux_loss_coeff=0.01",
+                             "model.moe_z_loss_coeff=0.001"])
+    model = TrainedModel(build_chunks(cfg), cfg.optimizer, cfg.parallel, cfg.precision, 10)
+    tokens = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(0))
+    batches = forward.make_microbatches(2, tokens=tokens)
+    if forward_only_first:  # a frozen model's kind of pass: not counted
+        forward.token_logprobs(model.chunks, batches, 100)
+        assert model.routers.counts.sum() == 0
+    return model.update(batches, forward.policy_logprobs_head(100), mean_logprob_loss())
+
+
+def test_router_metrics_of_an_update(single_rank):
+    """Every expert chosen: the load is even; top-2 of 4: the busiest expert's share is above
+    an even split and the idlest's below. The router losses come from megatron's tracker, and
+    a dense model has none of it."""
+    even = _moe_update(topk=4).router
+    assert even["moe_expert_load_max"] == even["moe_expert_load_min"] == 1.0
+    assert even["moe_expert_load_max_layer0"] == even["moe_expert_load_max_layer1"] == 1.0
+    assert even["moe_load_balancing_loss"] > 0 and even["moe_z_loss"] > 0
+    skewed = _moe_update(topk=2, forward_only_first=True).router
+    assert 1.0 < skewed["moe_expert_load_max"] <= 2.0 and 0.0 <= skewed["moe_expert_load_min"] < 1

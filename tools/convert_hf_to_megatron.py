@@ -6,9 +6,9 @@ Qwen2-MoE, Qwen3-MoE) into a megatron_dvpo checkpoint.
         [--target policy|gvm] [--dtype fp32|bf16|fp16] [--overwrite]
 
 The output is a megatron-core dist checkpoint that loads at any TP/PP/EP; --tp/--pp/--ep set
-the layout recorded in its config.yaml and are checked against the model's shape. --target gvm builds a
-Global Value Model: a zero-initialised value head, or the checkpoint's own value/reward head
-(TRL v_head.summary.*, score.weight, or a [1, hidden] lm_head/reward_head) when it has one.
+the layout recorded in its config.yaml and are checked against the model's shape. --target gvm
+builds a Global Value Model: a zero-initialised value head, or the checkpoint's own value/reward
+head (TRL v_head.summary.*, score.weight, or a [1, hidden] lm_head/reward_head) when it has one.
 """
 
 import argparse
@@ -30,8 +30,8 @@ def main(argv=None) -> int:
                         help="parameter dtype (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    return run_cli(import_hf, args.hf, args.out, target=args.target, tp=args.tp, pp=args.pp, ep=args.ep,
-                   dtype=args.dtype, overwrite=args.overwrite)
+    return run_cli(import_hf, args.hf, args.out, target=args.target, tp=args.tp, pp=args.pp,
+                   ep=args.ep, dtype=args.dtype, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ class Objective:
     summary_tags: tuple[str, ...]
 
     def metrics(self, update: UpdateResult) -> dict[str, float]:
-        return self.metrics_of(update.sums, update.counts)
+        head = self.summary_tags[0].split("/")[0]  # gvm or rm
+        return {**self.metrics_of(update.sums, update.counts),
+                **{f"{head}/{tag}": value for tag, value in update.router.items()}}
 
 
 TD_SUMS = ("sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response_tokens",

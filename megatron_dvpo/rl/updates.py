@@ -66,13 +66,17 @@ def minibatch_epochs(model: TrainedModel, rollout: Rollout, per_token: dict[str,
 
 
 def _means(done: list[UpdateResult], prefix: str, names: dict[str, str]) -> dict[str, float]:
-    """Token means of the applied updates' sums, and their mean gradient norm."""
+    """Token means of the applied updates' sums, their mean gradient norm, and a mixture of
+    experts' router metrics (``models/moe.py``) averaged over the updates."""
     applied = [d for d in done if d.applied]
     tokens = max(sum(d.sums["tokens"] for d in applied), 1.0)
     metrics = {f"{prefix}/{tag}": sum(d.sums[key] for d in applied) / tokens
                for tag, key in names.items()}
     norms = [d.grad_norm for d in applied]
     metrics[f"{prefix}/grad_norm"] = float(np.mean(norms)) if norms else 0.0
+    routed = [d.router for d in done if d.router]
+    metrics.update({f"{prefix}/{tag}": float(np.mean([r[tag] for r in routed]))
+                    for tag in (routed[0] if routed else {})})
     return metrics
 
 

@@ -26,6 +26,7 @@ from megatron_dvpo.integrity import require_intact
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.forward import Head, run_microbatches
 from megatron_dvpo.models.gpt import DTYPES
+from megatron_dvpo.models.moe import RouterStats
 from megatron_dvpo.training.loss import Loss, global_counts, normalised
 
 NON_FINITE = "a NaN/Inf loss or gradient"
@@ -121,6 +122,7 @@ class UpdateResult:
     grad_norm: Optional[float] = None
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
+    router: dict[str, float] = field(default_factory=dict)  # a mixture of experts' (models/moe)
 
     @property
     def non_finite(self) -> bool:
@@ -142,6 +144,7 @@ class TrainedModel:
         # unscaled unscaled gradients by 2^32 and fp16 never trained), 1 otherwise
         chunks[0].config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = build_scheduler(self.optimizer, optim, total_updates, override_scheduler)
+        self.routers = RouterStats.of(chunks)  # a mixture of experts' load and router losses
         # overlap_param_gather: megatron DDP's forward pre-hooks finish each bucket's gather of
         # stepped weights in the next forward pass; on only during updates (see sync_params)
         self._gather_hooks_on = self.ddp[0].use_forward_hook
@@ -199,7 +202,8 @@ class TrainedModel:
         local = ({k: sum(float(o[k]) for o in outputs) for k in loss.stats}
                  if outputs else None)
         result = UpdateResult(outputs, False, sums=distributed.sum_over_replicas(
-            list(loss.stats), local), counts=counts)
+            list(loss.stats), local), counts=counts,
+            router=self.routers.take(len(microbatches)) if self.routers else {})
         # under fp16 loss scaling the optimizer checks the gradients itself (and must, to lower
         # its scale); a non-finite loss is never the scale's doing
         if not self._all_finite(outputs, gradients=not self.loss_scaled):
