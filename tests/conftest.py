@@ -231,7 +231,8 @@ def quick_bench(tmp_path: Path, script: str, *args: str) -> dict:
 # the two workers of `make test`: started last, one would run on alone at the end. The second
 # needs the models only, not the demo stages the first is building.
 SLOWEST_FIRST = ["test_bench_methods.py", "test_fault_tolerance.py", "test_dvpo.py",
-                 "test_slurm.py", "test_run_faults.py", "test_bench_gpu.py", "test_gvm_train.py",
+                 "test_slurm.py", "test_moe.py", "test_run_faults.py", "test_bench_gpu.py",
+                 "test_gvm_train.py",
                  "test_rl_equivalence.py", "test_bench_gvm.py", "test_input_errors.py",
                  "test_parallel_equivalence.py", "test_bf16.py", "test_ppo.py",
                  "test_convert.py"]
