@@ -17,7 +17,7 @@ from megatron_dvpo.config import validate_model, validate_parallel
 from test_parallel_equivalence import _assert_matches, _assert_matches_in_bf16
 
 LAYOUTS = ["tp1pp1ep2", "tp1pp1ep2dopt"]  # 2 ranks, each data-parallel rank its own rows
-TP_LAYOUTS = ["tp2pp1ep2sp"]  # 4 ranks, the same rows on every rank
+FOUR_RANK_LAYOUTS = ["tp2pp1ep2sp", "tp1pp2ep2"]  # 4 ranks, the same rows on every rank
 
 
 def _launch(tmp_path_factory, mode: str, layouts: list[str], nproc: int) -> dict:
@@ -34,8 +34,8 @@ def expert_parallel(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tensor_and_expert_parallel(tmp_path_factory):
-    return _launch(tmp_path_factory, "--moe-same-rows", TP_LAYOUTS, 4)
+def expert_with_tp_or_pp(tmp_path_factory):
+    return _launch(tmp_path_factory, "--moe-same-rows", FOUR_RANK_LAYOUTS, 4)
 
 
 @pytest.mark.multirank
@@ -47,10 +47,10 @@ def test_expert_parallel_matches_one_rank_of_experts(expert_parallel, layout):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout", TP_LAYOUTS)
-def test_tensor_and_expert_parallel_match_one_rank(tensor_and_expert_parallel, layout):
-    _assert_matches(tensor_and_expert_parallel, layout)
-    _assert_matches_in_bf16(tensor_and_expert_parallel, layout)
+@pytest.mark.parametrize("layout", FOUR_RANK_LAYOUTS)
+def test_expert_parallel_with_tp_or_pp_matches_one_rank(expert_with_tp_or_pp, layout):
+    _assert_matches(expert_with_tp_or_pp, layout)
+    _assert_matches_in_bf16(expert_with_tp_or_pp, layout)
 
 
 @pytest.mark.parametrize("model, parallel, world, message", [
