@@ -66,6 +66,10 @@ class ModelConfig:
     moe_router_topk: int = _checked(2, POSITIVE)
     moe_ffn_hidden_size: Optional[int] = _checked(None, POSITIVE)
     moe_router_pre_softmax: bool = False
+    # the router's logits and softmax in this precision (megatron's moe_router_dtype; None: the
+    # model's): in bf16, rounding can flip near-tied experts between the rollout's forward and
+    # the training forward
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = None
     # Qwen2-MoE: a shared expert of this size in every MoE layer (None: none), its output
     # scaled by a sigmoid gate with moe_shared_expert_gate
     moe_shared_expert_intermediate_size: Optional[int] = _checked(None, POSITIVE)

@@ -76,6 +76,7 @@ def _moe_kwargs(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool) -> d
         moe_router_topk=model.moe_router_topk,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_size,
         moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_dtype=model.moe_router_dtype,
         moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=model.moe_shared_expert_gate,
         moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff else "none",

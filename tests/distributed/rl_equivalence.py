@@ -3,9 +3,10 @@ data-parallel rank, recorded so that another layout (DP=1 over the concatenated 
 compared with it.
 
 Usage: torchrun --nproc-per-node N rl_equivalence.py WORKDIR LAYOUT [LAYOUT ...]
-LAYOUT is dp<D>pp<P>[tok] (D x P = N; ``tok``: token-budget microbatches of varying shapes), or
-``compare``. The global batches are fixed: the GVM trainer's sampler hands each DP rank a
-contiguous share of one global batch; the RL jobs are given a fixed rollout of 8 rows, rank r
+LAYOUT is dp<D>pp<P>[ep<E>][tok] (D x P = N; ``ep``: expert parallelism inside the D
+data-parallel ranks, for mixtures of experts; ``tok``: token-budget microbatches of varying
+shapes), or ``compare``. The global batches are fixed: the GVM trainer's sampler hands each DP
+rank a contiguous share of one global batch; the RL jobs are given a fixed rollout of 8 rows, rank r
 of D holding rows [8r/D, 8(r+1)/D) (sampling itself is checked elsewhere). Each job runs one
 step, in fp32 and again in bf16; the per-token advantages (gathered over DP), the logged
 losses, and the gradients and stepped weights (as dist checkpoints, which reload at any layout)
@@ -32,14 +33,18 @@ from megatron_dvpo.models.gvm import build_gvm_chunks
 from megatron_dvpo.rl import step as step_module
 
 ROWS, WIDTH, STEPS = 8, 5, 6
+# Adam's first step is about lr x sign(g): a gradient element near 0 (an expert that saw one
+# token) would turn fp32 rounding noise into a full step; a larger eps keeps it proportional
+ADAM_EPS = "optimizer.adam_eps=1e-4"
 
 
 DTYPES = {"": "fp32", "-bf16": "bf16"}  # a recording's suffix -> precision.params_dtype
 
 
 def parse(layout: str) -> ParallelConfig:
-    dp, pp = map(int, re.fullmatch(r"dp(\d+)pp(\d+)(tok)?", layout).groups()[:2])
-    return ParallelConfig(pipeline_model_parallel_size=pp)
+    _, pp, ep, _ = re.fullmatch(r"dp(\d+)pp(\d+)(?:ep(\d+))?(tok)?", layout).groups()
+    return ParallelConfig(pipeline_model_parallel_size=int(pp),
+                          expert_model_parallel_size=int(ep or 1))
 
 
 def microbatching(layout: str, budget: int) -> list[str]:
@@ -105,7 +110,7 @@ def rl_job(algorithm, work: Path, layout: str, suffix: str, extra: list[str]):
         "rl.ppo_epochs=1", "rl.minibatches=1", "rl.true_reward=null", "rl.eval_interval=0",
         "data.global_batch_size=8", "data.micro_batch_size=2", "checkpoint.save_dir=null",
         f"logging.run_dir={work}/{layout}{suffix}/run", "rollout.max_new_tokens=6",
-        f"precision.params_dtype={DTYPES[suffix]}",
+        f"precision.params_dtype={DTYPES[suffix]}", ADAM_EPS,
         # rows of 6-11 tokens: microbatches of 1-3 rows, 7-11 columns
         *microbatching(layout, 22), *extra])
     cfg.parallel = parse(layout)
@@ -148,7 +153,7 @@ def record(work: Path, layout: str, suffix: str) -> None:
         f"data.tokenizer={work}/synthetic/tokenizer.model", f"checkpoint.init_from={gvm}",
         "checkpoint.save_dir=null", f"logging.run_dir={out}/gvm_run",
         "data.global_batch_size=16", "data.micro_batch_size=4", "train_steps=1",
-        f"precision.params_dtype={DTYPES[suffix]}", *microbatching(layout, 64)])
+        f"precision.params_dtype={DTYPES[suffix]}", ADAM_EPS, *microbatching(layout, 64)])
     cfg.parallel = parse(layout)
     check_training_inputs(cfg, [], value_model=True)
     trainer = GVMTrainer(cfg)
