@@ -110,7 +110,8 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = self.job_state(job)
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                         "OUT_OF_MEMORY"):
                 return state
             time.sleep(1)
         raise TimeoutError(f"job {job} still {self.job_state(job)} after {timeout}s")

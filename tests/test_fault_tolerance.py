@@ -164,7 +164,10 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, single_rank):
     import torch
 
     trainee, loop = nan_job(tmp_path, bad_updates={3, 4}, max_bad_steps=3)
-    params = lambda: [p.detach().clone() for p in trainee.model.chunks[0].parameters()]  # noqa: E731
+
+    def params():
+        return [p.detach().clone() for p in trainee.model.chunks[0].parameters()]
+
     loop.run()
     assert loop.health.skipped_steps == 2 and loop.step == 8
     logged = scalars(tmp_path / "tensorboard")["train/skipped_steps"]

@@ -24,7 +24,8 @@ def test_gvm_head_is_zero_initialised_fp32(single_rank):
 
     (gvm,) = build_gvm_chunks(tiny("model.tie_embeddings=true"))  # a tied policy config
     assert isinstance(gvm, GlobalValueModel) and isinstance(gvm.output_layer, ValueHead)
-    assert gvm.output_layer.weight.shape == (1, 64) and gvm.output_layer.weight.dtype == torch.float32
+    head = gvm.output_layer.weight
+    assert head.shape == (1, 64) and head.dtype == torch.float32
     assert not gvm.share_embeddings_and_output_weights
     tokens = torch.randint(0, 100, (2, 7))
     values = forward.token_values([gvm], forward.make_microbatches(2, tokens=tokens))

@@ -54,7 +54,8 @@ class SDPACoreAttention(MegatronModule):
         # Causal LMs are causal in every mode. During KV-cache decoding megatron passes
         # attn_mask_type=no_mask, so the construction-time type is the one that counts.
         self.causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (config.attention_dropout if attention_dropout is None
+                          else attention_dropout)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):

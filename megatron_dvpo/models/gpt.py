@@ -154,8 +154,9 @@ def count_parameters(chunks: list[torch.nn.Module]) -> tuple[int, int]:
     unique = 0
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:
+        tied = getattr(chunk, "share_embeddings_and_output_weights", False)
         for name, p in chunk.named_parameters():
-            if name == "output_layer.weight" and getattr(chunk, "share_embeddings_and_output_weights", False):
+            if name == "output_layer.weight" and tied:
                 continue
             if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
                 unique += p.numel()

@@ -37,7 +37,8 @@ from megatron_dvpo.models.gvm import build_gvm_chunks
 from megatron_dvpo.training.trained_model import build_optimizer, wrap_ddp
 
 VOCAB = 250  # padded to 256: exercises the masking of padded vocabulary columns
-MODEL = ["model.tie_embeddings=true", "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+MODEL = ["model.tie_embeddings=true", "model.num_layers=4", "model.hidden_size=64",
+         "model.num_attention_heads=4",
          "model.num_query_groups=2", "model.ffn_hidden_size=128", f"model.vocab_size={VOCAB}",
          "model.max_position_embeddings=64"]
 SEQ, ROWS, MICRO = 12, 4, 2  # two microbatches of two rows

@@ -1,7 +1,7 @@
 """Run under torchrun: activation recompute and overlapped gradient reduction change no number.
 
-Each data-parallel rank draws its own microbatches for each update (a reduction that went missing or ran twice
-would show). For each variant the same weights are trained for one DDP forward-backward and
+Each data-parallel rank draws its own microbatches for each update (a reduction that went
+missing or ran twice would show). For each variant the same weights are trained for one DDP forward-backward and
 two Adam steps, for the policy (log-prob head) and the GVM (value head); the reduced gradients
 and the stepped weights are compared with the variant-free run element by element. Rank 0
 writes the largest differences as JSON.

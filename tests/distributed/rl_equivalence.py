@@ -193,7 +193,8 @@ def compare(work: Path) -> None:
             b = torch.tensor(reference[algo]["advantages"])
             d[f"{algo}_advantages"] = (a - b).abs().max().item()
             d[f"{algo}_advantage_max_abs"] = b.abs().max().item()
-            d[f"{algo}_policy_loss"] = abs(got[algo]["policy_loss"] - reference[algo]["policy_loss"])
+            d[f"{algo}_policy_loss"] = abs(got[algo]["policy_loss"]
+                                           - reference[algo]["policy_loss"])
         d["ppo_critic_loss"] = abs(got["ppo"]["critic_loss"] - reference["ppo"]["critic_loss"])
         for name, source in models.items():
             cfg = load_config(source / "config.yaml")
