@@ -98,18 +98,30 @@ class MetricsLogger:
     def __init__(self, directory: str | Path, total_steps: int, enabled: bool = True,
                  stream=None):
         self.enabled, self.total_steps, self.stream = enabled, total_steps, stream
+        self.directory = Path(directory)
         self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(directory))
         self.start = time.perf_counter()
         self.first_step: int | None = None
+
+    def open(self, resumed_at: int | None = None, text: dict[str, str] | None = None) -> None:
+        """Start the event file. A run resumed at step S logs S+1... again: TensorBoard drops
+        the earlier events from S+1 on (``purge_step``), so no step shows twice. ``text``:
+        tag -> markdown, written once (the resolved config)."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        purge = resumed_at + 1 if resumed_at is not None else None
+        self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=purge)
+        for tag, body in (text or {}).items():
+            self.writer.add_text(tag, body, resumed_at or 0)
 
     def log(self, step: int, metrics: dict[str, float], summary: tuple[str, ...] = ()) -> None:
         if not self.enabled:
             return
+        if self.writer is None:
+            self.open()
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
