@@ -612,6 +612,19 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two config dicts that differs (a resumed run's
+    config against its checkpoint's)."""
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changes.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return changes
+
+
 def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

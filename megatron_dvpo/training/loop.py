@@ -23,7 +23,7 @@ import yaml
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import CheckpointManager
-from megatron_dvpo.config import RunConfig, to_dict
+from megatron_dvpo.config import RunConfig, config_changes, to_dict
 from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
 from megatron_dvpo.model_state import model_state_metrics
 from megatron_dvpo.models.gpt import training_flops_per_token
@@ -83,6 +83,9 @@ class TrainingLoop:
         self.job.load_state_dict(state)
         self.last_good = latest
         distributed.print_rank0(f"resumed from {latest} at step {self.step}")
+        saved = yaml.safe_load((latest / "config.yaml").read_text())
+        for change in config_changes(saved, to_dict(self.cfg)):  # e.g. another rl.policy
+            distributed.print_rank0(f"resume: the config differs from the checkpoint's: {change}")
         return True
 
     def save(self) -> bool:
