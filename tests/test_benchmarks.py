@@ -4,17 +4,20 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, quick_bench
 
 
-def test_bench_convert_quick(tmp_path):
+@pytest.mark.parametrize("shape, parameters", [("tiny", 202048), ("mixtral_tiny", 350016)])
+def test_bench_convert_quick(tmp_path, shape, parameters):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_convert.py"),
-                           "--shape", "tiny", "--out", str(out), "--workdir", str(tmp_path)],
+                           "--shape", shape, "--out", str(out), "--workdir", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["parameters"] == 202048
+    assert result["parameters"] == parameters
     assert result["largest_tensor_group"] == {"name": "embedding", "bytes": 1024 * 64 * 2}
     for direction in ("import", "export"):
         r = result[direction]

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Benchmark HF <-> megatron conversion: peak RSS against the largest tensor group, and time.
 
-    python tools/bench_convert.py --out bench_convert.json [--shape llama3.2_1b|tiny]
+    python tools/bench_convert.py --out bench_convert.json [--shape llama3.2_1b|mixtral_2b|tiny]
 
-Builds a randomly initialised HF Llama of the given shape locally (no download), then converts it
-to megatron and back, each in a fresh process whose resident memory is sampled every few
-milliseconds. Writes JSON with, per direction: seconds, baseline RSS (after imports), peak RSS,
+Builds a randomly initialised HF Llama (or Mixtral, a mixture of experts) of the given shape
+locally (no download), then converts it to megatron and back, each in a fresh process whose
+resident memory is sampled every few milliseconds. Writes JSON with, per direction: seconds, baseline RSS (after imports), peak RSS,
 the peak's increase over the baseline, and that increase divided by the largest single tensor
 group (the target is <= 1.5 for import).
 """
@@ -32,6 +32,15 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
                  max_position_embeddings=128),
+    # a mixture of experts: Mixtral's layout at 2.6B parameters (8 layers of 8 experts, top-2)
+    "mixtral_2b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                       max_position_embeddings=4096, num_local_experts=8,
+                       num_experts_per_tok=2, sliding_window=None),
+    "mixtral_tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                         max_position_embeddings=128, num_local_experts=4,
+                         num_experts_per_tok=2, sliding_window=None),
 }
 
 # Runs in a fresh interpreter: imports first, then the baseline, then the measured work.
@@ -58,8 +67,9 @@ def build_hf(shape: str, directory: Path) -> dict:
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(**SHAPES[shape], dtype=torch.bfloat16)
-    model = tf.LlamaForCausalLM(config).to(torch.bfloat16)
+    family = "Mixtral" if shape.startswith("mixtral") else "Llama"
+    config = getattr(tf, f"{family}Config")(**SHAPES[shape], dtype=torch.bfloat16)
+    model = getattr(tf, f"{family}ForCausalLM")(config).to(torch.bfloat16)
     model.save_pretrained(directory)
     params = list(model.parameters())  # tied weights once
     return {"parameters": sum(p.numel() for p in params),
@@ -74,11 +84,12 @@ def largest_group_bytes(ckpt: Path) -> tuple[str, int]:
     model = cfg.model
     bytes_per = 4 if cfg.precision.params_dtype == "fp32" else 2
     head_dim, groups, ffn = model.head_dim, model.query_groups, model.ffn_size
-    numel = {
+    numel = {  # an MoE's experts are one parameter each, of the dense MLP's shapes
         "embedding": model.padded_vocab_size * model.hidden_size,
         "linear_qkv": (model.num_attention_heads + 2 * groups) * head_dim * model.hidden_size,
         "linear_fc1": 2 * ffn * model.hidden_size,
         "linear_fc2": ffn * model.hidden_size,
+        "router": (model.num_experts or 0) * model.hidden_size,
     }
     name = max(numel, key=numel.get)
     return name, numel[name] * bytes_per
