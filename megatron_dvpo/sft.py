@@ -75,7 +75,7 @@ class SFTTrainer(JobDefaults):
         seq_tokens = distributed.all_reduce_data_parallel(float(lengths.sum()))
         return StepResult({"sft/loss": update.sums["nll_sum"] / max(update.counts["nll"], 1.0),
                            "sft/grad_norm": update.grad_norm or 0.0, "sft/lr": self.model.lr,
-                           **{f"sft/{tag}": v for tag, v in update.router.items()},
+                           **update.router_metrics("sft"),
                            "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)},
                           [update])
 

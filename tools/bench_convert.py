@@ -83,7 +83,8 @@ def largest_group_bytes(ckpt: Path) -> tuple[str, int]:
     cfg = load_config(ckpt / "config.yaml")
     model = cfg.model
     bytes_per = 4 if cfg.precision.params_dtype == "fp32" else 2
-    head_dim, groups, ffn = model.head_dim, model.query_groups, model.ffn_size
+    head_dim, groups = model.head_dim, model.query_groups
+    ffn = model.expert_ffn_size if model.num_experts else model.ffn_size
     numel = {  # an MoE's experts are one parameter each, of the dense MLP's shapes
         "embedding": model.padded_vocab_size * model.hidden_size,
         "linear_qkv": (model.num_attention_heads + 2 * groups) * head_dim * model.hidden_size,

@@ -40,8 +40,7 @@ class Objective:
 
     def metrics(self, update: UpdateResult) -> dict[str, float]:
         head = self.summary_tags[0].split("/")[0]  # gvm or rm
-        return {**self.metrics_of(update.sums, update.counts),
-                **{f"{head}/{tag}": value for tag, value in update.router.items()}}
+        return {**self.metrics_of(update.sums, update.counts), **update.router_metrics(head)}
 
 
 TD_SUMS = ("sq_err_sum", "tokens", "response_sq_err_sum", "value_sum", "response_tokens",

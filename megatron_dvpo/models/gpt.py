@@ -1,4 +1,5 @@
-"""Build megatron-core ``GPTModel``s (Llama, Mistral, Qwen2, Qwen3 shapes) from our config."""
+"""Build megatron-core ``GPTModel``s (dense Llama, Mistral, Qwen2/3 and MoE shapes) from our
+config."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _moe_kwargs(model: ModelConfig, parallel: ParallelConfig, on_gpu: bool) -> d
     return dict(
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
-        moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_size,
+        moe_ffn_hidden_size=model.expert_ffn_size,
         moe_router_pre_softmax=model.moe_router_pre_softmax,
         moe_router_dtype=model.moe_router_dtype,
         moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
@@ -182,8 +183,7 @@ def training_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     mlp_matrices = 3 if model.activation == "swiglu" else 2
     if model.num_experts:
         shared = model.moe_shared_expert_intermediate_size or 0
-        mlp = (mlp_matrices * hidden * (model.moe_router_topk
-                                        * (model.moe_ffn_hidden_size or model.ffn_size) + shared)
+        mlp = (mlp_matrices * hidden * (model.moe_router_topk * model.expert_ffn_size + shared)
                + hidden * (model.num_experts + model.moe_shared_expert_gate))
     else:
         mlp = mlp_matrices * hidden * model.ffn_size

@@ -129,7 +129,7 @@ class DPOTrainer(JobDefaults):
                            "dpo/chosen_reward": sums["chosen_reward_sum"] / pairs,
                            "dpo/rejected_reward": sums["rejected_reward_sum"] / pairs,
                            "dpo/grad_norm": update.grad_norm or 0.0, "dpo/lr": self.model.lr,
-                           **{f"dpo/{tag}": v for tag, v in update.router.items()},
+                           **update.router_metrics("dpo"),
                            "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)},
                           [update])
 

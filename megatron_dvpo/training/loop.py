@@ -117,7 +117,7 @@ class TrainingLoop:
         previous = self.signals.install() if self._own_signals else {}
         try:
             resumed = self.resume()
-            config = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+            config = self.checkpoints.config_yaml()
             self.logger.open(self.step if resumed else None,  # markdown: indented is verbatim
                              {"config": "\n".join("    " + line for line in config.splitlines())})
             self._log_now(self.job.start(resumed))

@@ -128,6 +128,10 @@ class UpdateResult:
     def non_finite(self) -> bool:
         return self.skipped_for == NON_FINITE
 
+    def router_metrics(self, prefix: str) -> dict[str, float]:
+        """The router metrics under the trained model's tag prefix (``sft``, ``gvm``, ...)."""
+        return {f"{prefix}/{tag}": value for tag, value in self.router.items()}
+
 
 class TrainedModel:
     """Chunks + DDP + optimizer + LR schedule of one model, updated one minibatch at a time."""

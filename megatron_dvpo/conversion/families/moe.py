@@ -34,7 +34,7 @@ def qwen_read(hf: dict) -> dict:
 
 def qwen_write(model: ModelConfig) -> dict:
     return {"num_experts": model.num_experts, "num_experts_per_tok": model.moe_router_topk,
-            "moe_intermediate_size": model.moe_ffn_hidden_size or model.ffn_size,
+            "moe_intermediate_size": model.expert_ffn_size,
             "norm_topk_prob": not model.moe_router_pre_softmax,
             "router_aux_loss_coef": model.moe_aux_loss_coeff, "decoder_sparse_step": 1,
             "mlp_only_layers": []}
