@@ -79,6 +79,48 @@ def test_round_trip_is_identical(kind, hf_dirs, converted, tmp_path, single_rank
     hf_models.load(back)  # transformers loads it
 
 
+def test_streamed_save_holds_one_parameter(hf_dirs, tmp_path, single_rank):
+    """torch DCP's writer keeps every tensor it wrote until the save ends (one per checkpoint
+    key): each handed-out tensor must be emptied by the time the next parameter is built, and
+    what was written must still be the data."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_dvpo.checkpointing import model_sharded_state_dict
+    from megatron_dvpo.config import load_config
+    from megatron_dvpo.conversion.convert import _skeleton
+    from megatron_dvpo.conversion.mapping import stacked_index
+    from megatron_dvpo.conversion.streaming import (OnDemandParameters, OnDemandSaveStrategy,
+                                                    read_layer)
+
+    model = load_config(import_hf(hf_dirs["mixtral"], tmp_path / "ref", verbose=False)
+                        / "config.yaml").model
+    chunk, _ = _skeleton(model, load_config(tmp_path / "ref" / "config.yaml").precision)
+    params = dict(chunk.named_parameters())
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    built, leftover = {}, []  # weak references to the storages: the writer keeps its own views
+
+    def resident(ref: StorageWeakRef) -> int:
+        return 0 if ref.expired() else \
+            torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+
+    def build(name: str) -> torch.Tensor:
+        leftover.append(sum(resident(ref) for ref in built.values()))
+        full = torch.full_like(params[name], float(len(built) + 1))
+        built[name] = StorageWeakRef(full.untyped_storage())
+        return full
+
+    (tmp_path / "out").mkdir()
+    dist_checkpointing.save(model_sharded_state_dict([chunk]), str(tmp_path / "out"),
+                            sharded_strategy=OnDemandSaveStrategy(
+                                OnDemandParameters(params, build)))
+    assert len(built) == len(params) and leftover == [0] * len(params)
+    keys = model_sharded_state_dict([chunk])["model"]
+    for i, name in enumerate(built):
+        stored = read_layer(tmp_path / "out", keys[name].key, stacked_index(name))
+        assert torch.equal(stored, torch.full_like(stored, float(i + 1))), name
+
+
 def test_converted_config_records_layout_and_shape(converted):
     from megatron_dvpo.config import load_config
 

@@ -5,9 +5,9 @@
 
 Builds a randomly initialised HF Llama (or Mixtral, a mixture of experts) of the given shape
 locally (no download), then converts it to megatron and back, each in a fresh process whose
-resident memory is sampled every few milliseconds. Writes JSON with, per direction: seconds, baseline RSS (after imports), peak RSS,
-the peak's increase over the baseline, and that increase divided by the largest single tensor
-group (the target is <= 1.5 for import).
+resident memory is sampled every few milliseconds. Writes JSON with, per direction: seconds,
+baseline RSS (after imports), peak RSS, the peak's increase over the baseline, and that
+increase divided by the largest single tensor group (the target is <= 1.5 for import).
 """
 
 from __future__ import annotations
@@ -43,18 +43,19 @@ SHAPES = {
                          num_experts_per_tok=2, sliding_window=None),
 }
 
-# Runs in a fresh interpreter: imports first, then the baseline, then the measured work.
+# Runs in a fresh interpreter: imports first, then the baseline, then the measured work, through
+# the converters' command-line entry (which also sets how glibc returns freed memory).
 _MEASURE = r"""
 import json, sys, time
-from megatron_dvpo.conversion.convert import export_hf, import_hf
+from megatron_dvpo.conversion.convert import export_hf, import_hf, run_cli
 from megatron_dvpo.logging import PeakRSS
 direction, src, dst = sys.argv[1:4]
 with PeakRSS() as rss:
     start = time.perf_counter()
     if direction == "import":
-        import_hf(src, dst, overwrite=True)
+        run_cli(import_hf, src, dst, overwrite=True)
     else:
-        export_hf(src, dst, overwrite=True, max_shard_bytes=int(sys.argv[4]))
+        run_cli(export_hf, src, dst, overwrite=True, max_shard_bytes=int(sys.argv[4]))
     seconds = time.perf_counter() - start
 print("RESULT " + json.dumps({"seconds": seconds, "baseline_rss": rss.baseline,
                               "peak_rss": rss.peak}))

@@ -14,6 +14,7 @@ half-written output under the final name.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -30,7 +31,8 @@ from megatron_dvpo.conversion.mapping import (check_keys, find_value_head, stack
 from megatron_dvpo.conversion.safetensors_io import (CheckpointError, SafetensorsReader,
                                                      PlannedTensor, StreamingSafetensorsWriter,
                                                      read_json)
-from megatron_dvpo.conversion.streaming import OnDemandSaveStrategy, SkeletonParams, read_layer
+from megatron_dvpo.conversion.streaming import (OnDemandParameters, OnDemandSaveStrategy,
+                                                 read_layer)
 from megatron_dvpo.logging import Progress
 from megatron_dvpo.models import build_chunks
 from megatron_dvpo.models.gpt import DTYPES
@@ -166,24 +168,19 @@ def _write_megatron(directory: Path, chunk, rules, reader: SafetensorsReader, mo
     unmapped = sorted(set(params) - set(by_name))
     if unmapped:
         raise CheckpointError(f"no HF source for megatron parameters {unmapped}")
-    skeleton = SkeletonParams(params)
     total = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
     progress = Progress(label, total, unit="MiB", enabled=verbose)
-    current: dict[str, torch.Tensor] = {}
 
-    def materialize(view: torch.Tensor) -> torch.Tensor:
-        name, offset = skeleton.locate(view)
-        if name not in current:
-            current.clear()  # drop the previous parameter before building this one
-            full = torch.empty_like(params[name])
-            read_megatron(by_name[name], full, reader, model)
-            current[name] = full
-            progress.update(full.numel() * full.element_size() / 2**20, note=name)
-        return current[name].view(-1)[offset:offset + view.numel()].view(view.shape)
+    def build(name: str) -> torch.Tensor:
+        full = torch.empty_like(params[name])
+        read_megatron(by_name[name], full, reader, model)
+        progress.update(full.numel() * full.element_size() / 2**20, note=name)
+        return full
 
     directory.mkdir()
+    strategy = OnDemandSaveStrategy(OnDemandParameters(params, build))
     dist_checkpointing.save(model_sharded_state_dict([chunk]), str(directory),
-                            sharded_strategy=OnDemandSaveStrategy(materialize))
+                            sharded_strategy=strategy)
     return sum(p.numel() for p in params.values())
 
 
@@ -299,11 +296,24 @@ def export_hf(ckpt: str | Path, out: str | Path, overwrite: bool = False,
     return out
 
 
+def _return_freed_memory() -> None:
+    """Have glibc hand every freed block of 1 MiB or more back to the OS at once. By default it
+    keeps blocks of up to 32 MiB in its heap, where an MoE's expert tensors, freed one after
+    another, stay resident; a no-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # <malloc.h>'s M_MMAP_THRESHOLD
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+
+
 def run_cli(convert, *args, **kwargs) -> int:
     """Run a conversion for a command line: the output path on success, ``error: ...`` and exit
     status 2 for bad input (nothing is written then)."""
     from megatron_dvpo.errors import input_errors_exit
 
+    _return_freed_memory()
     with input_errors_exit():
         out = convert(*args, **kwargs)
     print(f"wrote {out}")

@@ -110,7 +110,7 @@ class SafetensorsReader:
         return out
 
     def read_rows_into(self, key: str, out: torch.Tensor, first_row: int = 0,
-                       chunk_bytes: int = 64 * 1024 ** 2) -> None:
+                       chunk_bytes: int = 8 * 1024 ** 2) -> None:
         """Copy rows ``first_row : first_row + len(out)`` of ``key`` into ``out`` (any dtype).
 
         Rows go through a bounded staging buffer, so reading a tensor costs its destination

@@ -4,7 +4,7 @@ read one layer of a layer-stacked tensor back without the others.
 megatron's torch_dist save gathers every tensor before writing. For conversion we instead plan
 the checkpoint from a skeleton model whose parameters were allocated but never written (untouched
 pages cost no memory) and let torch DCP's serial writer pull each tensor through the planner's
-``resolve_data`` just before writing it. Only the tensor being written is resident, and the files
+``resolve_data`` just before writing it. Only the parameter being written is resident, and the files
 are byte-for-byte what megatron writes (same planner, same metadata, same common state).
 
 megatron stores a layer parameter as one key over all layers (``decoder.layers.mlp.linear_fc1.
@@ -33,54 +33,77 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-# Given the skeleton tensor a write item refers to (a parameter or a view of one), return the
-# real data with the same shape and dtype.
-Materialize = Callable[[torch.Tensor], torch.Tensor]
+# Builds a skeleton parameter's real data, by the parameter's name.
+BuildParameter = Callable[[str], torch.Tensor]
+
+
+class OnDemandParameters:
+    """The real data behind views of skeleton parameters, one parameter resident at a time.
+
+    torch DCP's writer keeps every tensor it has written until the save ends (its
+    ``tensor_dict``, which only its safetensors format reads): one per checkpoint key, so a
+    converted model would hold its embedding, output layer and one chunk of every stacked key.
+    Each tensor handed out is therefore emptied (its storage resized to 0) when the writer asks
+    for the next one, by which time the serial writer has written it.
+    """
+
+    def __init__(self, named_params: dict[str, torch.Tensor], build: BuildParameter):
+        self._by_storage = {p.untyped_storage().data_ptr(): (name, p)
+                            for name, p in named_params.items()}
+        self._build = build
+        self._name: str | None = None
+        self._full: torch.Tensor | None = None
+        self._handed_out: torch.Tensor | None = None
+
+    def resolve(self, view: torch.Tensor) -> torch.Tensor:
+        """The data of skeleton ``view``, in a tensor that owns exactly its own storage."""
+        if self._handed_out is not None:
+            self._handed_out.untyped_storage().resize_(0)
+            self._handed_out = None
+        name, param = self._by_storage[view.untyped_storage().data_ptr()]
+        if not view.is_contiguous():
+            raise ValueError(f"unexpected strided view of {name}")
+        if name != self._name or self._full.untyped_storage().nbytes() == 0:
+            self._name, self._full = name, None  # drop the previous parameter first
+            self._full = self._build(name)
+        offset = view.storage_offset() - param.storage_offset()
+        data = self._full.view(-1)[offset:offset + view.numel()].view(view.shape)
+        if data.nbytes != self._full.untyped_storage().nbytes():
+            data = data.clone()  # a part: the writer would copy it anyway
+        self._handed_out = data
+        return data
 
 
 class _OnDemandPlanner(MCoreSavePlanner):
-    def __init__(self, materialize: Materialize, **kwargs):
+    def __init__(self, parameters: OnDemandParameters, **kwargs):
         super().__init__(**kwargs)
-        self._materialize = materialize
+        self._parameters = parameters
 
     def resolve_data(self, write_item):
         obj = self.lookup_object(write_item.index)
         if isinstance(obj, torch.Tensor):
-            obj = self._materialize(obj)
+            obj = self._parameters.resolve(obj)
         return self.transform_object(write_item, obj)
 
 
 class OnDemandSaveStrategy(TorchDistSaveShardedStrategy):
-    """``dist_checkpointing.save(..., sharded_strategy=OnDemandSaveStrategy(fn))``."""
+    """``dist_checkpointing.save(..., sharded_strategy=OnDemandSaveStrategy(parameters))``."""
 
-    def __init__(self, materialize: Materialize):
+    def __init__(self, parameters: OnDemandParameters):
         super().__init__("torch_dist", 1, thread_count=1)
-        self._materialize = materialize
+        self._parameters = parameters
 
     def save(self, sharded_state_dict, checkpoint_dir: Path):
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict, self.keep_only_main_replica)
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        planner = _OnDemandPlanner(self._materialize,
+        planner = _OnDemandPlanner(self._parameters,
                                    dedup_replicated_tensors=not self.keep_only_main_replica,
                                    flatten_state_dict=False)
+        # no copy-ahead: the serial writer resolves each tensor after writing the one before
         writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
-                                      thread_count=1)
+                                      thread_count=1, per_thread_copy_ahead=0)
         dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
-
-
-class SkeletonParams:
-    """Maps a tensor that views a skeleton parameter back to (parameter name, element range)."""
-
-    def __init__(self, named_params: dict[str, torch.Tensor]):
-        self._by_storage = {p.untyped_storage().data_ptr(): (name, p)
-                            for name, p in named_params.items()}
-
-    def locate(self, view: torch.Tensor) -> tuple[str, int]:
-        name, param = self._by_storage[view.untyped_storage().data_ptr()]
-        if not view.is_contiguous():
-            raise ValueError(f"unexpected strided view of {name}")
-        return name, view.storage_offset() - param.storage_offset()
 
 
 class _Region(io.RawIOBase):
