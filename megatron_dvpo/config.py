@@ -761,6 +761,10 @@ def validate(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError(f"data.micro_batch_tokens={data.micro_batch_tokens} is below "
                           f"data.seq_length={data.seq_length}: a row of full length would not "
                           "fit in a microbatch")
+    if data.micro_batch_tokens > 0 and cfg.parallel.expert_model_parallel_size > 1:
+        raise ConfigError(f"data.micro_batch_tokens={data.micro_batch_tokens} needs "
+                          "parallel.expert_model_parallel_size=1: expert-parallel ranks run "
+                          "as many microbatches, and token budgets give each rank its own count")
     if data.seq_length > cfg.model.max_position_embeddings:
         raise ConfigError(f"data.seq_length={data.seq_length} exceeds "
                           f"model.max_position_embeddings={cfg.model.max_position_embeddings}")

@@ -178,6 +178,22 @@ def all_reduce_max(value: float) -> float:
     return t.item()
 
 
+def max_over_expert_group(values: list[int]) -> list[int]:
+    """Each of ``values``' largest value over the ranks whose MoE layers exchange tokens (an
+    expert-parallel group with its tensor-parallel ranks); ``values`` without expert
+    parallelism. Those ranks' forwards must run in step, each with as many tokens (megatron's
+    allgather dispatcher gathers equal shapes), so they pad and stop to agreed sizes."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized() or \
+            parallel_state.get_expert_model_parallel_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_expert_tensor_and_model_parallel_group())
+    return t.tolist()
+
+
 def broadcast_from_last_stage(tensor: torch.Tensor | None, shape: tuple[int, ...],
                               dtype: torch.dtype) -> torch.Tensor:
     """A per-token tensor made on the last pipeline stage (None elsewhere), on every stage.

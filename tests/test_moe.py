@@ -78,6 +78,16 @@ def test_expert_layouts_are_checked_before_any_process_group(model, parallel, wo
         validate_parallel(layout, world)
 
 
+def test_token_budget_microbatches_are_refused_with_expert_parallelism():
+    from megatron_dvpo.config import load_config, validate
+
+    cfg = load_config(None, ["model.num_experts=4", "parallel.expert_model_parallel_size=2",
+                             "data.micro_batch_tokens=1024"])
+    with pytest.raises(ConfigError, match="data.micro_batch_tokens=1024 needs "
+                                          "parallel.expert_model_parallel_size=1"):
+        validate(cfg, 2)
+
+
 def _moe_update(topk: int, forward_only_first: bool = False):
     import torch
 
@@ -149,6 +159,33 @@ def test_dvpo_with_an_moe_policy_and_gvm_raises_the_true_reward(moe_pipeline):
     config = json.loads((work / "hf_trained" / "config.json").read_text())
     assert config["architectures"] == ["MixtralForCausalLM"]
     assert config["num_local_experts"] == 4
+
+
+@pytest.mark.multirank
+def test_bf16_moe_dvpo_at_ep2_resumes_bit_for_bit(moe_pipeline, tmp_path):
+    """The MoE policy trained by DVPO in bf16 with its experts split over two ranks (EP=2),
+    guided by the MoE GVM: a run resumed at step 2 matches the unbroken run bit for bit."""
+    from conftest import NPROC, resumed_from
+    from megatron_dvpo import cpu_compat
+    from megatron_dvpo.demo import _run
+    from test_bf16 import BF16, assert_resumed_run_matches
+
+    work = moe_pipeline
+    for run in ("unbroken", "resumed"):
+        if run == "resumed":
+            resumed_from(tmp_path / "unbroken", tmp_path / "resumed", 2)
+        _run(f"bf16 DVPO at EP=2 ({run})", [
+            "-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
+            f"data.train_path={work}/synthetic/train.jsonl", "data.eval_path=null",
+            f"rl.policy={work}/sft/checkpoints/iter_0000100",
+            f"dvpo.gvm={work}/gvm/checkpoints/iter_0000300", "rl.eval_interval=0",
+            "parallel.expert_model_parallel_size=2", "data.global_batch_size=16",
+            "data.micro_batch_size=4", *BF16, f"logging.run_dir={tmp_path / run}",
+            f"checkpoint.save_dir={tmp_path / run}/checkpoints"], NPROC)
+    try:
+        assert_resumed_run_matches(tmp_path / "unbroken", tmp_path / "resumed", ["model"])
+    finally:
+        cpu_compat.uninstall()
 
 
 @pytest.fixture(scope="module")

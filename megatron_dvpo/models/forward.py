@@ -18,6 +18,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch.utils.checkpoint import checkpoint
 
+from megatron_dvpo.distributed import max_over_expert_group
 from megatron_dvpo.models.precision import FP8_ALIGNMENT
 
 # head(model_output, batch) -> per-token tensors; loss_fn(outputs, batch) -> (loss, metrics)
@@ -273,11 +274,21 @@ class _OutputLayerInput:
                 del layer.forward  # the class's own again
 
 
-def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int, multiple: int,
+def padded_lengths(widths: list[int], multiple: int) -> list[int]:
+    """Each microbatch's width rounded up to ``multiple``, then to the largest over the ranks
+    that exchange tokens with this one (expert parallelism), which must run as many."""
+    agreed = max_over_expert_group([len(widths), *(-(-w // multiple) * multiple for w in widths)])
+    if agreed[0] != len(widths):
+        raise ValueError(f"{len(widths)} microbatches here, {agreed[0]} on another rank of the "
+                         "expert-parallel group: token-budget microbatches "
+                         "(data.micro_batch_tokens) need expert_model_parallel_size=1")
+    return agreed[1:]
+
+
+def _forward_step(head: Head, loss_fn: Optional[LossFn], num_microbatches: int,
                   head_input: _OutputLayerInput, data_iterator, model):
-    batch = next(data_iterator)
+    batch, length = next(data_iterator)
     seq = batch["tokens"].shape[1]
-    length = -(-seq // multiple) * multiple
     padding_right = not head_input.sequence_parallel
     head_input.left_pad = batch.get("left_pad") if padding_right else None
     output = model(*model_inputs(batch, length, padding_right))
@@ -304,22 +315,23 @@ def run_microbatches(model_chunks: list[torch.nn.Module], microbatches: list[dic
     """
     if not forward_only and loss_fn is None:
         raise ValueError("forward-backward needs a loss_fn")
-    shapes = {mb["tokens"].shape for mb in microbatches}
     multiple = sequence_multiple(model_chunks)
+    lengths = padded_lengths([mb["tokens"].shape[1] for mb in microbatches], multiple)
+    shapes = {(mb["tokens"].shape[0], length) for mb, length in zip(microbatches, lengths)}
     chunks = len(model_chunks)
     # Interleaved schedules take one iterator per model chunk, each yielding every microbatch.
-    iterators = [iter(microbatches) for _ in range(chunks)]
+    iterators = [iter(list(zip(microbatches, lengths))) for _ in range(chunks)]
     forward_backward = get_forward_backward_func()
-    rows, seq = microbatches[0]["tokens"].shape
+    rows = microbatches[0]["tokens"].shape[0]
     with _OutputLayerInput(model_chunks, getattr(head, "logits_from", 0)) as head_input, \
             _variable_shapes(model_chunks, len(shapes) > 1):
         return forward_backward(
-            forward_step_func=partial(_forward_step, head, loss_fn, len(microbatches), multiple,
+            forward_step_func=partial(_forward_step, head, loss_fn, len(microbatches),
                                       head_input),
             data_iterator=iterators if chunks > 1 else iterators[0],
             model=model_chunks,
             num_microbatches=len(microbatches),
-            seq_length=-(-seq // multiple) * multiple,
+            seq_length=lengths[0],
             micro_batch_size=rows,
             forward_only=forward_only,
         )

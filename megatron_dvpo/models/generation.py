@@ -36,7 +36,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_dvpo.device import device as current_device
-from megatron_dvpo.distributed import broadcast_from_last_stage
+from megatron_dvpo.distributed import broadcast_from_last_stage, max_over_expert_group
 from megatron_dvpo.models.forward import logit_temperature, tempered
 from megatron_dvpo.models.precision import fp8_disabled, sequence_parallel_disabled
 
@@ -81,9 +81,11 @@ def rollout_prompts(rollout: Rollout) -> list[list[int]]:
                                                          rollout.prompt_pad.tolist())]
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host tensors ``(tokens [B, P], left padding [B])``; ``generate`` moves them."""
-    width = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int, width: int = 0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host tensors ``(tokens [B, P], left padding [B])``, ``P`` the longest prompt or
+    ``width`` if wider; ``generate`` moves them."""
+    width = max(width, *(len(p) for p in prompts))
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     pads = torch.tensor([width - len(p) for p in prompts])
     for row, prompt in enumerate(prompts):
@@ -225,8 +227,10 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
         raise ValueError("GVM-guided decoding runs at pipeline_model_parallel_size=1 only")
     for chunk in chunks:
         chunk.eval()
-    prompt_tokens, pads = left_pad(prompts, pad_id)
-    batch, width = prompt_tokens.shape
+    # ranks that exchange tokens (expert parallelism) prefill as wide and decode as long
+    (width,) = max_over_expert_group([max(len(p) for p in prompts)])
+    prompt_tokens, pads = left_pad(prompts, pad_id, width)
+    batch = prompt_tokens.shape[0]
     total = width + cfg.max_new_tokens
     device = current_device()
     pads = pads.to(device)
@@ -267,7 +271,8 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
             logprobs[:, step] = chosen_logprob * alive
             lengths += alive
             alive &= chosen != eos_id
-            if (step + 1) % FINISHED_CHECK_INTERVAL == 0 and not alive.any():
+            if (step + 1) % FINISHED_CHECK_INTERVAL == 0 and \
+                    not max_over_expert_group([int(alive.any())])[0]:
                 break
     steps = int(lengths.max())
     response_mask = torch.arange(steps, device=device)[None, :] < lengths[:, None]
