@@ -34,11 +34,16 @@ def test_gvm_learns_the_demo_task(task):
     held-out pairwise accuracy of the last and of the mean value >= 90%."""
     logs = scalars(task.root / "gvm" / "tensorboard")
     assert SPEC_TAGS <= set(logs)  # real event files, read back with tensorboard
-    losses = [v + pair for (_, v), (_, pair) in zip(logs["gvm/loss"], logs["gvm/pair_loss"])]
+    losses = [v for _, v in logs["gvm/loss_total"]]
+    assert losses == pytest.approx([v + 2.0 * pair for (_, v), (_, pair)  # pairwise_weight
+                                    in zip(logs["gvm/objective"], logs["gvm/pair_loss"])],
+                                   rel=1e-6)
     assert len(losses) >= 50, losses
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
     final_step, final_acc = logs["gvm/pair_acc_last"][-1]
     assert final_step == 300 and final_acc >= 0.90, logs["gvm/pair_acc_last"]
+    steps = [step for step, _ in logs["gvm/pair_acc_last"]]
+    assert len(steps) == len(set(steps)), steps  # the final model evaluated once
     assert logs["gvm/pair_acc_mean"][-1][1] >= 0.90
     assert (task.gvm.parent / "latest_checkpointed_iteration.txt").read_text() == "300\n"
 

@@ -123,8 +123,11 @@ def td_pairwise_objective(gvm: GVMConfig) -> Objective:
 
     def metrics(s: dict[str, float], counts: Counts) -> dict[str, float]:
         pairs = max(counts["pairs"], 1.0)
-        return {**td_metrics(s), "gvm/pair_loss": s["pair_loss_sum"] / pairs,
-                "gvm/train_pair_accuracy": s["correct"] / pairs}
+        td = td_metrics(s)
+        pair_loss = s["pair_loss_sum"] / pairs
+        return {**td, "gvm/pair_loss": pair_loss, "gvm/train_pair_accuracy": s["correct"] / pairs,
+                # what the optimizer minimises
+                "gvm/loss_total": td["gvm/objective"] + gvm.pairwise_weight * pair_loss}
 
     return Objective(Loss(terms, lambda mb: {"td": count(mb), "pairs": _pairs(mb)},
                           TD_SUMS + PAIR_SUMS), True,

@@ -106,7 +106,8 @@ class GVMTrainer(JobDefaults):
                    f"{prefix}/lr": self.model.lr,
                    "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)}
         interval = self.cfg.gvm.eval_interval
-        if self.eval_data is not None and interval and (step + 1) % interval == 0:
+        last = step + 1 == self.cfg.train_steps  # finish() evaluates the final model once
+        if self.eval_data is not None and interval and (step + 1) % interval == 0 and not last:
             metrics.update(self.evaluate())
         return StepResult(metrics, [trained])
 

@@ -75,11 +75,26 @@ def whiten_globally(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return whiten_with_moments(advantages, mask, *moments.unbind())
 
 
+def spread(name: str, values: torch.Tensor) -> dict[str, float]:
+    """``name``'s max, min and std over ``values`` of every data-parallel rank."""
+    group = parallel_state.get_data_parallel_group()
+    v = values.double().flatten()
+    moments = torch.stack([v.new_tensor(float(v.numel())), v.sum(), v.square().sum()])
+    extremes = (torch.stack([v.max(), -v.min()]) if v.numel()  # a rank may hold no tokens
+                else v.new_full((2,), float("-inf")))
+    torch.distributed.all_reduce(moments, group=group)
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
+    n, total, squares = moments.tolist()
+    return {f"{name}_max": extremes[0].item(), f"{name}_min": -extremes[1].item(),
+            f"{name}_std": max(squares / n - (total / n) ** 2, 0.0) ** 0.5}
+
+
 def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
                     advantages: torch.Tensor, eos_id: int, max_new_tokens: int,
                     final_value_tag: str) -> dict[str, float]:
     """docs/algorithm.md §4's rollout tags over the global batch; the scorer's prediction of
-    each response's reward under the scorer's own ``final_value_tag``."""
+    each response's reward under the scorer's own ``final_value_tag``. ``advantages``: the
+    estimator's, before any whitening (whitened ones have mean 0 and std 1 by construction)."""
     mask = rollout.response_mask
     kl = ((estimate.logp_old - estimate.logp_ref) * mask if estimate.logp_ref is not None
           else torch.zeros_like(estimate.logp_old))
@@ -103,12 +118,16 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
               "rollout/truncated_rate": cut_rows / rows}
     if ood is not None:
         gaming["rollout/gvm_value_ood_rate"] = ood_sum / tokens
+    on_tokens = advantages[mask.bool()]
     return {**gaming, "rollout/response_len_mean": tokens / rows,
+            **spread("rollout/response_len", lengths),
             final_value_tag: final / rows,
+            **spread(final_value_tag.removesuffix("_mean"), scores.final_value),
             # the adaptive controller's quantity: summed per sequence (docs/algorithm.md §2)
             "rollout/kl_ref": kl_sum / rows, "rollout/kl_ref_per_token": kl_sum / tokens,
             "rollout/adv_mean": adv_mean,
             "rollout/adv_std": max(adv_sq / tokens - adv_mean ** 2, 0.0) ** 0.5,
+            **{k: v for k, v in spread("rollout/adv", on_tokens).items() if k != "rollout/adv_std"},
             "rollout/logprob_diff": drift_sum / tokens}
 
 
@@ -152,7 +171,7 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
                  if parts.refresh is not None else None)
     trained = time.perf_counter()
 
-    metrics = {**rollout_metrics(rollout, scores, estimate, advantages, parts.eos_id,
+    metrics = {**rollout_metrics(rollout, scores, estimate, result.advantages, parts.eos_id,
                                  cfg.rollout.max_new_tokens, parts.scorer.final_value_tag),
                **policy.metrics, **(learned.metrics if learned else {}),
                **(refreshed.metrics if refreshed else {})}
