@@ -119,7 +119,7 @@ def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: 
              "--pairs", "--true-reward", f"{rule}:0", "--max-new-tokens", "12",
              "--seed", str(seed)], nproc)
     gvm = train_value_model(work, "gvm", "5. pretrain the GVM", gvm_steps,
-                            "gvm.eval_interval=100", *gvm_overrides, reuse=reuse)
+                            "gvm.eval_interval=25", *gvm_overrides, reuse=reuse)
     return data, policy, gvm
 
 

@@ -114,17 +114,28 @@ class MetricsLogger:
         self.directory.mkdir(parents=True, exist_ok=True)
         purge = resumed_at + 1 if resumed_at is not None else None
         self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=purge)
-        for tag, body in (text or {}).items():
-            self.writer.add_text(tag, body, resumed_at or 0)
+        self.text(resumed_at or 0, text or {})
 
-    def log(self, step: int, metrics: dict[str, float], summary: tuple[str, ...] = ()) -> None:
+    def _write(self, step: int, values: dict, add: str) -> bool:
+        """Each of ``values`` through the writer's ``add`` method at ``step``; False on the
+        ranks that do not log."""
         if not self.enabled:
-            return
+            return False
         if self.writer is None:
             self.open()
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+        for tag, value in values.items():
+            getattr(self.writer, add)(tag, value, step)
         self.writer.flush()
+        return True
+
+    def text(self, step: int, text: dict[str, str]) -> None:
+        """``text``: tag -> markdown, in TensorBoard's Text tab at ``step``."""
+        if text:
+            self._write(step, text, "add_text")
+
+    def log(self, step: int, metrics: dict[str, float], summary: tuple[str, ...] = ()) -> None:
+        if not self._write(step, metrics, "add_scalar"):
+            return
         if self.first_step is None:
             self.first_step, self.start = step - 1, time.perf_counter()
         done = step - self.first_step

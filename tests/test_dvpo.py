@@ -1,6 +1,8 @@
 """DVPO end to end on the synthetic task, the frozen GVM, resume, and input errors."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,22 @@ def test_dvpo_raises_the_true_reward(pipeline):
     logs = scalars(work / "dvpo" / "tensorboard")
     assert SPEC_TAGS <= set(logs), SPEC_TAGS - set(logs)
     assert max(v for _, v in logs["rollout/logprob_diff"]) < 1e-4  # rollout == training numerics
+    for name in ("rollout/gvm_final_value", "rollout/response_len", "rollout/adv"):
+        for (_, low), (_, mean), (_, high), (_, std) in zip(
+                *(logs[f"{name}_{kind}"] for kind in ("min", "mean", "max", "std"))):
+            assert low <= mean <= high and 0 <= std <= high - low, name
+    # the estimator's advantages before whitening: their own scale, not mean 0 and std 1
+    assert any(abs(std - 1.0) > 0.05 for _, std in logs["rollout/adv_std"])
+    # a few held-out responses with their true reward, as text at each periodic evaluation
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "dvpo" / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = events.Tensors("eval/samples/text_summary")
+    steps = [e.step for e in samples]
+    assert steps and set(steps) <= {s for s, _ in logs["eval/true_reward_mean"]}, steps
+    table = samples[-1].tensor_proto.string_val[0].decode().splitlines()
+    assert table[0] == "| prompt | response | true reward |" and len(table) == 2 + 4, table
 
 
 def test_exported_policy_loads_in_transformers(pipeline):
@@ -323,3 +341,18 @@ def test_gvm_refresh_stops_the_short_response_exploit(pipeline, tmp_path, single
     load_model(refreshed, saved / "gvm")
     assert any(not torch.equal(p, q) for p, q in zip(original[0].parameters(),
                                                      refreshed[0].parameters()))
+
+
+def test_plot_runs_draws_the_key_curves(pipeline, tmp_path):
+    """tools/plot_runs.py on the demo's DVPO run: every key panel, as a PNG."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"),
+                           str(pipeline[0] / "dvpo"), "--out", str(tmp_path / "curves.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(eval/true_reward_mean, rollout/true_reward_mean, scorer, rollout/kl_ref, " \
+           "policy/entropy, rollout/response_len_mean)" in proc.stdout
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = subprocess.run([sys.executable, str(REPO / "tools" / "plot_runs.py"),
+                              str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such run directory" in missing.stderr

@@ -26,6 +26,7 @@ from megatron_dvpo.rl.gaming import gaming_warnings
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
 from megatron_dvpo.rl.rewards import RolloutTextScores
 from megatron_dvpo.rl.rollout_backend import MegatronSampler
+from megatron_dvpo.rl.samples import samples_markdown
 from megatron_dvpo.rl.scorers import Scorer, frozen_model
 from megatron_dvpo.rl.step import RLParts, rl_step, rollout_seed
 from megatron_dvpo.training.loop import StepResult
@@ -110,6 +111,7 @@ class RLTrainer:
         limit, skip = cfg.rollout.max_prompt_length, cfg.data.skip_bad_rows
         prompts, counts = load_prompts(cfg.data.train_path, self.tokenizer, limit, skip)
         self.prompts = PromptSource(prompts, cfg.data.global_batch_size, cfg.seed)
+        self.eval_samples: str | None = None  # the last evaluation's, as markdown
         self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit, skip)[0]
                              if cfg.data.eval_path else None)
         # the true reward, and the refresh's ranking (the same object when it is the true
@@ -151,8 +153,11 @@ class RLTrainer:
     def step(self, step: int) -> StepResult:
         prompts = [p for p in self.prompts.next_batch() for _ in range(self.cfg.rollout.n_samples)]
         out = rl_step(self.parts, prompts, step)
+        self.eval_samples = None
         metrics = {**out.metrics, **self.true_reward_metrics(prompts, out.rollout, step)}
-        return StepResult(metrics, out.updates, stop=self.check_gaming(metrics, step + 1))
+        text = {"eval/samples": self.eval_samples} if self.eval_samples else {}
+        return StepResult(metrics, out.updates, stop=self.check_gaming(metrics, step + 1),
+                          text=text)
 
     def start(self, resumed: bool) -> dict[str, float]:
         return {} if resumed else self.evaluate()  # the initial policy's true reward
@@ -205,13 +210,15 @@ class RLTrainer:
         return message if rl.stop_on_gaming else None
 
     def evaluate(self) -> dict[str, float]:
-        """Mean true reward of sampled responses to the held-out prompts."""
+        """Mean true reward of sampled responses to the held-out prompts; a few of them, as
+        markdown, in ``eval_samples``."""
         if self.true_reward is None or self.eval_prompts is None:
             return {}
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
         rollout = self.sample(mine, EVAL_SEED)
-        total = distributed.all_reduce_data_parallel(
-            sum(self.true_reward(mine, rollout)))
+        rewards = self.true_reward(mine, rollout)
+        total = distributed.all_reduce_data_parallel(sum(rewards))
+        self.eval_samples = samples_markdown(self.tokenizer, rollout, rewards)
         return {"eval/true_reward_mean": total / len(self.eval_prompts)}

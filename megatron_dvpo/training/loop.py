@@ -45,6 +45,7 @@ class StepResult:
     metrics: dict[str, float]
     updates: list[UpdateResult] = field(default_factory=list)
     stop: Optional[str] = None  # why the run must stop after this step (it saves first)
+    text: dict[str, str] = field(default_factory=dict)  # tag -> markdown (e.g. samples)
 
 
 class TrainingLoop:
@@ -168,6 +169,7 @@ class TrainingLoop:
             if warning:
                 distributed.print_rank0(warning)
             self._log(self._step_metrics(result, time.perf_counter() - start))
+            self.logger.text(self.step, result.text)
             if result.stop:
                 self.save()
                 raise StoppedRun(f"stopped at step {self.step}, saved: {result.stop}")
