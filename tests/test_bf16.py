@@ -113,10 +113,10 @@ def assert_resumed_run_matches(unbroken_dir: Path, resumed_dir: Path, units: lis
     weights in every trained unit, bit for bit; neither skipped an update."""
     unbroken, resumed = scalars(unbroken_dir / "tensorboard"), scalars(resumed_dir / "tensorboard")
     for run in (unbroken, resumed):
-        assert all(v == 0 for _, v in run["train/skipped_updates"]), run["train/skipped_updates"]
+        assert "train/skipped_updates" not in run, run["train/skipped_updates"]  # none skipped
     compared = [tag for tag in unbroken if not tag.startswith(NOT_REPRODUCIBLE)
                 and len(unbroken[tag]) == 4]
-    assert len(compared) >= 5, sorted(unbroken)
+    assert len(compared) >= 3, sorted(unbroken)  # e.g. SFT: loss, grad_norm, lr
     for tag in compared:
         assert [s for s, _ in resumed[tag]] == [3, 4], tag
         for step, value in resumed[tag]:
@@ -243,7 +243,7 @@ def dvpo_keeps_its_frozen_models_bf16_and_unchanged(policy: Path, gvm: Path, dat
     finally:
         distributed.shutdown()
     logs = scalars(run / "tensorboard")
-    assert all(v == 0 for _, v in logs["train/skipped_updates"])
+    assert "train/skipped_updates" not in logs  # logged once an update is skipped
     return trainer
 
 

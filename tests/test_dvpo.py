@@ -42,6 +42,9 @@ def test_dvpo_raises_the_true_reward(pipeline):
     logs = scalars(work / "dvpo" / "tensorboard")
     assert SPEC_TAGS <= set(logs), SPEC_TAGS - set(logs)
     assert max(v for _, v in logs["rollout/logprob_diff"]) < 1e-4  # rollout == training numerics
+    # constants once, counters only once they count: no flat cards
+    assert [step for step, _ in logs["memory/model_state_gib"]] == [1]
+    assert "train/skipped_updates" not in logs and "train/skipped_steps" not in logs
     for name in ("rollout/gvm_final_value", "rollout/response_len", "rollout/adv"):
         for (_, low), (_, mean), (_, high), (_, std) in zip(
                 *(logs[f"{name}_{kind}"] for kind in ("min", "mean", "max", "std"))):

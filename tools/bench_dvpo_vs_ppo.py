@@ -78,7 +78,7 @@ def run_method(name: str, module: str, work: Path, models: dict, args, extra: li
         values = [v for step, v in logs[tag] if step > 1] or [v for _, v in logs[tag]]
         measured[tag.split("/")[1]] = sum(values) / len(values)
     measured["peak_mem_gib"] = max(v for _, v in logs["perf/peak_mem_gib"])
-    measured["skipped_updates"] = logs["train/skipped_updates"][-1][1]
+    measured["skipped_updates"] = logs.get("train/skipped_updates", [(0, 0.0)])[-1][1]
     measured["losses_finite"] = all(math.isfinite(v) for _, v in logs["policy/loss"])
     # measured model state: memory/<model>_gib and memory/model_state_gib (their total)
     measured.update({tag.split("/", 1)[1]: logs[tag][-1][1] for tag in logs

@@ -64,6 +64,7 @@ class TrainingLoop:
         self.health = RunHealth(cfg.max_bad_steps, cfg.divergence_factor, cfg.divergence_window)
         self.signals, self._own_signals = signals or StopSignals(), signals is None
         self.last_good: Path | None = None  # the newest checkpoint this run saved or resumed
+        self._memory_logged = False
         self.peak_tflops = cfg.logging.peak_tflops or dense_bf16_peak_tflops()
         # the trained sequences' length: the job's (an RL job's prompt + response) or the data's
         self.flops_per_token = training_flops_per_token(cfg.model, job.sequence_length)
@@ -107,7 +108,13 @@ class TrainingLoop:
 
     # -- the loop ---------------------------------------------------------------------------
     def _log(self, metrics: dict[str, float]) -> None:
-        if self.step % self.cfg.logging.log_interval == 0 or self.step == 1:
+        """Every ``logging.log_interval`` steps and the run's first (a resumed run's too), with
+        the models' memory there only: it is constant after the first update."""
+        first = not self._memory_logged
+        if self.step % self.cfg.logging.log_interval == 0 or self.step == 1 or first:
+            if first:  # the models the job holds: trained units and frozen ones
+                metrics.update(model_state_metrics(self.units, self.job.frozen_models))
+                self._memory_logged = True
             self.logger.log(self.step, metrics, self.job.summary_tags + ("perf/step_time_s",))
 
     def _log_now(self, metrics: dict[str, float]) -> None:
@@ -131,11 +138,12 @@ class TrainingLoop:
             StopSignals.restore(previous)
 
     def _step_metrics(self, result: StepResult, seconds: float) -> dict[str, float]:
-        metrics = {**result.metrics, "train/skipped_steps": float(self.health.skipped_steps),
-                   "train/skipped_updates": float(self.health.skipped_updates),
-                   "perf/step_time_s": seconds, "perf/peak_mem_gib": peak_memory_gib(),
-                   # the models the job holds: trained units and frozen ones
-                   **model_state_metrics(self.units, self.job.frozen_models)}
+        metrics = {**result.metrics, "perf/step_time_s": seconds,
+                   "perf/peak_mem_gib": peak_memory_gib()}
+        # counters only once they count something: a card of zeros says nothing
+        for name in ("skipped_steps", "skipped_updates"):
+            if getattr(self.health, name):
+                metrics[f"train/{name}"] = float(getattr(self.health, name))
         if self.peak_tflops and "perf/train_tokens_per_s" in metrics:
             metrics["perf/mfu"] = model_flops_utilization(
                 metrics["perf/train_tokens_per_s"], self.flops_per_token,
