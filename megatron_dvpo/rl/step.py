@@ -75,18 +75,21 @@ def whiten_globally(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return whiten_with_moments(advantages, mask, *moments.unbind())
 
 
-def spread(name: str, values: torch.Tensor) -> dict[str, float]:
-    """``name``'s max, min and std over ``values`` of every data-parallel rank."""
-    group = parallel_state.get_data_parallel_group()
-    v = values.double().flatten()
-    moments = torch.stack([v.new_tensor(float(v.numel())), v.sum(), v.square().sum()])
-    extremes = (torch.stack([v.max(), -v.min()]) if v.numel()  # a rank may hold no tokens
-                else v.new_full((2,), float("-inf")))
-    torch.distributed.all_reduce(moments, group=group)
-    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
-    n, total, squares = moments.tolist()
-    return {f"{name}_max": extremes[0].item(), f"{name}_min": -extremes[1].item(),
-            f"{name}_std": max(squares / n - (total / n) ** 2, 0.0) ** 0.5}
+def extremes(named: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each tensor's max and min over every data-parallel rank (``<name>_max``, ``_min``), in
+    one all-reduce."""
+    local = torch.cat([torch.stack([v.max(), -v.min()]).double() if v.numel()  # a rank may
+                       else v.new_full((2,), float("-inf"), dtype=torch.float64)  # hold none
+                       for v in named.values()])
+    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX,
+                                 group=parallel_state.get_data_parallel_group())
+    values = local.tolist()
+    return {f"{name}_{kind}": sign * value for i, name in enumerate(named)
+            for kind, sign, value in (("max", 1, values[2 * i]), ("min", -1, values[2 * i + 1]))}
+
+
+def _std(total: float, squares: float, count: float) -> float:
+    return max(squares / count - (total / count) ** 2, 0.0) ** 0.5
 
 
 def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
@@ -109,25 +112,27 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
                          (advantages.square() * mask).sum(), drift.sum(),
                          torch.tensor(repeated, device=mask.device),
                          torch.tensor(grams, device=mask.device), cut.sum(),
-                         ood.sum() if ood is not None else mask.new_zeros(())]).double()
+                         ood.sum() if ood is not None else mask.new_zeros(()),
+                         lengths.double().square().sum(),
+                         scores.final_value.double().square().sum()]).double()
     torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-    tokens, rows, kl_sum, final, adv, adv_sq, drift_sum, rep, gram, cut_rows, ood_sum = \
-        local.tolist()
+    tokens, rows, kl_sum, final, adv, adv_sq, drift_sum, rep, gram, cut_rows, ood_sum, \
+        len_sq, final_sq = local.tolist()
     adv_mean = adv / tokens
     gaming = {"rollout/repeat_rate": rep / max(gram, 1.0),
               "rollout/truncated_rate": cut_rows / rows}
     if ood is not None:
         gaming["rollout/gvm_value_ood_rate"] = ood_sum / tokens
-    on_tokens = advantages[mask.bool()]
-    return {**gaming, "rollout/response_len_mean": tokens / rows,
-            **spread("rollout/response_len", lengths),
-            final_value_tag: final / rows,
-            **spread(final_value_tag.removesuffix("_mean"), scores.final_value),
+    final_name = final_value_tag.removesuffix("_mean")
+    spread = extremes({"rollout/response_len": lengths, final_name: scores.final_value,
+                       "rollout/adv": advantages[mask.bool()]})
+    return {**gaming, **spread, "rollout/response_len_mean": tokens / rows,
+            "rollout/response_len_std": _std(tokens, len_sq, rows),
+            final_value_tag: final / rows, f"{final_name}_std": _std(final, final_sq, rows),
             # the adaptive controller's quantity: summed per sequence (docs/algorithm.md §2)
             "rollout/kl_ref": kl_sum / rows, "rollout/kl_ref_per_token": kl_sum / tokens,
             "rollout/adv_mean": adv_mean,
-            "rollout/adv_std": max(adv_sq / tokens - adv_mean ** 2, 0.0) ** 0.5,
-            **{k: v for k, v in spread("rollout/adv", on_tokens).items() if k != "rollout/adv_std"},
+            "rollout/adv_std": _std(adv, adv_sq, tokens),
             "rollout/logprob_diff": drift_sum / tokens}
 
 

@@ -111,7 +111,6 @@ class RLTrainer:
         limit, skip = cfg.rollout.max_prompt_length, cfg.data.skip_bad_rows
         prompts, counts = load_prompts(cfg.data.train_path, self.tokenizer, limit, skip)
         self.prompts = PromptSource(prompts, cfg.data.global_batch_size, cfg.seed)
-        self.eval_samples: str | None = None  # the last evaluation's, as markdown
         self.eval_prompts = (load_prompts(cfg.data.eval_path, self.tokenizer, limit, skip)[0]
                              if cfg.data.eval_path else None)
         # the true reward, and the refresh's ranking (the same object when it is the true
@@ -153,20 +152,22 @@ class RLTrainer:
     def step(self, step: int) -> StepResult:
         prompts = [p for p in self.prompts.next_batch() for _ in range(self.cfg.rollout.n_samples)]
         out = rl_step(self.parts, prompts, step)
-        self.eval_samples = None
-        metrics = {**out.metrics, **self.true_reward_metrics(prompts, out.rollout, step)}
-        text = {"eval/samples": self.eval_samples} if self.eval_samples else {}
+        metrics = {**out.metrics, **self.true_reward_metrics(prompts, out.rollout)}
+        interval, text = self.cfg.rl.eval_interval, {}
+        if interval and (step + 1) % interval == 0:
+            evaluated, text = self.evaluate()
+            metrics.update(evaluated)
         return StepResult(metrics, out.updates, stop=self.check_gaming(metrics, step + 1),
                           text=text)
 
     def start(self, resumed: bool) -> dict[str, float]:
-        return {} if resumed else self.evaluate()  # the initial policy's true reward
+        return {} if resumed else self.evaluate()[0]  # the initial policy's true reward
 
     def finish(self) -> dict[str, float]:
         interval = self.cfg.rl.eval_interval
         if interval and self.cfg.train_steps % interval == 0:
             return {}  # the last step was just evaluated
-        return self.evaluate()
+        return self.evaluate()[0]
 
     # -- the trainer's own -------------------------------------------------------------------
     def sample(self, prompts: list[list[int]], step_seed: int) -> Rollout:
@@ -183,17 +184,12 @@ class RLTrainer:
         """Responses in a global batch: rollout.n_samples per prompt."""
         return self.prompts.global_batch_size * self.cfg.rollout.n_samples
 
-    def true_reward_metrics(self, prompts: list[list[int]], rollout: Rollout,
-                            step: int) -> dict[str, float]:
-        metrics = {}
-        if self.true_reward is not None:
-            total = distributed.all_reduce_data_parallel(
-                sum(self.true_reward(prompts, rollout)))
-            metrics["rollout/true_reward_mean"] = total / self.samples_per_step
-        interval = self.cfg.rl.eval_interval
-        if interval and (step + 1) % interval == 0:
-            metrics.update(self.evaluate())
-        return metrics
+    def true_reward_metrics(self, prompts: list[list[int]], rollout: Rollout
+                            ) -> dict[str, float]:
+        if self.true_reward is None:
+            return {}
+        total = distributed.all_reduce_data_parallel(sum(self.true_reward(prompts, rollout)))
+        return {"rollout/true_reward_mean": total / self.samples_per_step}
 
     def check_gaming(self, metrics: dict[str, float], step: int) -> str | None:
         """A warning line past a gaming threshold; the reason to stop with stop_on_gaming."""
@@ -209,16 +205,16 @@ class RLTrainer:
         distributed.print_rank0(f"warning: {message}")
         return message if rl.stop_on_gaming else None
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean true reward of sampled responses to the held-out prompts; a few of them, as
-        markdown, in ``eval_samples``."""
+    def evaluate(self) -> tuple[dict[str, float], dict[str, str]]:
+        """Mean true reward of sampled responses to the held-out prompts, and a few of them as
+        TensorBoard text (``eval/samples``)."""
         if self.true_reward is None or self.eval_prompts is None:
-            return {}
+            return {}, {}
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
         rollout = self.sample(mine, EVAL_SEED)
         rewards = self.true_reward(mine, rollout)
         total = distributed.all_reduce_data_parallel(sum(rewards))
-        self.eval_samples = samples_markdown(self.tokenizer, rollout, rewards)
-        return {"eval/true_reward_mean": total / len(self.eval_prompts)}
+        return ({"eval/true_reward_mean": total / len(self.eval_prompts)},
+                {"eval/samples": samples_markdown(self.tokenizer, rollout, rewards)})
