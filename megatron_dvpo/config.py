@@ -93,6 +93,9 @@ class ModelConfig:
     hf_architecture: str = "LlamaForCausalLM"
     # A Global Value Model: the LM head is replaced by a scalar value head (docs/algorithm.md §1).
     value_head: bool = False
+    # K > 1: K value heads on the one trunk, an ensemble whose spread says where the GVM is
+    # unsure (docs/algorithm.md §1, "Value heads"); needs gvm.value_head_init_std > 0
+    value_heads: int = _checked(1, POSITIVE)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -334,6 +337,8 @@ class RLConfig:
     gaming_max_repeat_rate: float = _checked(0.5, UNIT_INTERVAL)
     gaming_max_truncated_rate: float = _checked(0.5, UNIT_INTERVAL)
     gaming_max_value_ood_rate: float = _checked(0.2, UNIT_INTERVAL)
+    # share of response tokens where a K-head GVM's heads disagree more than on its own data
+    gaming_max_head_disagree_rate: float = _checked(0.2, UNIT_INTERVAL)
     gaming_min_entropy: float = _checked(0.05, NON_NEGATIVE)
     stop_on_gaming: bool = False
     # steps between held-out true-reward evaluations; 0: at the start and the end
@@ -351,6 +356,9 @@ class DVPOConfig:
     # released = the released code's whitening of each forward chunk's raw outputs.
     value_whitening: Literal["released", "per_sequence_states", "none"] = "released"
     gvm_offload: bool = False  # keep the GVM on CPU during the policy update
+    # a K-head GVM (model.value_heads > 1) is read as mean - head_pessimism x std over its
+    # heads, per token: 0 reads the ensemble's mean (docs/algorithm.md §2, "Pessimistic values")
+    head_pessimism: float = _checked(0.0, NON_NEGATIVE)
     # GVM refresh (semi-online, docs/algorithm.md §2): every refresh_interval steps (0: never),
     # pair two of the policy's samples per prompt, rank them by refresh_scorer (default:
     # rl.true_reward), and take refresh_updates GVM steps of its own objective at refresh_lr.
@@ -586,7 +594,7 @@ SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
               "normalization", "activation", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
               "position_embedding_type", "tie_embeddings", "value_head", "num_experts",
               "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-              "moe_shared_expert_gate")
+              "moe_shared_expert_gate", "value_heads")
 
 
 def model_from_checkpoint(cfg: RunConfig, directory: str | Path, key: str,
@@ -674,6 +682,9 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig) -> None:
                           f"{model.vocab_size}, make_vocab_size_divisible_by="
                           f"{model.make_vocab_size_divisible_by}) is not divisible by "
                           f"parallel.tensor_model_parallel_size={tp}")
+    if model.value_heads > 1 and not model.value_head:
+        raise ConfigError(f"model.value_heads={model.value_heads} needs a value model "
+                          "(model.value_head=true): a policy has no value heads")
     ep = parallel.expert_model_parallel_size
     if ep > 1 and not model.num_experts:
         raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs a mixture-of-experts "

@@ -2,6 +2,7 @@
 stages and reward model (no timing or quality asserts: those are the benchmarks')."""
 
 from conftest import NPROC, quick_bench
+from megatron_dvpo.demo import scalars
 
 
 def reusing(task) -> list[str]:
@@ -28,7 +29,7 @@ def test_bench_methods_quick(reward_model, tmp_path):
     with one, and PPO a critic more than DVPO."""
     # 16 rows: DPO's 8 pairs split over micro-batches of 4 at 2 ranks
     result = quick_bench(tmp_path, "bench_methods.py", "--workdir", str(tmp_path), "--batch", "16",
-                    *reusing(reward_model))
+                         "--curves", str(tmp_path / "curves"), *reusing(reward_model))
     for setting in ("with_reference", "without_reference"):
         row = result["cost"][setting]
         assert set(row) == {"dvpo", "ppo", "grpo", "dpo", "dvpo_over_ppo"}
@@ -40,3 +41,11 @@ def test_bench_methods_quick(reward_model, tmp_path):
     for method in ("dvpo", "ppo", "grpo", "dpo"):
         assert -1 <= quality[method]["true_reward_after"] <= 1
     assert quality["dvpo"]["generated_tokens"] > 0 and quality["dpo"]["generated_tokens"] == 0
+    # the over-optimisation curves: each RL method's true reward against its KL from the start
+    assert (tmp_path / "curves" / "overopt_synthetic.png").stat().st_size > 10_000
+    assert set(quality["overoptimization"]) == {"dvpo", "ppo", "grpo"}
+    for method, found in quality["overoptimization"].items():
+        assert found["final_kl"] >= 0 and -1 <= found["best_true_reward"] <= 1, method
+    written = scalars(tmp_path / "curves" / "overopt_synthetic_tensorboard" / "dvpo")
+    assert {"overoptimization/true_reward", "overoptimization/scorer_value",
+            "overoptimization/eval_true_reward"} <= set(written)

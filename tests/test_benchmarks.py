@@ -39,6 +39,9 @@ def test_bench_memory_quick(tmp_path):
     scoring = report["gvm_scoring"]
     assert 0 < scoring["causal"]["peak_increase"] < scoring["dense_mask_math"]["peak_increase"]
     assert scoring["causal_over_dense_mask_math"] < 0.8
+    # 8 value heads: one [8, hidden] matrix more, the same forward pass (README: the cost)
+    assert scoring["causal_8_value_heads"]["peak_increase"] > 0
+    assert scoring["value_heads_over_one"]["peak_increase"] < 1.5
 
 
 def test_bench_rollout_quick(tmp_path):

@@ -47,6 +47,9 @@ TRAINERS = {
     "gvm_td": ("megatron_dvpo.gvm.train", lambda t: value_model(t, "td"), ["model"]),
     "gvm_td_pairwise": ("megatron_dvpo.gvm.train", lambda t: value_model(t, "td_pairwise"),
                         ["model"]),
+    "gvm_heads": ("megatron_dvpo.gvm.train", lambda t: [
+        *value_model(t, "td_pairwise"), "model.value_heads=3", "gvm.value_head_init_std=0.02"],
+        ["model"]),
     "reward_model": ("megatron_dvpo.gvm.train", lambda t: value_model(t, "bradley_terry"),
                      ["model"]),
     "dvpo": ("megatron_dvpo.rl.dvpo", lambda t: rl(t, f"dvpo.gvm={t.gvm}",

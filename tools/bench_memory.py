@@ -14,7 +14,7 @@ sampled every 2 ms:
 - ``lean``: the response's positions only, in chunks of ``LOGPROB_CHUNK`` recomputed in the
   backward pass.
 
-A GVM of ``--score-layers`` x ``--score-hidden`` with ``--score-heads`` heads scores
+A GVM of ``--score-layers`` x ``--score-hidden`` with ``--score-heads`` attention heads scores
 ``--score-rows`` left-padded rollout rows of ``--seq`` tokens (a quarter of them padded by up to
 half the row), forward only, as DVPO's scoring pass does:
 
@@ -22,7 +22,8 @@ half the row), forward only, as DVPO's scoring pass does:
   parallelism's path today), SDPA choosing its kernel (on CPU its flash kernel takes masks);
 - ``dense_mask_math``: the same with SDPA held to its math kernel, the one CUDA falls back to
   for a dense mask where its fused kernels cannot take it (the case issue 16 describes);
-- ``causal``: each row rotated so its padding sits at its end, plain causal attention.
+- ``causal``: each row rotated so its padding sits at its end, plain causal attention;
+  and again with ``--value-heads`` value heads (docs/algorithm.md §1): what K heads cost.
 
 It writes each variant's peak increase over the process's baseline (the model built and the
 batch made) and the ratios lean / full and causal / each dense-mask variant, in one run.
@@ -91,11 +92,12 @@ from megatron_dvpo.logging import PeakRSS, release_freed_memory
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.gvm import build_gvm_chunks
 
-variant, seq, rows, layers, hidden, heads = sys.argv[1], *map(int, sys.argv[2:7])
+variant, seq, rows, layers, hidden, heads, value_heads = sys.argv[1], *map(int, sys.argv[2:8])
 distributed.init_distributed(ParallelConfig(), seed=0)
 cfg = load_config(None, ["model.vocab_size=1024", f"model.num_layers={layers}",
                          f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
-                         f"model.ffn_hidden_size={2 * hidden}",
+                         f"model.ffn_hidden_size={2 * hidden}", "model.value_head=true",
+                         f"model.value_heads={value_heads}",
                          f"model.max_position_embeddings={seq}"])
 chunks = build_gvm_chunks(cfg, value_head_init_std=0.02)
 g = torch.Generator().manual_seed(0)
@@ -140,6 +142,8 @@ def main(argv=None) -> None:
     parser.add_argument("--score-layers", type=int, default=2)
     parser.add_argument("--score-hidden", type=int, default=512)
     parser.add_argument("--score-heads", type=int, default=16)
+    parser.add_argument("--value-heads", type=int, default=8,
+                        help="the K-head GVM scored beside the one-head one (causal)")
     parser.add_argument("--quick", action="store_true", help="small shapes (tests)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -150,12 +154,16 @@ def main(argv=None) -> None:
         result[variant] = _run_measure(_MEASURE, variant, args.vocab, args.seq, args.prompt,
                                        args.micro_batch)
     result["lean_over_full"] = result["lean"]["peak_increase"] / result["full"]["peak_increase"]
-    scoring = {variant: _run_measure(_MEASURE_SCORING, variant, args.seq, args.score_rows,
-                                     args.score_layers, args.score_hidden, args.score_heads)
+    shape = (args.seq, args.score_rows, args.score_layers, args.score_hidden, args.score_heads)
+    scoring = {variant: _run_measure(_MEASURE_SCORING, variant, *shape, 1)
                for variant in ("dense_mask", "dense_mask_math", "causal")}
+    heads = _run_measure(_MEASURE_SCORING, "causal", *shape, args.value_heads)
     result["gvm_scoring"] = {**scoring, **{f"causal_over_{variant}": (
         scoring["causal"]["peak_increase"] / scoring[variant]["peak_increase"])
-        for variant in ("dense_mask", "dense_mask_math")}}
+        for variant in ("dense_mask", "dense_mask_math")},
+        f"causal_{args.value_heads}_value_heads": heads,
+        "value_heads_over_one": {k: heads[k] / scoring["causal"][k]
+                                 for k in ("seconds", "peak_increase")}}
     result["target"] = {"lean_over_full_at_most": 0.35,
                         "causal_over_dense_mask_math_at_most": 0.35}
     Path(args.out).write_text(json.dumps(result, indent=2))

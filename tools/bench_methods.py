@@ -20,6 +20,8 @@ and a Bradley-Terry reward model are trained once on those pairs, for the same s
 GVM), PPO and GRPO (n=4; the reward model) then run ``--rl-steps`` steps of the same rollout
 rows (so about the same generated tokens), and DPO as many updates of as many rows on the
 pairs; each reports the held-out true reward (the task's hidden rule) before and after.
+``--curves DIR`` draws DVPO's, PPO's and GRPO's true reward, scorer value and (K-head GVM)
+disagreement against KL from the start (``tools/plot_overoptimization.py``), per task.
 ``--task-dir DIR`` keeps each task's stages (and its reward model) in ``DIR/<task>`` and reuses
 those already run there with the same commands (the test suite's shared artifacts, or a
 previous run's).
@@ -39,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from bench_dvpo_vs_ppo import build_models, run_method  # noqa: E402
+from plot_overoptimization import plot_overoptimization  # noqa: E402
 from megatron_dvpo.demo import (REWARD_MODEL_STAGE, _run, policy_and_gvm, scalars,  # noqa: E402
                                 train_value_model)
 
@@ -142,6 +145,11 @@ def quality(work: Path, rule: str, args) -> dict:
                         "true_reward_after": logs["eval/true_reward_mean"][-1][1],
                         "generated_tokens": sum(v * rows for _, v in
                                                 logs["rollout/response_len_mean"])}
+    if args.curves:  # the methods side by side against their KL from the start
+        curves = Path(args.curves)
+        result["overoptimization"] = plot_overoptimization(
+            [work / name for name in ("dvpo", "ppo", "grpo")], curves / f"overopt_{rule}.png",
+            curves / f"overopt_{rule}_tensorboard")
     dpo_dir = work / "dpo"
     dpo_run(dpo_dir, policy, pairs, tokenizer, args.rl_steps, args.rl_batch, 16, args.nproc,
             ["optimizer.lr=1e-3"])
@@ -184,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--task-dir", default=None,
                         help="each task's stages 1-5 and reward model kept and reused here")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--curves", default=None,
+                        help="draw each task's over-optimisation curves (DVPO, PPO, GRPO) here")
     args = parser.parse_args(argv)
     if args.quick:  # tiny sizes and budgets; options given explicitly still win
         parser.set_defaults(layers=2, hidden=64, heads=4, ffn=128, vocab=256, cost_steps=2,

@@ -27,6 +27,19 @@ def _events_dir(run: Path) -> Path:
     return run / "tensorboard" if (run / "tensorboard").is_dir() else run
 
 
+def run_label(run: Path) -> str:
+    return run.name if run.name != "tensorboard" else run.parent.name
+
+
+def style(ax, title: str, xlabel: str, legend: bool) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def plot_runs(runs: list[Path], out: Path, tags: tuple[str, ...] = KEY_TAGS) -> list[str]:
     """Write the PNG; returns the panels drawn (``scorer`` stands for whichever scorer tag a
     run logged)."""
@@ -55,20 +68,29 @@ def plot_runs(runs: list[Path], out: Path, tags: tuple[str, ...] = KEY_TAGS) -> 
             if name is not None:
                 steps, values = zip(*logs[run][name])
                 ax.plot(steps, values, marker="." if len(steps) < 30 else None,
-                        label=run.name if run.name != "tensorboard" else run.parent.name)
-        ax.set_title(tag if tag != "scorer" else "the scorer's value", fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        if len(runs) > 1:
-            ax.legend(fontsize=7)
+                        label=run_label(run))
+        style(ax, tag if tag != "scorer" else "the scorer's value", "step", len(runs) > 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
+    save(figure, out)
+    return [tag for tag, _ in panels]
+
+
+def save(figure, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
     plt.close(figure)
-    return [tag for tag, _ in panels]
+
+
+def missing_runs(runs: list[Path]) -> bool:
+    """Whether a run directory is missing (named in one error line)."""
+    missing = [str(r) for r in runs if not _events_dir(r).is_dir()]
+    if missing:
+        print(f"error: no such run directory: {', '.join(missing)}", file=sys.stderr)
+    return bool(missing)
 
 
 def main(argv=None) -> int:
@@ -78,9 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tags", nargs="+", default=list(KEY_TAGS),
                         help="TensorBoard tags, one panel each ('scorer': the scorer's value)")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not _events_dir(r).is_dir()]
-    if missing:
-        print(f"error: no such run directory: {', '.join(missing)}", file=sys.stderr)
+    if missing_runs(args.runs):
         return 2
     drawn = plot_runs(args.runs, args.out, tuple(args.tags))
     print(f"wrote {args.out} ({', '.join(drawn)})")

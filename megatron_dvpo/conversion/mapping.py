@@ -156,9 +156,9 @@ def to_hf(rule: Rule, tensor: torch.Tensor, model: ModelConfig) -> dict[str, tor
         q, k, v = block.split([per_group * head_dim, head_dim, head_dim], dim=1)
         return {name: part.reshape(-1, *tensor.shape[1:])
                 for name, part in zip(rule.hf, (q, k, v))}
-    if rule.kind == "value_head":  # exported under TRL's names
+    if rule.kind == "value_head":  # under TRL's names; K heads: [K, hidden] and [K]
         return {TRL_VALUE_HEAD[0] if rule.megatron.endswith("weight")
-                else TRL_VALUE_HEAD[1]: tensor.view(1, -1) if tensor.dim() == 2 else tensor}
+                else TRL_VALUE_HEAD[1]: tensor}
     raise AssertionError(rule.kind)
 
 

@@ -38,11 +38,17 @@ def check_training_inputs(cfg: RunConfig, overrides: list[str], value_model: boo
     """What GVM pretraining and SFT check before any process group: the starting checkpoint
     (a save directory means its latest iteration; the model section comes from it), the data
     (tokenized here, once) and the tokenizer against the model."""
-    init = cfg.checkpoint.init_from
+    init, heads = cfg.checkpoint.init_from, cfg.model.value_heads
     if init:
         init = cfg.checkpoint.init_from = str(resolve_checkpoint_dir(init, "checkpoint.init_from"))
         model_from_checkpoint(cfg, init, "checkpoint.init_from", overrides,
-                              ignore=("value_head", "tie_embeddings") if value_model else ())
+                              ignore=("value_head", "tie_embeddings", "value_heads")
+                              if value_model else ())
+        if value_model:  # the heads this run trains, whatever the starting point had
+            cfg.model.value_heads = heads
+    if heads > 1 and value_model and cfg.gvm.value_head_init_std <= 0:
+        raise ConfigError(f"model.value_heads={heads} needs gvm.value_head_init_std > 0: "
+                          "heads that start equal stay equal, and their spread says nothing")
     if cfg.model.value_head and not value_model:
         raise ConfigError(f"{f'checkpoint.init_from={init}' if init else 'model.value_head'}: "
                           "a value model; SFT trains a policy")

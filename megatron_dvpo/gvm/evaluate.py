@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 from megatron_dvpo import distributed
 from megatron_dvpo.data.dataset import ValueDataset, collate
 from megatron_dvpo.device import to_device
+from megatron_dvpo.gvm.heads import mean_value
 from megatron_dvpo.gvm.metrics import format_accuracy_table, response_statistics
 from megatron_dvpo.gvm.td import gather_response_values
 from megatron_dvpo.models import forward
@@ -31,7 +32,8 @@ STATISTICS = ("last", "mean", "p1", "p5", "p10", "p90", "p95", "p99")
 def q_views(chunks, dataset: ValueDataset, indices: Sequence[int], seq_length: int,
             micro_batch_size: int, transform=None, alignment: str = "qview",
             rows_per_call: int = 1024) -> Iterator[tuple]:
-    """``(q, mask)`` of the Q-view of ``indices``' samples, ``rows_per_call`` at a time, in
+    """``(q, mask)`` of the Q-view (a K-head GVM's mean) of ``indices``' samples,
+    ``rows_per_call`` at a time, in
     order (on the last pipeline stage; ``(None, None)`` elsewhere). ``transform(index,
     sample)`` may rewrite each sample first (trajectory conditioning)."""
     for start in range(0, len(indices), rows_per_call):
@@ -44,7 +46,7 @@ def q_views(chunks, dataset: ValueDataset, indices: Sequence[int], seq_length: i
         if values is None:
             yield None, None
             continue
-        q, mask, _ = gather_response_values(values, batch["prompt_lengths"],
+        q, mask, _ = gather_response_values(mean_value(values), batch["prompt_lengths"],
                                             batch["response_lengths"], alignment)
         yield q[:len(chunk)], mask[:len(chunk)]
 

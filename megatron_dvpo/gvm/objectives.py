@@ -8,7 +8,8 @@
 
 An objective is a ``Loss`` (summed terms, each with its count in a microbatch: the update
 divides by the global counts once) and the metrics of the whole global batch's summed
-statistics and counts.
+statistics and counts. A K-head GVM (``gvm/heads.py``) trains each head on the objective and
+minimises their mean; its metrics are the heads' means.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from megatron_dvpo.config import GVMConfig
 from megatron_dvpo.device import to_device
+from megatron_dvpo.gvm.heads import heads_as_rows, heads_of
 from megatron_dvpo.gvm.td import gather_response_values, gvm_loss, loss_token_count
 from megatron_dvpo.models import forward
 from megatron_dvpo.rl.losses import bradley_terry_loss
@@ -66,6 +68,22 @@ def _final_values(values: torch.Tensor, mb: dict, alignment: str) -> torch.Tenso
     return q.gather(1, (mask.sum(1) - 1).unsqueeze(1)).squeeze(1)
 
 
+def over_heads(terms: Callable) -> Callable:
+    """``terms(outputs, mb)`` of a one-value loss, made the mean over a K-head model's heads
+    (each head on its own predictions); a one-head model's terms unchanged."""
+
+    def mean_over_heads(outputs: dict, mb: dict):
+        heads = heads_of(outputs["values"])
+        if heads == 1:
+            return terms(outputs, mb)
+        values, rows = heads_as_rows(outputs["values"], mb)
+        summed, stats = terms({**outputs, "values": values}, rows)
+        return ({k: v / heads for k, v in summed.items()},
+                {k: v / heads for k, v in stats.items()})
+
+    return mean_over_heads
+
+
 def _td_terms(gvm: GVMConfig):
     """(the TD(lambda) term, its count in a microbatch, its metrics) for ``gvm``."""
     prompt_value = gvm.train_prompt_value and gvm.alignment == "qview"
@@ -106,7 +124,7 @@ def td_objective(gvm: GVMConfig) -> Objective:
         value, stats = td(outputs, mb)
         return {"td": value}, {k: stats[k] for k in TD_SUMS}
 
-    return Objective(Loss(terms, lambda mb: {"td": count(mb)}, TD_SUMS), False,
+    return Objective(Loss(over_heads(terms), lambda mb: {"td": count(mb)}, TD_SUMS), False,
                      lambda s, counts: td_metrics(s),
                      ("gvm/loss", "gvm/value_mean", "gvm/pair_acc_last",
                       "perf/train_tokens_per_s"))
@@ -129,7 +147,7 @@ def td_pairwise_objective(gvm: GVMConfig) -> Objective:
                 # what the optimizer minimises
                 "gvm/loss_total": td["gvm/objective"] + gvm.pairwise_weight * pair_loss}
 
-    return Objective(Loss(terms, lambda mb: {"td": count(mb), "pairs": _pairs(mb)},
+    return Objective(Loss(over_heads(terms), lambda mb: {"td": count(mb), "pairs": _pairs(mb)},
                           TD_SUMS + PAIR_SUMS), True,
                      metrics, ("gvm/loss", "gvm/pair_loss", "gvm/pair_acc_last",
                                "perf/train_tokens_per_s"))
@@ -146,7 +164,8 @@ def bradley_terry_objective(gvm: GVMConfig) -> Objective:
         pairs = max(counts["pairs"], 1.0)
         return {"rm/loss": s["loss_sum"] / pairs, "rm/train_accuracy": s["correct"] / pairs}
 
-    return Objective(Loss(terms, lambda mb: {"pairs": _pairs(mb)}, ("loss_sum", "correct")),
+    return Objective(Loss(over_heads(terms), lambda mb: {"pairs": _pairs(mb)},
+                          ("loss_sum", "correct")),
                      True, metrics, ("rm/loss", "rm/train_accuracy", "gvm/pair_acc_last"))
 
 

@@ -26,6 +26,7 @@ from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.device import to_device
 from megatron_dvpo.gvm.evaluate import evaluate_pairs
+from megatron_dvpo.gvm.heads import read_heads
 from megatron_dvpo.gvm.objectives import OBJECTIVES, train_on_batch
 from megatron_dvpo.gvm.td import gather_response_values
 from megatron_dvpo.models import forward
@@ -54,9 +55,11 @@ class GVMTrainer(JobDefaults):
 
     def __init__(self, cfg: RunConfig):
         init = cfg.checkpoint.init_from
-        # a GVM may start from a policy: its trunk, with the value head zero-initialised
-        self.init_skip = (("output_layer.",) if init and not load_config(
-            Path(init) / "config.yaml").model.value_head else ())
+        # a GVM may start from a policy, or from a GVM of another head count: its trunk, with
+        # the value head(s) initialised here
+        start = load_config(Path(init) / "config.yaml").model if init else None
+        self.init_skip = (("output_layer.",) if start and not (
+            start.value_head and start.value_heads == cfg.model.value_heads) else ())
         self.cfg = cfg = gvm_config(cfg)
         self.model = TrainedModel(build_gvm_chunks(cfg, cfg.gvm.value_head_init_std),
                                   cfg.optimizer, cfg.parallel, cfg.precision, cfg.train_steps,
@@ -84,8 +87,11 @@ class GVMTrainer(JobDefaults):
 
     def state_dict(self) -> dict:
         """The data position, and the range of the model's values on its own training data,
-        which DVPO compares its rollouts' values with (``rollout/gvm_value_ood_rate``)."""
-        return {**self.batches.state_dict(), "value_range": self.value_range()}
+        which DVPO compares its rollouts' values with (``rollout/gvm_value_ood_rate``); with
+        K heads, how far they spread there (``rollout/gvm_head_disagree_rate``)."""
+        low, high, spread = self.value_range()
+        heads = {"head_spread_limit": spread} if self.cfg.model.value_heads > 1 else {}
+        return {**self.batches.state_dict(), "value_range": [low, high], **heads}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
@@ -119,21 +125,26 @@ class GVMTrainer(JobDefaults):
 
     # -- pieces -----------------------------------------------------------------------------
     def value_range(self) -> list[float]:
-        """The 0.5th and 99.5th percentiles of the Q-view over the first ``RANGE_SAMPLES``
-        training samples, the same on every rank."""
+        """The 0.5th and 99.5th percentiles of the Q-view (the heads' mean) over the first
+        ``RANGE_SAMPLES`` training samples and the 99.5th of the heads' spread (0 for one
+        head), the same on every rank."""
         mbs = self.cfg.data.micro_batch_size
         count = min(RANGE_SAMPLES, len(self.train_data)) // mbs * mbs or mbs
         batch = collate([self._sample(i % len(self.train_data)) for i in range(count)],
                         self.cfg.data.seq_length, self.train_data.pad_id)
         values = forward.token_values(self.model.ddp, forward.make_microbatches(
             mbs, tokens=to_device(batch)["tokens"]))
-        quantiles = None
+        found = None
         if values is not None:
-            q, mask, _ = gather_response_values(values, batch["prompt_lengths"],
-                                                batch["response_lengths"], self.cfg.gvm.alignment)
-            quantiles = torch.quantile(q[mask].float(), torch.tensor(
-                RANGE_QUANTILES, device=q.device))
-        return distributed.broadcast_from_last_stage(quantiles, (2,), torch.float32).tolist()
+            mean, spread = read_heads(values)
+            spread = torch.zeros_like(mean) if spread is None else spread
+            lengths = (batch["prompt_lengths"], batch["response_lengths"])
+            q, mask, _ = gather_response_values(mean, *lengths, self.cfg.gvm.alignment)
+            s = gather_response_values(spread, *lengths, self.cfg.gvm.alignment)[0]
+            levels = torch.tensor(RANGE_QUANTILES, device=q.device)
+            found = torch.cat([torch.quantile(q[mask].float(), levels),
+                               torch.quantile(s[mask].float(), levels[1:])])
+        return distributed.broadcast_from_last_stage(found, (3,), torch.float32).tolist()
 
     def _sample(self, index: int):
         sample = self.train_data[index]

@@ -20,6 +20,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_dvpo.config import ConfigError
+from megatron_dvpo.gvm.heads import mean_value
 from megatron_dvpo.models.forward import logit_temperature, tempered
 from megatron_dvpo.models.generation import categorical_draw, step_mask
 from megatron_dvpo.models.precision import sequence_parallel_disabled
@@ -44,7 +45,7 @@ class ValueGuide:
         with sequence_parallel_disabled([self.gvm]):
             values = self.gvm(tokens, positions, mask, inference_context=self.context,
                               runtime_gather_output=True)
-        return values[:, -1].float()
+        return mean_value(values)[:, -1].float()  # a K-head GVM's heads' mean
 
     def start(self, prompt_tokens: torch.Tensor, key_pad: Optional[torch.Tensor],
               total: int) -> None:

@@ -21,10 +21,14 @@ class Scores:
     """What a scorer says about a rollout, identical on every rank of a model-parallel group:
     ``final_value [B]``, its (unwhitened) prediction of each response's reward, logged under
     the scorer's ``final_value_tag``; ``out_of_range [B, T]`` (bool, or None), values outside
-    the range the scorer produced on its own training data."""
+    the range the scorer produced on its own training data; a K-head GVM's ``head_spread
+    [B, T]`` (the heads' std, 0 past each response) and ``disagrees [B, T]`` (bool: a spread
+    above the one it had on its training data), None for other scorers."""
 
     final_value: torch.Tensor
     out_of_range: Optional[torch.Tensor] = None
+    head_spread: Optional[torch.Tensor] = None
+    disagrees: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,6 +73,14 @@ def _check_value_model(key: str, path: str, value_cfg: RunConfig, policy: RunCon
         raise ConfigError(f"the policy's vocabulary ({policy.model.vocab_size} tokens) "
                           f"differs from {key}'s ({value_cfg.model.vocab_size}): they "
                           "must share one tokenizer")
+    heads = value_cfg.model.value_heads
+    if key == "ppo.critic" and heads > 1:
+        raise ConfigError(f"ppo.critic={path} has model.value_heads={heads}: PPO's critic is "
+                          "trained as one value; start it from a one-head model")
+    if key == "dvpo.gvm" and cfg.dvpo.head_pessimism > 0 and heads == 1:
+        raise ConfigError(f"dvpo.head_pessimism={cfg.dvpo.head_pessimism} reads the spread of "
+                          f"a K-head GVM, and {key}={path} has one head (train it with "
+                          "model.value_heads > 1)")
     reads_prompt_value = key == "dvpo.gvm" and cfg.dvpo.estimator in ("td", "gae")
     gvm = value_cfg.gvm
     if reads_prompt_value and gvm.alignment == "qview" and not gvm.train_prompt_value:

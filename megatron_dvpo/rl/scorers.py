@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import load_model
@@ -26,6 +27,7 @@ from megatron_dvpo.config import ModelConfig, RunConfig
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.device import device
+from megatron_dvpo.gvm.heads import mean_value, read_heads
 from megatron_dvpo.integrity import require_intact
 from megatron_dvpo.models.generation import Rollout, rollout_prompts, rollout_responses
 from megatron_dvpo.models.precision import inference_precision
@@ -70,16 +72,19 @@ def frozen_model(cfg: RunConfig, model: ModelConfig, directory: str) -> list[tor
 
 
 def rollout_values(chunks, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
-    """A value model's ``[B, P+T]`` outputs over a rollout, on every pipeline stage."""
+    """A value model's ``[B, P+T]`` outputs over a rollout (``[B, P+T, K]`` with K heads), on
+    every pipeline stage."""
     values = forward.rollout_values(chunks, rollout, micro_batch_size)
-    return distributed.broadcast_from_last_stage(values, tuple(rollout.tokens.shape),
-                                                 torch.float32)
+    heads = get_attr_wrapped_model(chunks[-1], "value_heads")
+    return distributed.broadcast_from_last_stage(
+        values, tuple(rollout.tokens.shape) + ((heads,) if heads > 1 else ()), torch.float32)
 
 
 def sequence_rewards(reward_model, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
-    """[B] a Bradley-Terry reward model's score of each response: its last token's value."""
+    """[B] a Bradley-Terry reward model's score of each response: its last token's value (its
+    heads' mean)."""
     lengths = rollout.response_lengths
-    q, _ = rollout_q_view(rollout_values(reward_model, rollout, micro_batch_size),
+    q, _ = rollout_q_view(mean_value(rollout_values(reward_model, rollout, micro_batch_size)),
                           rollout.prompt_width, lengths)
     return q.gather(1, (lengths - 1)[:, None]).squeeze(1)
 
@@ -163,8 +168,10 @@ class GVMScorer:
         self.whitened = reads_released_whitening(cfg.dvpo.estimator, cfg.dvpo.value_whitening)
         self.micro_batch_size, self.offload = cfg.data.micro_batch_size, cfg.dvpo.gvm_offload
         state = Path(cfg.dvpo.gvm) / "train_state.json"  # absent for a converted GVM
-        self.value_range = (json.loads(state.read_text()).get("value_range")
-                            if state.is_file() else None)
+        trained = json.loads(state.read_text()) if state.is_file() else {}
+        self.value_range = trained.get("value_range")
+        self.spread_limit = trained.get("head_spread_limit")
+        self.pessimism = cfg.dvpo.head_pessimism
         if self.value_range is None:
             distributed.print_rank0(f"dvpo.gvm={cfg.dvpo.gvm} records no value range (not "
                                     "trained here): rollout/gvm_value_ood_rate is not logged")
@@ -185,15 +192,23 @@ class GVMScorer:
         if offload:
             for chunk in self.gvm:
                 chunk.cpu()
-        width, lengths = rollout.prompt_width, rollout.response_lengths
+        width, lengths, mask = rollout.prompt_width, rollout.response_lengths, rollout.response_mask
+        mean, spread = read_heads(values)
+        values = mean if spread is None else mean - self.pessimism * spread
         plain, plain_prompt = rollout_q_view(values, width, lengths, self.alignment)
         q, q_prompt = (released_whitened_q_view(values, width, lengths, self.alignment,
                                                 self.micro_batch_size)
                        if self.whitened else (plain, plain_prompt))
-        ood = (out_of_range(plain, *self.value_range) & rollout.response_mask
-               if self.value_range else None)
+        if spread is not None:
+            spread = rollout_q_view(spread, width, lengths, self.alignment)[0]
+            mean = rollout_q_view(mean, width, lengths, self.alignment)[0]
+        else:
+            mean = plain
+        ood = out_of_range(mean, *self.value_range) & mask if self.value_range else None
+        disagrees = (spread > self.spread_limit) & mask if self.spread_limit is not None else None
         return GVMScores(final_value=plain.gather(1, (lengths - 1)[:, None]).squeeze(1),
-                         q=q, q_prompt=q_prompt, out_of_range=ood)
+                         q=q, q_prompt=q_prompt, out_of_range=ood, head_spread=spread,
+                         disagrees=disagrees)
 
     def learn(self, rollout, scores, advantages, seed) -> None:
         return None  # the GVM never learns from the policy's advantages

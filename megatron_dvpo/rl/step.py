@@ -106,23 +106,33 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
     lengths = rollout.response_lengths
     repeated, grams = repeat_counts(rollout.responses, lengths)
     cut = truncated(rollout.responses, lengths, eos_id, max_new_tokens)
-    ood = scores.out_of_range
+    ood, spread, disagrees = scores.out_of_range, scores.head_spread, scores.disagrees
+    zero = mask.new_zeros(())
     local = torch.stack([mask.sum(), torch.tensor(mask.shape[0], device=mask.device),
                          kl.sum(), scores.final_value.sum(), (advantages * mask).sum(),
                          (advantages.square() * mask).sum(), drift.sum(),
                          torch.tensor(repeated, device=mask.device),
                          torch.tensor(grams, device=mask.device), cut.sum(),
-                         ood.sum() if ood is not None else mask.new_zeros(()),
+                         ood.sum() if ood is not None else zero,
                          lengths.double().square().sum(),
-                         scores.final_value.double().square().sum()]).double()
+                         scores.final_value.double().square().sum(),
+                         (spread * mask).sum() if spread is not None else zero,
+                         spread.gather(1, (lengths - 1)[:, None]).sum()
+                         if spread is not None else zero,
+                         disagrees.sum() if disagrees is not None else zero]).double()
     torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
     tokens, rows, kl_sum, final, adv, adv_sq, drift_sum, rep, gram, cut_rows, ood_sum, \
-        len_sq, final_sq = local.tolist()
+        len_sq, final_sq, spread_sum, final_spread, disagree_sum = local.tolist()
     adv_mean = adv / tokens
     gaming = {"rollout/repeat_rate": rep / max(gram, 1.0),
               "rollout/truncated_rate": cut_rows / rows}
     if ood is not None:
         gaming["rollout/gvm_value_ood_rate"] = ood_sum / tokens
+    if spread is not None:  # a K-head GVM: how much its heads disagree on these responses
+        gaming.update({"rollout/gvm_head_std_mean": spread_sum / tokens,
+                       "rollout/gvm_head_std_final": final_spread / rows})
+    if disagrees is not None:
+        gaming["rollout/gvm_head_disagree_rate"] = disagree_sum / tokens
     final_name = final_value_tag.removesuffix("_mean")
     spread = extremes({"rollout/response_len": lengths, final_name: scores.final_value,
                        "rollout/adv": advantages[mask.bool()]})

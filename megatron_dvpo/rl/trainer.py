@@ -198,6 +198,7 @@ class RLTrainer:
             "rollout/repeat_rate": ("max", rl.gaming_max_repeat_rate),
             "rollout/truncated_rate": ("max", rl.gaming_max_truncated_rate),
             "rollout/gvm_value_ood_rate": ("max", rl.gaming_max_value_ood_rate),
+            "rollout/gvm_head_disagree_rate": ("max", rl.gaming_max_head_disagree_rate),
             "policy/entropy": ("min", rl.gaming_min_entropy)})
         if not found:
             return None
