@@ -324,6 +324,11 @@ class RLConfig:
     # the per-token KL penalty's estimator of KL(pi_old || pi_ref), with d = logp_old - logp_ref:
     # k1 = d (the released code), k2 = d^2 / 2, k3 = exp(-d) - 1 + d (non-negative)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # length as part of the reward, in every estimator (docs/algorithm.md §2, "Length"): each
+    # response token costs length_penalty; a response cut at rollout.max_new_tokens without
+    # EOS costs truncation_penalty more, at its last token (DAPO's overlong penalty, hard form)
+    length_penalty: float = _checked(0.0, NON_NEGATIVE)
+    truncation_penalty: float = _checked(0.0, NON_NEGATIVE)
     # correction of the sampler's and the training forward's log-prob mismatch: none, tis
     # (weights min(pi_train / pi_sampler, is_cap)) or icepop (the ratio inside [1/is_cap,
     # is_cap], the token dropped outside)

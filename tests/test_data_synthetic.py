@@ -107,3 +107,30 @@ def test_bigram_rule_scores_each_word_by_the_one_before_it():
     for word in WORDS:  # no word is good or bad on its own
         assert {rule.worth(before, word) for before in WORDS} == {-1, 0, 1}
     assert BigramRule(seed=1).group != rule.group
+
+
+def test_echo_rule_scores_prompt_words_named_briefly():
+    from megatron_dvpo.data.synthetic import EchoRule
+
+    rule = EchoRule()
+    assert rule.score("dog egg fig", "egg dog") == 1.0 == rule.best("dog egg fig")
+    assert rule.score("dog egg fig", "egg egg") == 0.5  # distinct words count
+    assert rule.score("dog egg fig", "sun sun sun egg") == -0.125  # past the window: a cost
+    assert rule.score("dog egg fig", "egg dog fig sun sun") == 1.0 - 2 * 0.125
+    assert rule.best("dog dog") == 0.5  # one distinct prompt word
+
+
+@pytest.mark.parametrize("name", ["synthetic", "bigram", "echo"])
+def test_each_rules_best_is_reached_and_never_beaten(name):
+    """``best(prompt)`` is the maximum over every response of up to three task words (the
+    window of each rule; more words add nothing but cost), checked exhaustively."""
+    import itertools
+    import random
+
+    from megatron_dvpo.data.synthetic import RULES, WORDS, generate_prompts
+
+    rule = RULES[name](seed=0)
+    responses = [" ".join(words) for n in (1, 2, 3) for words in
+                 itertools.product(WORDS, repeat=n)]
+    for prompt in random.Random(0).sample(generate_prompts(200), 4):
+        assert max(rule.score(prompt, r) for r in responses) == rule.best(prompt), prompt

@@ -422,3 +422,40 @@ def test_gae_with_released_value_whitening_matches_the_released_recipe():
     other, _ = compute_advantages("gae", q, q_prompt, mask, logp_old, logp_ref, beta, gamma,
                                   lam, whiten_values=True)
     assert not torch.allclose(other, expected, atol=1e-3)
+
+
+def test_length_rewards_cost_every_token_and_a_cut_response_more():
+    from megatron_dvpo.rl.advantages import length_rewards
+
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    ended = torch.tensor([[False, False, False], [False, True, False]])  # row 1 ends in EOS
+    got = length_rewards(mask, ended, torch.tensor([True, False]), per_token=0.1, truncation=1.0)
+    assert torch.allclose(got, torch.tensor([[-0.1, -0.1, -1.1], [-0.1, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("estimator", ["td", "q", "gae", "gae_critic", "grpo"])
+def test_every_estimator_takes_the_length_rewards_as_it_takes_the_kl_penalty(estimator):
+    """With lambda 0 and gamma 1 a per-token reward moves each token's advantage by itself
+    (DVPO's td, q and gae, PPO's gae over a critic); GRPO's sequence reward by its sum."""
+    from megatron_dvpo.rl.estimators import (ESTIMATORS, CriticScores, EstimatorInputs,
+                                             GVMScores)
+
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    extra = torch.tensor([[-0.1, -0.1, -1.1], [-0.1, -0.1, 0.0]], dtype=F64)
+    q = t([Q3, [0.3, -0.2, 0.0]])
+    scores = (GVMScores(final_value=q[:, -1], q=q, q_prompt=t([[0.1], [0.0]])[:, 0])
+              if estimator in ("td", "q", "gae") else
+              CriticScores(final_value=t([[1.0], [-1.0]])[:, 0], rewards=t([[1.0], [-1.0]])[:, 0],
+                           state_values=q * mask))
+    logp = t([LOGP_OLD, LOGP_OLD])
+
+    def advantages(length):
+        x = EstimatorInputs(mask, logp, logp, beta=0.0, gamma=1.0, lam=0.0, group_size=2,
+                            length_rewards=length)
+        return ESTIMATORS[estimator](scores, x).advantages
+
+    moved = advantages(extra) - advantages(None)
+    if estimator == "grpo":  # group-normalised: the shorter, cheaper response gains
+        assert moved[1, 0] > 0 > moved[0, 0] and moved[0, 2] == moved[0, 0]
+    else:
+        assert torch.allclose(moved, extra), moved

@@ -57,6 +57,12 @@ class SyntheticRule:
             raw += 1
         return raw / (self.good_window + 1)
 
+    def best(self, prompt: str) -> float:
+        """The highest score any response to ``prompt`` reaches: good words filling the
+        window, the first of them the prompt's last word when that one is good."""
+        return 1.0 if prompt.split()[-1:] and prompt.split()[-1] in self.good else (
+            self.good_window / (self.good_window + 1))
+
 
 @dataclass(frozen=True)
 class BigramRule:
@@ -91,8 +97,38 @@ class BigramRule:
         words = prompt.split()[-1:] + response.split()[:self.window]
         return sum(self.worth(a, b) for a, b in zip(words, words[1:])) / 4
 
+    def best(self, prompt: str) -> float:
+        """Every word of the window after one of the group before its own."""
+        return self.window / 4
 
-RULES = {"synthetic": SyntheticRule, "bigram": BigramRule}  # the built-in scorers, by name
+
+@dataclass(frozen=True)
+class EchoRule:
+    """A rule that scores length: name the prompt's words, briefly.
+
+    +1/``echo`` for each distinct prompt word among the response's first ``window`` words (at
+    most ``echo`` of them), -``extra_cost`` for each word beyond ``window``: 1.0 at best (two
+    prompt words, nothing else), below 0 for most of the demo's 1-12-word responses. ``seed``
+    is unused (one rule), kept so that every rule is named ``name:seed``.
+    """
+
+    seed: int = 0
+    echo: int = 2
+    window: int = 3
+    extra_cost: float = 0.125
+
+    def score(self, prompt: str, response: str) -> float:
+        words, asked = response.split(), set(prompt.split()) & set(WORDS)
+        named = len(asked & set(words[:self.window]))
+        return min(named, self.echo) / self.echo - self.extra_cost * max(
+            len(words) - self.window, 0)
+
+    def best(self, prompt: str) -> float:
+        return min(len(set(prompt.split()) & set(WORDS)), self.echo) / self.echo
+
+
+# the built-in scorers, by name
+RULES = {"synthetic": SyntheticRule, "bigram": BigramRule, "echo": EchoRule}
 
 
 def _words(rng: random.Random, bounds: tuple[int, int]) -> str:
@@ -169,7 +205,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--train-rows", type=int, default=8000)
     parser.add_argument("--eval-rows", type=int, default=400)
     parser.add_argument("--rule", choices=sorted(RULES), default="synthetic",
-                        help="the hidden rule: word-level (synthetic) or word-pair (bigram)")
+                        help="the hidden rule: word-level (synthetic), word-pair (bigram) or "
+                        "prompt words, briefly (echo)")
     parser.add_argument("--rule-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

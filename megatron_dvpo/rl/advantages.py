@@ -95,6 +95,18 @@ def kl_penalty(logp_old: torch.Tensor, logp_ref: torch.Tensor,
     return torch.where(mask, KL_ESTIMATORS[estimator](d), 0.0)
 
 
+def length_rewards(mask: torch.Tensor, ended: torch.Tensor, truncated: torch.Tensor,
+                   per_token: float, truncation: float) -> torch.Tensor:
+    """[B, T] rewards that make length a choice: ``-per_token`` at every response token that
+    is not its EOS (``ended`` [B, T] marks those), so that with any lambda, 0 included, ending
+    is worth ``per_token`` more than going on; ``-truncation`` more at the last token of each
+    ``truncated`` [B] response."""
+    rewards = torch.where(mask & ~ended, -per_token, 0.0)
+    last = (mask.sum(1) - 1).clamp(min=0).unsqueeze(1)
+    cut = torch.where(truncated, -truncation, 0.0).to(rewards.dtype).unsqueeze(1)
+    return rewards.scatter_add(1, last, cut)
+
+
 def td_advantages(q: torch.Tensor, q_prompt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``A_t = q_t - q_{t-1}`` with ``q_{-1} = q_prompt``: the GVM's one-step advantage.
 
@@ -193,7 +205,7 @@ def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
                        mask: torch.Tensor, logp_old: torch.Tensor | None = None,
                        logp_ref: torch.Tensor | None = None, beta: float = 0.0,
                        gamma: float = 1.0, lam: float = 0.95, whiten_values: bool = True,
-                       kl_estimator: str = "k1"
+                       kl_estimator: str = "k1", extra_rewards: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Advantages ``[B, T]`` of one rollout batch by ``estimator`` (``td``, ``q`` or ``gae``).
 
@@ -201,7 +213,8 @@ def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
     logp_old - logp_ref``) applies only when ``beta > 0`` and a reference is given (no
     reference model is loaded when ``kl_coef = 0``). For ``td`` and ``q`` it is added to
     ``A_t``; for ``gae`` it is the whole reward (all zeros without it), and
-    ``gamma``/``lam``/``whiten_values`` (per-sequence state values) matter only there. Global
+    ``gamma``/``lam``/``whiten_values`` (per-sequence state values) matter only there.
+    ``extra_rewards`` [B, T] (``length_rewards``) join the KL penalty wherever it goes. Global
     whitening is left to the caller (``whiten``).
 
     ``stats`` holds detached sums ready to stack and all-reduce: ``tokens``, ``rows``,
@@ -217,6 +230,8 @@ def compute_advantages(estimator: str, q: torch.Tensor, q_prompt: torch.Tensor,
     kl = (kl_penalty(logp_old, logp_ref, mask, kl_estimator) if logp_ref is not None
           else None)
     shaping = -beta * kl if kl is not None and beta > 0 else None
+    if extra_rewards is not None:
+        shaping = extra_rewards if shaping is None else shaping + extra_rewards
     if estimator == "gae":
         rewards = shaping if shaping is not None else torch.zeros_like(q, dtype=torch.float32)
         advantages, _ = gae_advantages(q, q_prompt, mask, rewards, gamma, lam, whiten_values)

@@ -64,6 +64,7 @@ class EstimatorInputs:
     whiten_state_values: bool = False  # gae: per-sequence whitening of V(s_t)
     group_size: int = 1  # rollout.n_samples: consecutive rows that share a prompt
     kl_estimator: str = "k1"  # rl.kl_estimator: the per-token KL penalty's estimator
+    length_rewards: Optional[torch.Tensor] = None  # [B, T] rl.length_penalty & co., or None
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,8 @@ def _gvm(estimator: str) -> Callable[[GVMScores, EstimatorInputs], Advantages]:
     def estimate(scores: GVMScores, x: EstimatorInputs) -> Advantages:
         advantages, _ = compute_advantages(estimator, scores.q, scores.q_prompt, x.mask,
                                            x.logp_old, x.logp_ref, x.beta, x.gamma, x.lam,
-                                           x.whiten_state_values, x.kl_estimator)
+                                           x.whiten_state_values, x.kl_estimator,
+                                           x.length_rewards)
         return Advantages(advantages)
 
     return estimate
@@ -90,6 +92,8 @@ def gae_with_critic(scores: CriticScores, x: EstimatorInputs) -> Advantages:
     rewards = torch.zeros_like(x.logp_old, dtype=torch.float32)
     if x.logp_ref is not None and x.beta > 0:
         rewards = -x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask, x.kl_estimator)
+    if x.length_rewards is not None:
+        rewards = rewards + x.length_rewards
     last = (x.mask.sum(1) - 1).unsqueeze(1)
     rewards = rewards.scatter_add(1, last, scores.rewards.unsqueeze(1).to(rewards.dtype))
     advantages, returns = gae(scores.state_values, rewards, x.mask, x.gamma, x.lam)
@@ -106,6 +110,8 @@ def _group(method: str) -> Callable[[SequenceScores, EstimatorInputs], Advantage
         if x.logp_ref is not None and x.beta > 0:
             rewards = rewards - x.beta * kl_penalty(x.logp_old, x.logp_ref, x.mask,
                                                     x.kl_estimator).sum(1)
+        if x.length_rewards is not None:
+            rewards = rewards + x.length_rewards.sum(1)
         per_row = group_advantages(rewards, x.group_size, method)
         return Advantages(per_row[:, None] * x.mask)
 

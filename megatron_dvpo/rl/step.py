@@ -20,7 +20,7 @@ from megatron_dvpo import distributed
 from megatron_dvpo.config import RunConfig
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.generation import Rollout
-from megatron_dvpo.rl.advantages import masked_moments, whiten_with_moments
+from megatron_dvpo.rl.advantages import length_rewards, masked_moments, whiten_with_moments
 from megatron_dvpo.rl.estimators import Advantages, Estimator, EstimatorInputs, Scores
 from megatron_dvpo.rl.gaming import repeat_counts, truncated
 from megatron_dvpo.rl.rollout_backend import RolloutBackend
@@ -146,6 +146,17 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
             "rollout/logprob_diff": drift_sum / tokens}
 
 
+def step_length_rewards(rollout: Rollout, rl, eos_id: int, max_new_tokens: int
+                        ) -> torch.Tensor | None:
+    """The rollout's ``length_rewards`` under ``rl.length_penalty`` and
+    ``rl.truncation_penalty``; None when both are 0."""
+    if not (rl.length_penalty or rl.truncation_penalty):
+        return None
+    cut = truncated(rollout.responses, rollout.response_lengths, eos_id, max_new_tokens)
+    return length_rewards(rollout.response_mask, rollout.responses == eos_id, cut,
+                          rl.length_penalty, rl.truncation_penalty)
+
+
 def perf_metrics(rollout: Rollout, epochs: int, gen_s: float, score_s: float,
                  train_s: float) -> dict[str, float]:
     mask = rollout.response_mask
@@ -173,7 +184,9 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
     logp_old = response_logprobs(parts.policy.chunks, rollout, vocab, mbs, parts.temperature)
     estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, parts.kl.beta,
                                rl.gamma, rl.lam, parts.whiten_state_values,
-                               cfg.rollout.n_samples, rl.kl_estimator)
+                               cfg.rollout.n_samples, rl.kl_estimator,
+                               step_length_rewards(rollout, rl, parts.eos_id,
+                                                   cfg.rollout.max_new_tokens))
     result: Advantages = parts.estimator(scores, estimate)
     advantages = result.advantages
     if rl.whiten_advantages and not parts.estimator.grouped:
