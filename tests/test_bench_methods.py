@@ -1,6 +1,8 @@
 """tools/bench_methods.py and tools/bench_guided.py in their quick modes, on the shared demo
 stages and reward model (no timing or quality asserts: those are the benchmarks')."""
 
+import pytest
+
 from conftest import NPROC, quick_bench
 from megatron_dvpo.demo import scalars
 
@@ -49,3 +51,20 @@ def test_bench_methods_quick(reward_model, tmp_path):
     written = scalars(tmp_path / "curves" / "overopt_synthetic_tensorboard" / "dvpo")
     assert {"overoptimization/true_reward", "overoptimization/scorer_value",
             "overoptimization/eval_true_reward"} <= set(written)
+
+
+def test_bench_defaults_quick(task, tmp_path):
+    """One seed's GVM, reward model and DVPO runs (4 and 2 steps) on the shared demo stages,
+    and a variant with its own GVM (2 heads): the table's numbers are what the runs logged."""
+    report = quick_bench(tmp_path, "bench_defaults.py", "--task-dir", str(task.root.parent),
+                         "--nproc", str(NPROC), "--variant", "heads", "model.value_heads=2",
+                         "gvm.value_head_init_std=0.02", "dvpo.head_pessimism=1")
+    synthetic = report["tasks"]["synthetic"]
+    assert 0.75 < synthetic["best_reachable"] < 1.0  # 1.0 or 0.75 per prompt
+    row = synthetic["seeds"]["5"]
+    for name in ("default", "heads"):
+        found = row[name]
+        assert found["closed"] == pytest.approx((found["after"] - found["before"])
+                                                / (synthetic["best_reachable"] - found["before"]))
+        assert found["before"] == row["default"]["before"]  # the same policy, seed and prompts
+    assert 0 <= row["heads"]["gvm_accuracy"] <= 1 and "gvm_accuracy" not in row["default"]
