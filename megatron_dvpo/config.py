@@ -642,6 +642,31 @@ def config_changes(before: dict, after: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+# The models a run scores or anchors with: swapping one on resume changes what the curves
+# measure from that step on.
+SCORING_MODELS = {
+    "reference": ("the reference model", "rollout/kl_ref and the KL penalty"),
+    "dvpo.gvm": ("the GVM", "every DVPO advantage"),
+    "ppo.reward_model": ("the reward model", "PPO's rewards"),
+    "grpo.reward_model": ("the reward model", "GRPO's rewards")}
+
+
+def scoring_model_changes(before: dict, after: dict) -> list[str]:
+    """One line per scoring model a resumed run's config swaps (``SCORING_MODELS``); the
+    reference is ``rl.reference``, else the initial ``rl.policy``."""
+    def model(config: dict, key: str):
+        if key == "reference":
+            rl = config.get("rl", {})
+            return rl.get("reference") or rl.get("policy")
+        section, name = key.split(".")
+        return config.get(section, {}).get(name)
+
+    return [f"{what} changed ({model(before, key)} -> {model(after, key)}): {reads} come from "
+            "the new one from here on, and their curves jump"
+            for key, (what, reads) in SCORING_MODELS.items()
+            if model(before, key) != model(after, key)]
+
+
 def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

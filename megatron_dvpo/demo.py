@@ -176,7 +176,7 @@ def main(argv=None) -> None:
           f"DVPO, {result['true_reward_after']:+.3f} after")
     print(f"GVM held-out pairwise accuracy: {result['gvm_pair_acc_last']:.1%} (last value), "
           f"{result['gvm_pair_acc_mean']:.1%} (mean value)")
-    print(f"TensorBoard: tensorboard --logdir {result['tensorboard']}")
+    print(f"TensorBoard: tensorboard --logdir {args.workdir} (the runs: sft/, gvm/, dvpo/)")
     print(f"trained policy in HF format: {result['exported']}")
     print(f"total {time.perf_counter() - start:.0f}s")
     (Path(args.workdir) / "result.json").write_text(json.dumps(result, indent=2))

@@ -47,6 +47,18 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def memory_metrics() -> dict[str, float]:
+    """The process's resident memory now (``perf/host_mem_gib``) and, on a GPU, the most the
+    caching allocator reserved (``perf/max_memory_reserved_gib``), beside ``peak_mem_gib``."""
+    import psutil
+
+    metrics = {"perf/peak_mem_gib": peak_memory_gib(),
+               "perf/host_mem_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        metrics["perf/max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return metrics
+
+
 def release_freed_memory() -> None:
     """Give memory the process freed back to the system (glibc keeps it otherwise), so that a
     ``PeakRSS`` after a warm-up sees the next run's allocations instead of reused ones."""
@@ -89,6 +101,10 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
+# tags logged only when their value changes: a constant schedule is one point, not a flat card
+ON_CHANGE = ("/lr",)
+
+
 class MetricsLogger:
     """TensorBoard event files under ``directory`` plus a one-line summary per logged step.
 
@@ -102,19 +118,26 @@ class MetricsLogger:
         self.writer = None
         self.start = time.perf_counter()
         self.first_step: int | None = None
+        self.last: dict[str, float] = {}  # the ON_CHANGE tags' last logged values
 
-    def open(self, resumed_at: int | None = None, text: dict[str, str] | None = None) -> None:
+    def open(self, resumed_at: int | None = None, text: dict[str, str] | None = None,
+             hparams: dict | None = None, metrics: tuple[str, ...] = ()) -> None:
         """Start the event file. A run resumed at step S logs S+1... again: TensorBoard drops
         the earlier events from S+1 on (``purge_step``), so no step shows twice. ``text``:
-        tag -> markdown, written once (the resolved config)."""
+        tag -> markdown, written once (the resolved config); ``hparams``: the run's settings
+        for TensorBoard's HParams tab, beside the final values of the ``metrics`` tags."""
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         self.directory.mkdir(parents=True, exist_ok=True)
         purge = resumed_at + 1 if resumed_at is not None else None
         self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=purge)
         self.text(resumed_at or 0, text or {})
+        if hparams:  # in this run's own file, not the subdirectory add_hparams would make
+            for summary in hparams_summaries(hparams, dict.fromkeys(metrics, 0.0)):
+                self.writer.file_writer.add_summary(summary)
 
     def _write(self, step: int, values: dict, add: str) -> bool:
         """Each of ``values`` through the writer's ``add`` method at ``step``; False on the
@@ -133,8 +156,16 @@ class MetricsLogger:
         if text:
             self._write(step, text, "add_text")
 
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        """``metrics`` at ``step`` without a progress line (e.g. a checkpoint's time)."""
+        self._write(step, metrics, "add_scalar")
+
     def log(self, step: int, metrics: dict[str, float], summary: tuple[str, ...] = ()) -> None:
-        if not self._write(step, metrics, "add_scalar"):
+        unchanged = {tag for tag, value in metrics.items()
+                     if tag.endswith(ON_CHANGE) and self.last.get(tag) == value}
+        self.last.update({tag: v for tag, v in metrics.items() if tag.endswith(ON_CHANGE)})
+        if not self._write(step, {t: v for t, v in metrics.items() if t not in unchanged},
+                           "add_scalar"):
             return
         if self.first_step is None:
             self.first_step, self.start = step - 1, time.perf_counter()

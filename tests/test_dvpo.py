@@ -44,6 +44,18 @@ def test_dvpo_raises_the_true_reward(pipeline):
     assert max(v for _, v in logs["rollout/logprob_diff"]) < 1e-4  # rollout == training numerics
     # constants once, counters only once they count: no flat cards
     assert [step for step, _ in logs["memory/model_state_gib"]] == [1]
+    assert [step for step, _ in logs["policy/lr"]] == [1]  # the example's constant LR
+    # each phase's time; the step's tokens per second per rank; prompt lengths
+    for step, train in logs["perf/train_time_s"]:
+        phases = sum(dict(logs[f"timing_s/{p}"])[step]
+                     for p in ("old_logprob", "advantages", "update"))
+        assert phases == pytest.approx(train, rel=1e-6), step
+    for (step, tokens), (_, seconds), (_, throughput) in zip(
+            logs["perf/tokens"], logs["perf/step_time_s"], logs["perf/throughput"]):
+        assert throughput == pytest.approx(tokens / seconds / NPROC, rel=1e-6), step
+    assert {"timing_s/scorer", "timing_s/reference", "timing_s/eval", "timing_s/checkpoint",
+            "perf/host_mem_gib", "rollout/prompt_len_mean", "rollout/prompt_len_max"} <= set(logs)
+    assert 3 <= logs["rollout/prompt_len_min"][0][1] <= logs["rollout/prompt_len_mean"][0][1]
     assert "train/skipped_updates" not in logs and "train/skipped_steps" not in logs
     for name in ("rollout/gvm_final_value", "rollout/response_len", "rollout/adv"):
         for (_, low), (_, mean), (_, high), (_, std) in zip(

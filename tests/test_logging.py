@@ -42,3 +42,43 @@ def test_config_changes_name_each_differing_key():
     assert config_changes(before, after) == ["extra: None -> {'x': 2}",
                                              "rl.policy: '/a' -> '/b'"]
     assert config_changes(before, before) == []
+
+
+def test_a_swapped_scoring_model_is_named_on_resume():
+    """Another rl.policy with no rl.reference swaps the reference the KL is measured against
+    (issue 31: rollout/kl_ref jumped from 27 to 51 without a word)."""
+    from megatron_dvpo.config import scoring_model_changes
+
+    before = {"rl": {"policy": "/a", "reference": None}, "dvpo": {"gvm": "/g"}}
+    said = scoring_model_changes(before, {"rl": {"policy": "/b", "reference": None},
+                                          "dvpo": {"gvm": "/g"}})
+    assert len(said) == 1 and said[0].startswith("the reference model changed (/a -> /b)")
+    pinned = {"rl": {"policy": "/b", "reference": "/a"}, "dvpo": {"gvm": "/h"}}
+    assert [s.split(" changed")[0] for s in scoring_model_changes(before, pinned)] == ["the GVM"]
+
+
+def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path, single_rank):
+    """A constant learning rate is one point, a changing one every step; the HParams tab has
+    the run's settings and its summary tags."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from megatron_dvpo.demo import scalars
+    from megatron_dvpo.logging import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "tb", total_steps=3)
+    logger.open(hparams={"optimizer.lr": 1e-3, "dvpo.estimator": "gae"},
+                metrics=("eval/true_reward_mean",))
+    for step, lr in ((1, 1e-3), (2, 1e-3), (3, 5e-4)):
+        logger.log(step, {"policy/lr": lr, "critic/lr": 0.1 * step, "policy/loss": 1.0})
+    logger.close()
+    logs = scalars(tmp_path / "tb")
+    assert [s for s, _ in logs["policy/lr"]] == [1, 3] and len(logs["critic/lr"]) == 3
+    assert len(logs["policy/loss"]) == 3
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]).experiment
+    assert {h.name for h in experiment.hparam_infos} == {"optimizer.lr", "dvpo.estimator"}
+    assert [m.name.tag for m in experiment.metric_infos] == ["eval/true_reward_mean"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, launch, resumed_from
 from megatron_dvpo.demo import scalars
@@ -32,6 +33,7 @@ def test_ppo_steps_at_tp2_and_pp2(models, tmp_path, layout):
             "logging.log_interval=1", "rl.eval_interval=0", layout], nproc=2)
     logs = scalars(tmp_path / "tensorboard")
     for tag in ("policy/loss", "critic/loss", "rollout/kl_ref", "perf/score_time_s",
+                "critic/vf_explained_var",
                 "rollout/reward_model_score_mean"):  # named after the model that scores
         assert len(logs[tag]) == 2 and all(math.isfinite(v) for _, v in logs[tag]), tag
     assert "rollout/gvm_final_value_mean" not in logs
@@ -82,3 +84,15 @@ def test_bench_dvpo_vs_ppo_quick(tmp_path):
     assert result["ratios"]["model_state_memory"] < 1
     assert set(result["ratios"]) == {"peak_memory", "model_state_memory", "step_time",
                                      "score_time", "train_time"}
+
+
+def test_explained_variance_of_the_critic(single_rank):
+    from megatron_dvpo.rl.updates import explained_variance
+
+    returns = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.5), returns, mask) == pytest.approx(0.0)
+    # padding never counts: a wild value there changes nothing
+    noisy = returns + torch.tensor([[0.5, -0.5, 0.0], [0.0, 99.0, 99.0]])
+    assert explained_variance(noisy, returns, mask) == pytest.approx(1 - 0.125 / 1.25)

@@ -110,7 +110,8 @@ class GVMTrainer(JobDefaults):
         metrics = {**self.objective.metrics(trained),
                    f"{prefix}/grad_norm": trained.grad_norm or 0.0,
                    f"{prefix}/lr": self.model.lr,
-                   "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start)}
+                   "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start),
+                   "perf/tokens": seq_tokens}
         interval = self.cfg.gvm.eval_interval
         last = step + 1 == self.cfg.train_steps  # finish() evaluates the final model once
         if self.eval_data is not None and interval and (step + 1) % interval == 0 and not last:
@@ -160,13 +161,15 @@ class GVMTrainer(JobDefaults):
                        self.train_data.pad_id)
 
     def evaluate(self) -> dict[str, float]:
+        start = time.perf_counter()
         pairs = self.eval_data.pairs()
         if self.cfg.gvm.eval_max_pairs:
             pairs = pairs[:self.cfg.gvm.eval_max_pairs]
         accuracy = evaluate_pairs(self.model.ddp, self.eval_data, pairs, self.cfg.data.seq_length,
                                   self.cfg.data.micro_batch_size, self.context,
                                   self.cfg.gvm.alignment)
-        return {f"gvm/pair_acc_{name}": value for name, value in accuracy.items()}
+        return {**{f"gvm/pair_acc_{name}": value for name, value in accuracy.items()},
+                "timing_s/eval": time.perf_counter() - start}
 
 
 def main(argv=None) -> None:

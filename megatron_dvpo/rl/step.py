@@ -107,6 +107,7 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
     repeated, grams = repeat_counts(rollout.responses, lengths)
     cut = truncated(rollout.responses, lengths, eos_id, max_new_tokens)
     ood, spread, disagrees = scores.out_of_range, scores.head_spread, scores.disagrees
+    prompt_lengths = rollout.prompt_width - rollout.prompt_pad
     zero = mask.new_zeros(())
     local = torch.stack([mask.sum(), torch.tensor(mask.shape[0], device=mask.device),
                          kl.sum(), scores.final_value.sum(), (advantages * mask).sum(),
@@ -119,10 +120,11 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
                          (spread * mask).sum() if spread is not None else zero,
                          spread.gather(1, (lengths - 1)[:, None]).sum()
                          if spread is not None else zero,
-                         disagrees.sum() if disagrees is not None else zero]).double()
+                         disagrees.sum() if disagrees is not None else zero,
+                         prompt_lengths.sum()]).double()
     torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
     tokens, rows, kl_sum, final, adv, adv_sq, drift_sum, rep, gram, cut_rows, ood_sum, \
-        len_sq, final_sq, spread_sum, final_spread, disagree_sum = local.tolist()
+        len_sq, final_sq, spread_sum, final_spread, disagree_sum, prompt_sum = local.tolist()
     adv_mean = adv / tokens
     gaming = {"rollout/repeat_rate": rep / max(gram, 1.0),
               "rollout/truncated_rate": cut_rows / rows}
@@ -135,8 +137,10 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
         gaming["rollout/gvm_head_disagree_rate"] = disagree_sum / tokens
     final_name = final_value_tag.removesuffix("_mean")
     spread = extremes({"rollout/response_len": lengths, final_name: scores.final_value,
-                       "rollout/adv": advantages[mask.bool()]})
+                       "rollout/adv": advantages[mask.bool()],
+                       "rollout/prompt_len": prompt_lengths})
     return {**gaming, **spread, "rollout/response_len_mean": tokens / rows,
+            "rollout/prompt_len_mean": prompt_sum / rows,
             "rollout/response_len_std": _std(tokens, len_sq, rows),
             final_value_tag: final / rows, f"{final_name}_std": _std(final, final_sq, rows),
             # the adaptive controller's quantity: summed per sequence (docs/algorithm.md §2)
@@ -157,15 +161,34 @@ def step_length_rewards(rollout: Rollout, rl, eos_id: int, max_new_tokens: int
                           rl.length_penalty, rl.truncation_penalty)
 
 
-def perf_metrics(rollout: Rollout, epochs: int, gen_s: float, score_s: float,
-                 train_s: float) -> dict[str, float]:
+class Phases:
+    """Seconds of each phase of a step, each timed from the end of the one before."""
+
+    def __init__(self):
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name], self.last = now - self.last, now
+
+
+def perf_metrics(rollout: Rollout, epochs: int, phases: dict[str, float]) -> dict[str, float]:
+    """Rates and times of a step: generation, scoring (the scorer and the reference) and
+    training (old log-probs, advantages, updates) as ``perf/*``, and every phase apart as
+    ``timing_s/*`` (verl's names); the step's prompt and response tokens (``perf/tokens``)."""
     mask = rollout.response_mask
     gen_tokens = distributed.all_reduce_data_parallel(float(mask.sum()))
     seq_tokens = distributed.all_reduce_data_parallel(float(
         (rollout.prompt_width - rollout.prompt_pad + rollout.response_lengths).sum()))
-    return {"perf/gen_tokens_per_s": gen_tokens / gen_s,
+    score_s = phases["scorer"] + phases["reference"]
+    train_s = phases["old_logprob"] + phases["advantages"] + phases["update"]
+    return {"perf/gen_tokens_per_s": gen_tokens / phases["gen"],
             "perf/train_tokens_per_s": seq_tokens * epochs / train_s,
-            "perf/gen_time_s": gen_s, "perf/score_time_s": score_s, "perf/train_time_s": train_s}
+            "perf/tokens": seq_tokens,
+            "perf/gen_time_s": phases["gen"], "perf/score_time_s": score_s,
+            "perf/train_time_s": train_s,
+            **{f"timing_s/{name}": seconds for name, seconds in phases.items()
+               if name != "gen"}}
 
 
 def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput:
@@ -174,14 +197,16 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
     cfg, rl = parts.cfg, parts.cfg.rl
     mbs, vocab = cfg.data.micro_batch_size, cfg.model.vocab_size
     seed = [cfg.seed, step + 1]
-    start = time.perf_counter()
+    phases = Phases()
     rollout = parts.backend.generate(prompts, rollout_seed(step + 1))
-    generated = time.perf_counter()
+    phases.done("gen")
     scores = parts.scorer.score(rollout)
+    phases.done("scorer")
     logp_ref = (response_logprobs(parts.reference, rollout, vocab, mbs, parts.temperature)
                 if parts.reference is not None else None)
-    scored = time.perf_counter()
+    phases.done("reference")
     logp_old = response_logprobs(parts.policy.chunks, rollout, vocab, mbs, parts.temperature)
+    phases.done("old_logprob")
     estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, parts.kl.beta,
                                rl.gamma, rl.lam, parts.whiten_state_values,
                                cfg.rollout.n_samples, rl.kl_estimator,
@@ -191,13 +216,14 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
     advantages = result.advantages
     if rl.whiten_advantages and not parts.estimator.grouped:
         advantages = whiten_globally(advantages, rollout.response_mask)
+    phases.done("advantages")
     policy = update_policy(parts.policy, rollout, logp_old, advantages, rl, cfg.data, vocab,
                            parts.temperature, seed, cfg.rollout.max_new_tokens)
     parts.backend.sync_weights()
     learned = parts.scorer.learn(rollout, scores, result, seed + [1])
     refreshed = (parts.refresh(step, prompts, rollout, scores.final_value)
                  if parts.refresh is not None else None)
-    trained = time.perf_counter()
+    phases.done("update")
 
     metrics = {**rollout_metrics(rollout, scores, estimate, result.advantages, parts.eos_id,
                                  cfg.rollout.max_new_tokens, parts.scorer.final_value_tag),
@@ -206,8 +232,7 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
     parts.kl.update(metrics["rollout/kl_ref"],
                     cfg.data.global_batch_size * cfg.rollout.n_samples)
     metrics["rollout/beta"] = parts.kl.beta
-    metrics.update(perf_metrics(rollout, rl.ppo_epochs, generated - start, scored - generated,
-                                trained - scored))
+    metrics.update(perf_metrics(rollout, rl.ppo_epochs, phases.seconds))
     updates = (policy.updates + (learned.updates if learned else [])
                + (refreshed.updates if refreshed else []))
     return RLStepOutput(rollout, metrics, updates)

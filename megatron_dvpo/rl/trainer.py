@@ -6,6 +6,8 @@ whether a reference is needed); ``RLTrainer`` is built from those parts and runs
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -211,11 +213,13 @@ class RLTrainer:
         TensorBoard text (``eval/samples``)."""
         if self.true_reward is None or self.eval_prompts is None:
             return {}, {}
+        start = time.perf_counter()
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
         rollout = self.sample(mine, EVAL_SEED)
         rewards = self.true_reward(mine, rollout)
         total = distributed.all_reduce_data_parallel(sum(rewards))
-        return ({"eval/true_reward_mean": total / len(self.eval_prompts)},
+        return ({"eval/true_reward_mean": total / len(self.eval_prompts),
+                 "timing_s/eval": time.perf_counter() - start},
                 {"eval/samples": samples_markdown(self.tokenizer, rollout, rewards)})

@@ -172,5 +172,22 @@ def update_critic(critic: TrainedModel, rollout: Rollout, old_values: torch.Tens
     loss = Loss(terms, lambda batch: {"value": batch["mask"].sum()}, CRITIC_SUMS)
     done = minibatch_epochs(critic, rollout, {"old_values": old_values, "returns": returns},
                             rl, data, seed, forward.gvm_values_head, loss)
-    return UpdateSummary(_means(done, "critic", {"loss": "loss_sum",
-                                                 "clipfrac": "clipfrac_sum"}), done)
+    metrics = _means(done, "critic", {"loss": "loss_sum", "clipfrac": "clipfrac_sum"})
+    metrics["critic/vf_explained_var"] = explained_variance(old_values, returns,
+                                                            rollout.response_mask)
+    return UpdateSummary(metrics, done)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var(R - V) / Var(R)`` over the response tokens of every data-parallel rank: how
+    much of the returns the critic's rollout values explained (1: all, 0: no better than their
+    mean, below 0: worse)."""
+    residual = (returns - values).double()
+    sums = torch.stack([mask.sum().double(), *(
+        (torch.where(mask, x, 0.0) ** p).sum() for x in (returns.double(), residual)
+        for p in (1, 2))])
+    torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    count, total, squares, res_total, res_squares = sums.tolist()
+    variance = squares / count - (total / count) ** 2
+    res_variance = res_squares / count - (res_total / count) ** 2
+    return 1.0 - res_variance / variance if variance > 0 else 0.0

@@ -23,8 +23,8 @@ import yaml
 
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import CheckpointManager
-from megatron_dvpo.config import RunConfig, config_changes, to_dict
-from megatron_dvpo.logging import MetricsLogger, peak_memory_gib
+from megatron_dvpo.config import RunConfig, config_changes, scoring_model_changes, to_dict
+from megatron_dvpo.logging import MetricsLogger, memory_metrics
 from megatron_dvpo.model_state import model_state_metrics
 from megatron_dvpo.models.gpt import training_flops_per_token
 from megatron_dvpo.perf import dense_bf16_peak_tflops, model_flops_utilization
@@ -46,6 +46,19 @@ class StepResult:
     updates: list[UpdateResult] = field(default_factory=list)
     stop: Optional[str] = None  # why the run must stop after this step (it saves first)
     text: dict[str, str] = field(default_factory=dict)  # tag -> markdown (e.g. samples)
+
+
+def hparams(config: dict, prefix: str = "") -> dict:
+    """The config's settings as TensorBoard's HParams tab takes them: one flat key per leaf
+    that is a number, a string or a bool (paths, lists and unset keys left out)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(hparams(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float)) or (isinstance(value, str)
+                                                       and "/" not in value):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class TrainingLoop:
@@ -86,8 +99,11 @@ class TrainingLoop:
         self.last_good = latest
         distributed.print_rank0(f"resumed from {latest} at step {self.step}")
         saved = yaml.safe_load((latest / "config.yaml").read_text())
-        for change in config_changes(saved, to_dict(self.cfg)):  # e.g. another rl.policy
+        now = to_dict(self.cfg)
+        for change in config_changes(saved, now):  # e.g. another rl.policy
             distributed.print_rank0(f"resume: the config differs from the checkpoint's: {change}")
+        for change in scoring_model_changes(saved, now):
+            distributed.print_rank0(f"warning: resume: {change}")
         return True
 
     def save(self) -> bool:
@@ -97,10 +113,12 @@ class TrainingLoop:
             distributed.print_rank0(f"step {self.step}: not saved during a bad streak; the "
                                     f"newest good checkpoint stays {self._last_good_name()}")
             return False
+        start = time.perf_counter()
         path = self.checkpoints.save(self.step, self.state_dict())
         if path is not None:
             self.last_good = path
             distributed.print_rank0(f"saved {path}")
+            self.logger.scalars(self.step, {"timing_s/checkpoint": time.perf_counter() - start})
         return path is not None
 
     def _last_good_name(self) -> str:
@@ -127,7 +145,8 @@ class TrainingLoop:
             resumed = self.resume()
             config = self.checkpoints.config_yaml()
             self.logger.open(self.step if resumed else None,  # markdown: indented is verbatim
-                             {"config": "\n".join("    " + line for line in config.splitlines())})
+                             {"config": "\n".join("    " + line for line in config.splitlines())},
+                             hparams(to_dict(self.cfg)), self.job.summary_tags)
             self._log_now(self.job.start(resumed))
             self._steps()
         except UnhealthyRun as e:
@@ -138,8 +157,10 @@ class TrainingLoop:
             StopSignals.restore(previous)
 
     def _step_metrics(self, result: StepResult, seconds: float) -> dict[str, float]:
-        metrics = {**result.metrics, "perf/step_time_s": seconds,
-                   "perf/peak_mem_gib": peak_memory_gib()}
+        metrics = {**result.metrics, "perf/step_time_s": seconds, **memory_metrics()}
+        if "perf/tokens" in metrics:  # verl's perf/throughput: tokens per second per GPU
+            metrics["perf/throughput"] = (metrics["perf/tokens"] / seconds
+                                          / torch.distributed.get_world_size())
         # counters only once they count something: a card of zeros says nothing
         for name in ("skipped_steps", "skipped_updates"):
             if getattr(self.health, name):
