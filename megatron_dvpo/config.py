@@ -364,6 +364,9 @@ class DVPOConfig:
     # a K-head GVM (model.value_heads > 1) is read as mean - head_pessimism x std over its
     # heads, per token: 0 reads the ensemble's mean (docs/algorithm.md §2, "Pessimistic values")
     head_pessimism: float = _checked(0.0, NON_NEGATIVE)
+    # a GVM whose recorded held-out pair accuracy is below this is refused: near chance, its
+    # values steer the policy by noise (tools/bench_defaults.py, bigram); 0 runs any GVM
+    min_gvm_accuracy: float = _checked(0.6, UNIT_INTERVAL)
     # GVM refresh (semi-online, docs/algorithm.md §2): every refresh_interval steps (0: never),
     # pair two of the policy's samples per prompt, rank them by refresh_scorer (default:
     # rl.true_reward), and take refresh_updates GVM steps of its own objective at refresh_lr.
@@ -439,6 +442,10 @@ class RunConfig:
     # norm grew this many times in one step; 0 turns the check off.
     divergence_factor: float = _checked(10.0, NON_NEGATIVE)
     divergence_window: int = _checked(20, POSITIVE)
+    # false: only the parameters' norm growth counts. An RL policy's gradient norm follows its
+    # entropy: near-deterministic, its gradients are ~0 and the next new sample's are 100x that
+    # (examples/dvpo_tiny.yaml; tools/bench_defaults.py, echo)
+    divergence_grad_spikes: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,20 @@ def test_gvm_learns_the_demo_task(task):
     assert len(steps) == len(set(steps)), steps  # the final model evaluated once
     assert logs["gvm/pair_acc_mean"][-1][1] >= 0.90
     assert (task.gvm.parent / "latest_checkpointed_iteration.txt").read_text() == "300\n"
+    # the checkpoint records the accuracy DVPO checks (dvpo.min_gvm_accuracy)
+    state = json.loads((task.gvm / "train_state.json").read_text())
+    assert (state["held_out_accuracy"], state["held_out_step"]) == (final_acc, 300)
+
+
+def test_dvpo_refuses_a_gvm_near_chance(tmp_path):
+    from megatron_dvpo.config import ConfigError
+    from megatron_dvpo.rl.inputs import check_gvm_accuracy
+
+    check_gvm_accuracy(str(tmp_path), 0.6)  # a converted GVM records none: nothing to check
+    (tmp_path / "train_state.json").write_text(json.dumps({"held_out_accuracy": 0.53}))
+    with pytest.raises(ConfigError, match="at 53.0%, under dvpo.min_gvm_accuracy=0.6"):
+        check_gvm_accuracy(str(tmp_path), 0.6)
+    check_gvm_accuracy(str(tmp_path), 0.0)
 
 
 def test_mfu_is_logged_against_the_device_peak(synthetic, tmp_path):

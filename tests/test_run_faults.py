@@ -245,3 +245,14 @@ def test_a_gradient_norm_spike_stops_the_run(tmp_path, single_rank):
                                             rf"\(divergence_factor=10\).*{saved}$"):
         TrainingLoop(job.cfg, job, job.units).run()
     assert find_latest_checkpoint(tmp_path / "checkpoints") == saved
+
+
+def test_a_gradient_norm_spike_can_be_left_to_the_clip(tmp_path, single_rank):
+    """divergence_grad_spikes=false (the RL examples'): the same spike is clipped and the run
+    goes on; the parameters' norm growth is still checked."""
+    from megatron_dvpo.training.loop import TrainingLoop
+
+    job = ScaledLossJob(tmp_path, {15: 1e4}, **SAVED_EVERY_STEP, divergence_grad_spikes=False)
+    TrainingLoop(job.cfg, job, job.units).run()
+    last = find_latest_checkpoint(tmp_path / "checkpoints")
+    assert last.name == f"iter_{job.cfg.train_steps:07d}"

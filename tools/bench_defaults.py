@@ -16,6 +16,10 @@ the best reachable one is the rule's ``best`` over the same prompts, so
 
     closed = (after - before) / (best - before)
 
+A setting that refuses the GVM (``dvpo.min_gvm_accuracy``: one near chance) leaves the policy
+where it was (``after = before``, ``refused`` says why); the run is made anyway with the
+check off, as ``forced_after``.
+
 Each ``--variant NAME key=value ...`` runs DVPO again with those overrides (e.g. ``--variant
 heads4 dvpo.head_pessimism=1``; a ``model.value_heads`` or ``gvm.*`` override in a variant
 trains that variant its own GVM). Writes the per-seed table and each task's means.
@@ -51,6 +55,20 @@ def best_reachable(rule: str, eval_rows: Path) -> float:
     prompts = [json.loads(line)["prompt"] for line in eval_rows.read_text().splitlines()
                if line.strip()]
     return statistics.fmean(scorer.best(p) for p in prompts)
+
+
+def refuses(gvm: Path, overrides: list[str]) -> str | None:
+    """Why DVPO with these overrides refuses this GVM (``dvpo.min_gvm_accuracy``), or None."""
+    from megatron_dvpo.config import ConfigError, load_config
+    from megatron_dvpo.rl.inputs import check_gvm_accuracy
+
+    cfg = load_config(REPO / "examples/dvpo_tiny.yaml",
+                      [o for o in overrides if o.startswith("dvpo.min_gvm_accuracy")])
+    try:
+        check_gvm_accuracy(str(gvm), cfg.dvpo.min_gvm_accuracy)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def accuracy(run: Path) -> float:
@@ -93,9 +111,13 @@ def task_seeds(rule: str, args) -> dict:
             variant_gvm = gvm if not own else train_value_model(
                 task, f"gvm_{name}_seed{seed}", f"GVM ({name}), seed {seed}", args.gvm_steps,
                 f"seed={seed}", *keys, *own, reuse=True)
+            refused = refuses(variant_gvm, overrides)
             found = dvpo(task, data, policy, variant_gvm, rule, task / f"dvpo_{name}_seed{seed}",
                          seed, args.rl_steps, args.nproc,
-                         [o for o in overrides if o not in own])
+                         [o for o in overrides if o not in own]
+                         + (["dvpo.min_gvm_accuracy=0"] if refused else []))
+            if refused:  # the setting leaves the policy as it was; what forcing it would do
+                found.update(refused=refused, forced_after=found["after"], after=found["before"])
             found["closed"] = (found["after"] - found["before"]) / (best - found["before"])
             if own:
                 found["gvm_accuracy"] = accuracy(variant_gvm.parent.parent)

@@ -65,6 +65,7 @@ class GVMTrainer(JobDefaults):
                                   cfg.optimizer, cfg.parallel, cfg.precision, cfg.train_steps,
                                   cfg.checkpoint.override_scheduler)
         self.units = {"model": self.model}
+        self.held_out: dict[str, float] = {}
         self.objective = OBJECTIVES[cfg.gvm.objective](cfg.gvm)
         self.summary_tags = self.objective.summary_tags
         self.batches = BatchSource(cfg.data.global_batch_size,
@@ -88,13 +89,18 @@ class GVMTrainer(JobDefaults):
     def state_dict(self) -> dict:
         """The data position, and the range of the model's values on its own training data,
         which DVPO compares its rollouts' values with (``rollout/gvm_value_ood_rate``); with
-        K heads, how far they spread there (``rollout/gvm_head_disagree_rate``)."""
+        K heads, how far they spread there (``rollout/gvm_head_disagree_rate``); its latest
+        held-out pair accuracy and the step it was measured at (DVPO refuses a GVM near
+        chance, ``dvpo.min_gvm_accuracy``)."""
         low, high, spread = self.value_range()
         heads = {"head_spread_limit": spread} if self.cfg.model.value_heads > 1 else {}
-        return {**self.batches.state_dict(), "value_range": [low, high], **heads}
+        return {**self.batches.state_dict(), "value_range": [low, high], **heads,
+                **self.held_out}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
+        self.held_out = {k: state[k] for k in ("held_out_accuracy", "held_out_step")
+                         if k in state}
 
     def start(self, resumed: bool) -> dict[str, float]:
         return data_metrics(self.train_data)
@@ -112,17 +118,13 @@ class GVMTrainer(JobDefaults):
                    f"{prefix}/lr": self.model.lr,
                    "perf/train_tokens_per_s": seq_tokens / (time.perf_counter() - start),
                    "perf/tokens": seq_tokens}
-        interval = self.cfg.gvm.eval_interval
-        last = step + 1 == self.cfg.train_steps  # finish() evaluates the final model once
-        if self.eval_data is not None and interval and (step + 1) % interval == 0 and not last:
-            metrics.update(self.evaluate())
+        interval, last = self.cfg.gvm.eval_interval, step + 1 == self.cfg.train_steps
+        if self.eval_data is not None and (last or interval and (step + 1) % interval == 0):
+            evaluated = self.evaluate()
+            self.held_out = {"held_out_accuracy": evaluated["gvm/pair_acc_last"],
+                             "held_out_step": step + 1}
+            metrics.update(evaluated)
         return StepResult(metrics, [trained])
-
-    def finish(self) -> dict[str, float]:
-        if self.eval_data is None:
-            return {}
-        self.final_accuracy = self.evaluate()
-        return self.final_accuracy
 
     # -- pieces -----------------------------------------------------------------------------
     def value_range(self) -> list[float]:

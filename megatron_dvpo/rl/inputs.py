@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -81,6 +82,8 @@ def _check_value_model(key: str, path: str, value_cfg: RunConfig, policy: RunCon
         raise ConfigError(f"dvpo.head_pessimism={cfg.dvpo.head_pessimism} reads the spread of "
                           f"a K-head GVM, and {key}={path} has one head (train it with "
                           "model.value_heads > 1)")
+    if key == "dvpo.gvm":
+        check_gvm_accuracy(path, cfg.dvpo.min_gvm_accuracy)
     reads_prompt_value = key == "dvpo.gvm" and cfg.dvpo.estimator in ("td", "gae")
     gvm = value_cfg.gvm
     if reads_prompt_value and gvm.alignment == "qview" and not gvm.train_prompt_value:
@@ -94,6 +97,17 @@ def _check_value_model(key: str, path: str, value_cfg: RunConfig, policy: RunCon
                           "(trajectory conditioning), but rollouts are scored on the bare "
                           "prompt and response: its values would be off-distribution. Use a "
                           "value model trained without trajectory context")
+
+
+def check_gvm_accuracy(path: str, least: float) -> None:
+    """A GVM trained here records its held-out pair accuracy; one near chance is refused."""
+    state = Path(path) / "train_state.json"
+    found = json.loads(state.read_text()).get("held_out_accuracy") if state.is_file() else None
+    if found is not None and found < least:
+        raise ConfigError(f"dvpo.gvm={path} ranks its held-out pairs at {found:.1%}, under "
+                          f"dvpo.min_gvm_accuracy={least:g}: near chance, its values would steer "
+                          "the policy by noise. Train it further or on more pairs, use PPO or "
+                          "GRPO, or set dvpo.min_gvm_accuracy=0 to run it anyway")
 
 
 def _check_lengths(cfg: RunConfig, models: dict[str, RunConfig]) -> None:

@@ -50,9 +50,11 @@ def parameters_norm(units: dict) -> float:
 
 
 class RunHealth:
-    def __init__(self, max_bad_steps: int, divergence_factor: float, divergence_window: int):
+    def __init__(self, max_bad_steps: int, divergence_factor: float, divergence_window: int,
+                 grad_spikes: bool = True):
         self.max_bad_steps = max_bad_steps
         self.factor, self.window = divergence_factor, deque(maxlen=divergence_window)
+        self.grad_spikes = grad_spikes  # whether a gradient-norm spike counts, or growth only
         self.skipped_steps = 0  # steps none of whose updates was applied (non-finite values)
         self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient
         self.bad_in_a_row = 0
@@ -101,7 +103,7 @@ class RunHealth:
                                 f"norm {norm_growth:.3g}-fold (divergence_factor={self.factor:g}"
                                 "); lower optimizer.lr")
         norms = [u.grad_norm for u in updates if u.applied and u.grad_norm is not None]
-        if not norms:
+        if not norms or not self.grad_spikes:
             return
         norm = statistics.fmean(norms)
         if len(self.window) >= MIN_WINDOW:

@@ -74,7 +74,8 @@ class TrainingLoop:
         tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
         self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=distributed.is_rank0())
         self.step = 0
-        self.health = RunHealth(cfg.max_bad_steps, cfg.divergence_factor, cfg.divergence_window)
+        self.health = RunHealth(cfg.max_bad_steps, cfg.divergence_factor, cfg.divergence_window,
+                                cfg.divergence_grad_spikes)
         self.signals, self._own_signals = signals or StopSignals(), signals is None
         self.last_good: Path | None = None  # the newest checkpoint this run saved or resumed
         self._memory_logged = False
