@@ -309,6 +309,7 @@ def test_a_gvm_that_rewards_repetition_is_caught(pipeline, tmp_path):
                            *dvpo_overrides(work, run, f"dvpo.gvm={gvm}/checkpoints",
                                            "train_steps=40", "data.global_batch_size=32",
                                            "dvpo.estimator=q", "rl.kl_coef=0",
+                                           "rl.length_penalty=0",
                                            "rl.gaming_max_repeat_rate=0.3",
                                            "rl.gaming_max_truncated_rate=1.0",
                                            "rl.stop_on_gaming=true")],
@@ -338,7 +339,8 @@ def test_gvm_refresh_stops_the_short_response_exploit(pipeline, tmp_path, single
     run = tmp_path / "refresh"
     launch(["-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
             *dvpo_overrides(work, run, "train_steps=20", "rl.eval_interval=20",
-                            "dvpo.estimator=td", "rl.kl_coef=0", "dvpo.refresh_interval=4",
+                            "dvpo.estimator=td", "rl.kl_coef=0", "rl.length_penalty=0",
+                            "dvpo.refresh_interval=4",
                             "dvpo.refresh_lr=1e-3", "checkpoint.save_interval=20")], nproc=2)
     logs = scalars(run / "tensorboard")
     reward = [v for _, v in logs["eval/true_reward_mean"]]

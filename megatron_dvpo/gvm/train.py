@@ -66,6 +66,7 @@ class GVMTrainer(JobDefaults):
                                   cfg.checkpoint.override_scheduler)
         self.units = {"model": self.model}
         self.held_out: dict[str, float] = {}
+        self.final: dict[str, float] = {}
         self.objective = OBJECTIVES[cfg.gvm.objective](cfg.gvm)
         self.summary_tags = self.objective.summary_tags
         self.batches = BatchSource(cfg.data.global_batch_size,
@@ -123,8 +124,15 @@ class GVMTrainer(JobDefaults):
             evaluated = self.evaluate()
             self.held_out = {"held_out_accuracy": evaluated["gvm/pair_acc_last"],
                              "held_out_step": step + 1}
-            metrics.update(evaluated)
+            if last:  # the final model's: logged by finish(), whatever logging.log_interval
+                self.final = evaluated
+            else:
+                metrics.update(evaluated)
         return StepResult(metrics, [trained])
+
+    def finish(self) -> dict[str, float]:
+        """The final model's held-out accuracy, measured at its step (and saved with it)."""
+        return self.final
 
     # -- pieces -----------------------------------------------------------------------------
     def value_range(self) -> list[float]:
