@@ -121,11 +121,14 @@ class MetricsLogger:
         self.last: dict[str, float] = {}  # the ON_CHANGE tags' last logged values
 
     def open(self, resumed_at: int | None = None, text: dict[str, str] | None = None,
-             hparams: dict | None = None, metrics: tuple[str, ...] = ()) -> None:
+             hparams: dict | None = None, metrics: tuple[str, ...] = (),
+             dashboard: dict | None = None) -> None:
         """Start the event file. A run resumed at step S logs S+1... again: TensorBoard drops
         the earlier events from S+1 on (``purge_step``), so no step shows twice. ``text``:
         tag -> markdown, written once (the resolved config); ``hparams``: the run's settings
-        for TensorBoard's HParams tab, beside the final values of the ``metrics`` tags."""
+        for TensorBoard's HParams tab, beside the final values of the ``metrics`` tags;
+        ``dashboard``: ``{category: {chart: [tag regex, ...]}}``, the Custom Scalars tab's
+        charts in their order (TensorBoard sorts the Scalars tab's groups by name)."""
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -135,6 +138,10 @@ class MetricsLogger:
         purge = resumed_at + 1 if resumed_at is not None else None
         self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=purge)
         self.text(resumed_at or 0, text or {})
+        if dashboard:
+            self.writer.add_custom_scalars({
+                category: {title: ["Multiline", tags] for title, tags in charts.items()}
+                for category, charts in dashboard.items()})
         if hparams:  # in this run's own file, not the subdirectory add_hparams would make
             for summary in hparams_summaries(hparams, dict.fromkeys(metrics, 0.0)):
                 self.writer.file_writer.add_summary(summary)

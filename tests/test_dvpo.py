@@ -73,6 +73,20 @@ def test_dvpo_raises_the_true_reward(pipeline):
     assert steps and set(steps) <= {s for s, _ in logs["eval/true_reward_mean"]}, steps
     table = samples[-1].tensor_proto.string_val[0].decode().splitlines()
     assert table[0] == "| prompt | response | true reward |" and len(table) == 2 + 4, table
+    # the Custom Scalars tab: learning, health, speed, every chart matching a logged tag
+    import re
+
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0]
+                           .tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["1. is it learning", "2. is it healthy",
+                                                  "3. is it fast"]
+    for category in layout.category:
+        for chart in category.chart:
+            assert any(re.match(regex, tag) for tag in logs
+                       for regex in chart.multiline.tag), chart.title
 
 
 def test_exported_policy_loads_in_transformers(pipeline):

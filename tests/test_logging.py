@@ -59,7 +59,7 @@ def test_a_swapped_scoring_model_is_named_on_resume():
 
 def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path, single_rank):
     """A constant learning rate is one point, a changing one every step; the HParams tab has
-    the run's settings and its summary tags."""
+    the run's settings and its summary tags; the Custom Scalars tab the job's dashboard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -67,8 +67,10 @@ def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path
     from megatron_dvpo.logging import MetricsLogger
 
     logger = MetricsLogger(tmp_path / "tb", total_steps=3)
+    dashboard = {"1. is it learning": {"reward": ["eval/true_reward_mean"], "kl": ["x/kl"]},
+                 "2. is it fast": {"step time": ["perf/step_time_s"]}}
     logger.open(hparams={"optimizer.lr": 1e-3, "dvpo.estimator": "gae"},
-                metrics=("eval/true_reward_mean",))
+                metrics=("eval/true_reward_mean",), dashboard=dashboard)
     for step, lr in ((1, 1e-3), (2, 1e-3), (3, 5e-4)):
         logger.log(step, {"policy/lr": lr, "critic/lr": 0.1 * step, "policy/loss": 1.0})
     logger.close()
@@ -82,3 +84,12 @@ def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path
         content["_hparams_/experiment"]).experiment
     assert {h.name for h in experiment.hparam_infos} == {"optimizer.lr", "dvpo.estimator"}
     assert [m.name.tag for m in experiment.metric_infos] == ["eval/true_reward_mean"]
+    # the Custom Scalars tab: the categories and charts in the job's order
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0]
+                           .tensor_proto.string_val[0])
+    assert [(c.title, [chart.title for chart in c.chart]) for c in layout.category] == [
+        ("1. is it learning", ["reward", "kl"]), ("2. is it fast", ["step time"])]
+    assert list(layout.category[0].chart[0].multiline.tag) == ["eval/true_reward_mean"]

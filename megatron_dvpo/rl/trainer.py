@@ -6,6 +6,7 @@ whether a reference is needed); ``RLTrainer`` is built from those parts and runs
 
 from __future__ import annotations
 
+import re
 import time
 
 from dataclasses import dataclass
@@ -138,6 +139,24 @@ class RLTrainer:
             f"{algorithm.name}: {len(prompts)} prompts ({counts}), estimator "
             f"{algorithm.estimator(cfg)}, "
             f"reference {'loaded' if self.reference else 'not loaded'}")
+
+    @property
+    def dashboard(self) -> dict:
+        """What a user asks of a run, in order: is it learning, is it healthy, is it fast."""
+        return {
+            "1. is it learning": {
+                "true reward (held out, rollout)": ["eval/true_reward_mean",
+                                                    "rollout/true_reward_mean"],
+                "the scorer's value": [re.escape(self.scorer.final_value_tag)],
+                "KL to the reference": ["rollout/kl_ref$"],
+                "entropy": ["policy/entropy"],
+                "response length": ["rollout/response_len_(mean|max|min)"]},
+            "2. is it healthy": {
+                "gaming signs": ["rollout/(repeat|truncated)_rate", "rollout/gvm_.*_rate"],
+                "policy update": ["policy/(clipfrac|approx_kl)"],
+                "gradient norm": [".*/grad_norm"]},
+            "3. is it fast": {"step time": ["perf/step_time_s"], "phases": ["timing_s/.*"],
+                              "throughput": ["perf/throughput"]}}
 
     # -- the loop's job ---------------------------------------------------------------------
     def initialize(self) -> None:

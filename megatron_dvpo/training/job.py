@@ -36,11 +36,17 @@ class Job(Protocol):
     @property
     def sequence_length(self) -> int: ...  # of the trained sequences, for MFU
 
+    # {category: {chart: [tag regex]}}: TensorBoard's Custom Scalars tab, in order
+    dashboard: dict
+
 
 class JobDefaults:
     """The optional parts for a job with nothing to add: one update a step, no metrics at the
-    start or the end, no frozen models, sequences of ``data.seq_length``, and a job built from
-    its config alone (its input checks resolve what they find into the config)."""
+    start or the end, no frozen models, sequences of ``data.seq_length``, no dashboard, and a
+    job built from its config alone (its input checks resolve what they find into the
+    config)."""
+
+    dashboard: dict = {}
 
     @staticmethod
     def updates_per_step(cfg: RunConfig) -> int:

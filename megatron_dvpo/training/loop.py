@@ -147,7 +147,8 @@ class TrainingLoop:
             config = self.checkpoints.config_yaml()
             self.logger.open(self.step if resumed else None,  # markdown: indented is verbatim
                              {"config": "\n".join("    " + line for line in config.splitlines())},
-                             hparams(to_dict(self.cfg)), self.job.summary_tags)
+                             hparams(to_dict(self.cfg)), self.job.summary_tags,
+                             self.job.dashboard)
             self._log_now(self.job.start(resumed))
             self._steps()
         except UnhealthyRun as e:
