@@ -193,21 +193,24 @@ class GVMScorer:
             for chunk in self.gvm:
                 chunk.cpu()
         width, lengths, mask = rollout.prompt_width, rollout.response_lengths, rollout.response_mask
+
+        def view(outputs: torch.Tensor) -> torch.Tensor:
+            return rollout_q_view(outputs, width, lengths, self.alignment)[0]
+
         mean, spread = read_heads(values)
-        values = mean if spread is None else mean - self.pessimism * spread
-        plain, plain_prompt = rollout_q_view(values, width, lengths, self.alignment)
-        q, q_prompt = (released_whitened_q_view(values, width, lengths, self.alignment,
+        read = mean if spread is None else mean - self.pessimism * spread  # what DVPO reads
+        plain, plain_prompt = rollout_q_view(read, width, lengths, self.alignment)
+        q, q_prompt = (released_whitened_q_view(read, width, lengths, self.alignment,
                                                 self.micro_batch_size)
                        if self.whitened else (plain, plain_prompt))
-        if spread is not None:
-            spread = rollout_q_view(spread, width, lengths, self.alignment)[0]
-            mean = rollout_q_view(mean, width, lengths, self.alignment)[0]
-        else:
-            mean = plain
-        ood = out_of_range(mean, *self.value_range) & mask if self.value_range else None
-        disagrees = (spread > self.spread_limit) & mask if self.spread_limit is not None else None
+        # the range and the spread limit were measured on the heads' mean and std
+        mean_q = plain if read is mean else view(mean)
+        spread_q = None if spread is None else view(spread)
+        ood = out_of_range(mean_q, *self.value_range) & mask if self.value_range else None
+        disagrees = ((spread_q > self.spread_limit) & mask if self.spread_limit is not None
+                     else None)
         return GVMScores(final_value=plain.gather(1, (lengths - 1)[:, None]).squeeze(1),
-                         q=q, q_prompt=q_prompt, out_of_range=ood, head_spread=spread,
+                         q=q, q_prompt=q_prompt, out_of_range=ood, head_spread=spread_q,
                          disagrees=disagrees)
 
     def learn(self, rollout, scores, advantages, seed) -> None:

@@ -93,11 +93,12 @@ def _std(total: float, squares: float, count: float) -> float:
 
 
 def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
-                    advantages: torch.Tensor, eos_id: int, max_new_tokens: int,
+                    advantages: torch.Tensor, cut: torch.Tensor,
                     final_value_tag: str) -> dict[str, float]:
     """docs/algorithm.md §4's rollout tags over the global batch; the scorer's prediction of
     each response's reward under the scorer's own ``final_value_tag``. ``advantages``: the
-    estimator's, before any whitening (whitened ones have mean 0 and std 1 by construction)."""
+    estimator's, before any whitening (whitened ones have mean 0 and std 1 by construction);
+    ``cut`` [B]: the responses cut at the length limit (``gaming.truncated``)."""
     mask = rollout.response_mask
     kl = ((estimate.logp_old - estimate.logp_ref) * mask if estimate.logp_ref is not None
           else torch.zeros_like(estimate.logp_old))
@@ -105,7 +106,6 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
     drift = (estimate.logp_old - rollout.logprobs).abs() * mask
     lengths = rollout.response_lengths
     repeated, grams = repeat_counts(rollout.responses, lengths)
-    cut = truncated(rollout.responses, lengths, eos_id, max_new_tokens)
     ood, spread, disagrees = scores.out_of_range, scores.head_spread, scores.disagrees
     prompt_lengths = rollout.prompt_width - rollout.prompt_pad
     zero = mask.new_zeros(())
@@ -150,13 +150,12 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
             "rollout/logprob_diff": drift_sum / tokens}
 
 
-def step_length_rewards(rollout: Rollout, rl, eos_id: int, max_new_tokens: int
+def step_length_rewards(rollout: Rollout, rl, eos_id: int, cut: torch.Tensor
                         ) -> torch.Tensor | None:
     """The rollout's ``length_rewards`` under ``rl.length_penalty`` and
-    ``rl.truncation_penalty``; None when both are 0."""
+    ``rl.truncation_penalty`` (``cut``: its truncated responses); None when both are 0."""
     if not (rl.length_penalty or rl.truncation_penalty):
         return None
-    cut = truncated(rollout.responses, rollout.response_lengths, eos_id, max_new_tokens)
     return length_rewards(rollout.response_mask, rollout.responses == eos_id, cut,
                           rl.length_penalty, rl.truncation_penalty)
 
@@ -207,11 +206,12 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
     phases.done("reference")
     logp_old = response_logprobs(parts.policy.chunks, rollout, vocab, mbs, parts.temperature)
     phases.done("old_logprob")
+    cut = truncated(rollout.responses, rollout.response_lengths, parts.eos_id,
+                    cfg.rollout.max_new_tokens)
     estimate = EstimatorInputs(rollout.response_mask, logp_old, logp_ref, parts.kl.beta,
                                rl.gamma, rl.lam, parts.whiten_state_values,
                                cfg.rollout.n_samples, rl.kl_estimator,
-                               step_length_rewards(rollout, rl, parts.eos_id,
-                                                   cfg.rollout.max_new_tokens))
+                               step_length_rewards(rollout, rl, parts.eos_id, cut))
     result: Advantages = parts.estimator(scores, estimate)
     advantages = result.advantages
     if rl.whiten_advantages and not parts.estimator.grouped:
@@ -225,8 +225,8 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
                  if parts.refresh is not None else None)
     phases.done("update")
 
-    metrics = {**rollout_metrics(rollout, scores, estimate, result.advantages, parts.eos_id,
-                                 cfg.rollout.max_new_tokens, parts.scorer.final_value_tag),
+    metrics = {**rollout_metrics(rollout, scores, estimate, result.advantages, cut,
+                                 parts.scorer.final_value_tag),
                **policy.metrics, **(learned.metrics if learned else {}),
                **(refreshed.metrics if refreshed else {})}
     parts.kl.update(metrics["rollout/kl_ref"],

@@ -16,6 +16,7 @@ from megatron_dvpo.device import device
 from megatron_dvpo.models import forward
 from megatron_dvpo.models.forward import Head
 from megatron_dvpo.models.generation import Rollout
+from megatron_dvpo.rl.advantages import masked_moments
 from megatron_dvpo.rl.losses import VALUE_LOSSES
 from megatron_dvpo.rl.policy_loss import (POLICY_LOSSES, PolicyLossOptions, aggregation_count,
                                           entropy_bonus, importance_weights,
@@ -182,12 +183,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """``1 - Var(R - V) / Var(R)`` over the response tokens of every data-parallel rank: how
     much of the returns the critic's rollout values explained (1: all, 0: no better than their
     mean, below 0: worse)."""
-    residual = (returns - values).double()
-    sums = torch.stack([mask.sum().double(), *(
-        (torch.where(mask, x, 0.0) ** p).sum() for x in (returns.double(), residual)
-        for p in (1, 2))])
+    sums = torch.stack([*masked_moments(returns, mask), *masked_moments(returns - values, mask)])
     torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    count, total, squares, res_total, res_squares = sums.tolist()
+    total, squares, count, res_total, res_squares, _ = sums.tolist()
     variance = squares / count - (total / count) ** 2
     res_variance = res_squares / count - (res_total / count) ** 2
     return 1.0 - res_variance / variance if variance > 0 else 0.0
