@@ -98,11 +98,12 @@ def task_and_models(work: Path, rule: str = "synthetic", shape: tuple[str, ...] 
 
 def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: int = 300,
                    rule: str = "synthetic", shape: tuple[str, ...] = (),
-                   gvm_overrides: tuple[str, ...] = (), reuse: bool = False
-                   ) -> tuple[Path, Path, Path]:
+                   gvm_overrides: tuple[str, ...] = (), reuse: bool = False,
+                   pair_args: tuple[str, ...] = ()) -> tuple[Path, Path, Path]:
     """Stages 1-5 into ``work``: ``task_and_models``, an SFT policy, preference pairs sampled
-    from it and a GVM trained on them; returns (task data, policy, GVM) directories. With
-    ``reuse``, stages that already ran in ``work`` with the same commands are skipped."""
+    from it (``pair_args``: more ``megatron_dvpo.sample`` options) and a GVM trained on them;
+    returns (task data, policy, GVM) directories. With ``reuse``, stages that already ran in
+    ``work`` with the same commands are skipped."""
     data, policy = task_and_models(work, rule, shape, reuse)
     run = _stages(work, reuse)
     sft = work / "sft"
@@ -117,7 +118,7 @@ def policy_and_gvm(work: Path, nproc: int = 2, sft_steps: int = 100, gvm_steps: 
             ["-m", "megatron_dvpo.sample", "--policy", str(policy), "--prompts",
              str(data / f"{split}.jsonl"), "--out", str(work / f"pairs_{split}.jsonl"),
              "--pairs", "--true-reward", f"{rule}:0", "--max-new-tokens", "12",
-             "--seed", str(seed)], nproc)
+             "--seed", str(seed), *pair_args], nproc)
     gvm = train_value_model(work, "gvm", "5. pretrain the GVM", gvm_steps,
                             "gvm.eval_interval=25", *gvm_overrides, reuse=reuse)
     return data, policy, gvm

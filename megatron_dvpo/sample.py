@@ -1,16 +1,21 @@
 """Sample a policy's responses to prompts; optionally score them into preference pairs.
 
     torchrun --nproc-per-node N -m megatron_dvpo.sample --policy DIR --prompts FILE
-        --out rows.jsonl [--samples-per-prompt K] [--scorer SPEC] [--pairs]
+        --out rows.jsonl [--samples-per-prompt K] [--scorer SPEC]
+        [--pairs [--pair-choice first|length_balanced]]
         [--guide-gvm DIR --guide-beta B --guide-top-k K] [--max-new-tokens 16 ...]
 
 Writes one row per sample, in the input's order, keeping each input row's own fields (an id,
 say): ``{..., prompt, response, sample}`` plus ``score`` with ``--scorer``; such rows train SFT,
-and with a score a GVM. With ``--pairs``, two responses per prompt are ranked by the scorer and
-written as ``{..., prompt, chosen, rejected}`` (ties skipped): preference data from the policy's
-own samples, on which a GVM can be trained. With ``--guide-gvm DIR`` a frozen GVM steers the
-sampling (``models/guided.py``: the policy's ``--guide-top-k`` candidates' logits shifted by
-``--guide-beta`` times their value against the candidates' mean).
+and with a score a GVM. With ``--pairs``, ``--samples-per-prompt`` (at least 2) responses per
+prompt are scored and one pair of them written as ``{..., prompt, chosen, rejected}`` (prompts
+whose samples all tie skipped): preference data from the policy's own samples, on which a GVM
+can be trained. ``--pair-choice length_balanced`` picks the pairs so that the chosen response is
+the longer one as often as the shorter (Singhal et al. 2023, "A Long Way to Go"): where the
+scorer penalises length, random pairs differ mostly by length and a value model learns nothing
+else. With ``--guide-gvm DIR`` a frozen GVM steers the sampling (``models/guided.py``: the
+policy's ``--guide-top-k`` candidates' logits shifted by ``--guide-beta`` times their value
+against the candidates' mean).
 """
 
 from __future__ import annotations
@@ -53,31 +58,67 @@ def sample_rows(chunks, prompts: list, tokenizer, sampling: SamplingConfig, voca
     return out
 
 
-def output_rows(prompts: list, samples: list[tuple[int, int, str]], score, pairs: bool
-                ) -> list[dict]:
+PAIR_CHOICES = ("first", "length_balanced")
+
+
+def pick_pair(texts: list[str], scores: list[float], choice: str, longer_wins: bool
+              ) -> tuple[str, str] | None:
+    """``(chosen, rejected)`` among ``texts``, or None when every non-empty one ties.
+
+    ``first``: the first two samples. ``length_balanced``: the first pair (in sample order) whose
+    chosen response is the longer in words when ``longer_wins``, the shorter otherwise; failing
+    that a pair of equal length, failing that the first pair that ranks."""
+    ranked = [(scores[i], scores[j], texts[i], texts[j])
+              for i in range(len(texts)) for j in range(i + 1, len(texts))
+              if choice == "length_balanced" or (i, j) == (0, 1)]
+    pairs = [((a, b) if sa > sb else (b, a)) for sa, sb, a, b in ranked
+             if sa != sb and a.strip() and b.strip()]
+    if not pairs:
+        return None
+
+    def rank(pair: tuple[str, str]) -> int:
+        longer = len(pair[0].split()) - len(pair[1].split())
+        return 0 if longer and (longer > 0) == longer_wins else 1 if longer == 0 else 2
+
+    return min(pairs, key=rank)  # min keeps the first of equal ranks
+
+
+def length_balance(rows: list[dict]) -> str:
+    """How often the longer response of a pair is the chosen one: near 100% (or 0%), length
+    alone ranks the pairs."""
+    signs = [len(r["chosen"].split()) - len(r["rejected"].split()) for r in rows]
+    longer, shorter, n = sum(d > 0 for d in signs), sum(d < 0 for d in signs), max(len(rows), 1)
+    return (f"pairs: the chosen response is the longer in {100 * longer / n:.0f}%, the shorter "
+            f"in {100 * shorter / n:.0f}%, as long in "
+            f"{100 * (len(rows) - longer - shorter) / n:.0f}%")
+
+
+def output_rows(prompts: list, samples: list[tuple[int, int, str]], score,
+                pair_choice: str | None) -> list[dict]:
     """Rows in input order: each input row's own fields (not its data keys), then ``prompt`` and
-    either one
-    ``response`` (+ ``score`` and ``sample``) per sample, or ``chosen``/``rejected`` of the
-    first two samples ranked by ``score`` (ties, and empty responses, which preference data
-    refuses, are skipped)."""
+    either one ``response`` (+ ``score`` and ``sample``) per sample, or, with a
+    ``pair_choice``, the ``chosen``/``rejected`` pair ``pick_pair`` finds (empty responses,
+    which preference data refuses, never among them); balanced pairs ask for the longer
+    response to win while it has won less often than the shorter."""
     by_prompt: dict[int, list[str]] = {}
     for index, k, text in sorted(samples):
         by_prompt.setdefault(index, []).append(text)
-    rows = []
+    rows, longer_lead = [], 0
     for prompt in sorted(prompts, key=lambda p: p.index):
         base = {**{k: v for k, v in prompt.row.items() if k not in DATA_KEYS},
                 "prompt": prompt.text}
         texts = by_prompt.get(prompt.index, [])
-        if not pairs:
+        if pair_choice is None:
             for k, text in enumerate(texts):
                 extra = {"score": score(prompt.text, text)} if score else {}
                 rows.append({**base, "response": text, "sample": k, **extra})
             continue
-        a, b = texts[:2]
-        sa, sb = score(prompt.text, a), score(prompt.text, b)
-        if sa != sb and a.strip() and b.strip():
-            chosen, rejected = (a, b) if sa > sb else (b, a)
-            rows.append({**base, "chosen": chosen, "rejected": rejected})
+        pair = pick_pair(texts, [score(prompt.text, t) for t in texts], pair_choice,
+                         longer_wins=longer_lead <= 0)
+        if pair:
+            rows.append({**base, "chosen": pair[0], "rejected": pair[1]})
+            longer = len(pair[0].split()) - len(pair[1].split())
+            longer_lead += (longer > 0) - (longer < 0)
     return rows
 
 
@@ -89,10 +130,14 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="default: the policy checkpoint's tokenizer")
     # not --n alone: under torchrun, whose parser takes every option, it is ambiguous
-    parser.add_argument("--samples-per-prompt", "--n", dest="n", type=int, default=1,
-                        help="samples per prompt")
+    parser.add_argument("--samples-per-prompt", "--n", dest="n", type=int, default=None,
+                        help="samples per prompt (default 1; 2 with --pairs)")
     parser.add_argument("--pairs", action="store_true",
-                        help="two samples per prompt, ranked by --scorer into preference rows")
+                        help="rank each prompt's samples (2 unless --samples-per-prompt) by "
+                        "--scorer into one preference row")
+    parser.add_argument("--pair-choice", choices=PAIR_CHOICES, default="first",
+                        help="with --pairs: the first two samples, or pairs in which the "
+                        "longer response wins as often as the shorter")
     parser.add_argument("--scorer", "--true-reward", dest="scorer", default=None,
                         help="synthetic:<seed>, bigram:<seed>, module:function or "
                              "file.py:function (see megatron_dvpo/rl/rewards.py)")
@@ -108,9 +153,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.pairs and not args.scorer:
         parser.error("--pairs needs --scorer to rank the two responses")
-    if args.n < 1 or args.batch_size < 1 or args.guide_top_k < 1:
+    n = args.n if args.n is not None else 2 if args.pairs else 1
+    if n < 1 or args.batch_size < 1 or args.guide_top_k < 1:
         parser.error("--samples-per-prompt, --batch-size and --guide-top-k must be >= 1")
-    n = 2 if args.pairs else args.n
+    if args.pairs and n < 2:
+        parser.error(f"--pairs needs --samples-per-prompt >= 2, got {n}")
+    if args.pair_choice != "first" and not args.pairs:
+        parser.error("--pair-choice needs --pairs")
     with input_errors_exit():
         policy = resolve_checkpoint_dir(args.policy, "--policy")
         cfg = load_config(policy / "config.yaml", args.overrides)
@@ -149,8 +198,10 @@ def main(argv=None) -> None:
               and parallel_state.is_pipeline_first_stage())
     gathered = distributed.gather_lists(samples, writes)
     if distributed.is_rank0():
-        distributed.write_jsonl_rank0(args.out, output_rows(prompts, gathered, score, args.pairs),
-                                      "rows")
+        rows = output_rows(prompts, gathered, score, args.pair_choice if args.pairs else None)
+        distributed.write_jsonl_rank0(args.out, rows, "rows")
+        if args.pairs:
+            print(length_balance(rows), flush=True)
     distributed.shutdown()
 
 

@@ -10,6 +10,8 @@ import pytest
 from conftest import REPO, launch
 from megatron_dvpo.config import ConfigError
 from megatron_dvpo.rl.rewards import load_scorer
+from megatron_dvpo.data.prompts import Prompt
+from megatron_dvpo.sample import length_balance, output_rows, pick_pair
 
 
 def test_scorer_specs(tmp_path, monkeypatch):
@@ -42,6 +44,35 @@ def test_scorer_specs(tmp_path, monkeypatch):
                           ("/no/such.py:f", r"no file /no/such.py")):
         with pytest.raises(ConfigError, match=rf"rl.true_reward={spec!r}: {message}"):
             load_scorer(spec)
+
+
+def test_length_balanced_pairs():
+    """Where the scorer penalises length, the first two samples' pairs nearly all let the
+    shorter response win; balanced pairs let the longer win half of the time."""
+    texts = ["a", "a b c", "a b", "x y z w"]
+    scores = [0.0, 0.5, 0.2, -1.0]  # the 3-word text names more; the 4-word one is too long
+    assert pick_pair(texts, scores, "first", longer_wins=True) == ("a b c", "a")
+    assert pick_pair(texts, scores, "length_balanced", longer_wins=True) == ("a b c", "a")
+    assert pick_pair(texts, scores, "length_balanced", longer_wins=False) == ("a", "x y z w")
+    # no pair of the wanted kind: one of equal length, then any that ranks
+    assert pick_pair(["a b", "c d", "e f g"], [1.0, 0.0, 0.0], "length_balanced",
+                     longer_wins=True) == ("a b", "c d")
+    assert pick_pair(["a", "b c"], [1.0, 0.0], "length_balanced", longer_wins=True) == ("a", "b c")
+    assert pick_pair(["a", "b", " "], [1.0, 1.0, 2.0], "length_balanced", True) is None
+
+    import random
+
+    from megatron_dvpo.data.synthetic import WORDS, EchoRule, generate_prompts
+    rule, rng = EchoRule(), random.Random(0)
+    prompts = [Prompt(p, [], {}, i) for i, p in enumerate(generate_prompts(400))]
+    samples = [(i, k, " ".join(rng.choices(WORDS, k=rng.randint(1, 12))))
+               for i in range(len(prompts)) for k in range(8)]
+    first, balanced = (output_rows(prompts, samples, rule.score, choice)
+                       for choice in ("first", "length_balanced"))
+    shorter = lambda rows: float(length_balance(rows).split("shorter in ")[1].split("%")[0])
+    assert shorter(first) > 80 and 40 <= shorter(balanced) <= 52, (
+        length_balance(first), length_balance(balanced))
+    assert len(balanced) > len(first) and all(r["chosen"] for r in balanced)
 
 
 @pytest.fixture(scope="module")

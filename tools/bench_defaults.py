@@ -5,6 +5,7 @@ reachable true reward DVPO closes.
 
     python tools/bench_defaults.py --out bench_defaults.json [--tasks synthetic,bigram,echo]
         [--seeds 7,99,2024] [--variant NAME key=value ...] [--task-dir DIR] [--nproc 2]
+        [--pair-choice first|length_balanced]
 
 Each task (``megatron_dvpo.data.synthetic``'s rules) gets the demo's stages once: its data, an
 SFT policy (the bigram task's 4 x 128 one, as ``tools/bench_methods.py``'s) and preference
@@ -41,6 +42,7 @@ from bench_methods import TASK_SHAPES  # noqa: E402
 from megatron_dvpo.data.synthetic import RULES  # noqa: E402
 from megatron_dvpo.demo import (REWARD_MODEL_STAGE, _run, policy_and_gvm, scalars,  # noqa: E402
                                 train_value_model)
+from megatron_dvpo.sample import PAIR_CHOICES  # noqa: E402
 
 TASK_SHAPES = {**TASK_SHAPES, "echo": ()}
 # value models of the bigram task's 4 x 128 trunk: at gvm_tiny's 3e-3 its reward model
@@ -93,8 +95,11 @@ def dvpo(task: Path, data: Path, policy: Path, gvm: Path, rule: str, run: Path, 
 
 def task_seeds(rule: str, args) -> dict:
     task = Path(args.task_dir) / rule
+    pair_args = (() if args.pair_choice == "first" else
+                 ("--samples-per-prompt", "4", "--pair-choice", args.pair_choice))
     data, policy, _ = policy_and_gvm(task, args.nproc, args.sft_steps, 300, rule,
-                                     TASK_SHAPES[rule], reuse=True)  # the demo's stages
+                                     TASK_SHAPES[rule], reuse=True,
+                                     pair_args=pair_args)  # the demo's stages
     best = best_reachable(rule, data / "eval.jsonl")
     rows, keys = {}, VALUE_MODEL_KEYS.get(rule, ())
     for seed in args.seeds:
@@ -150,6 +155,9 @@ def main(argv=None) -> None:
     parser.add_argument("--task-dir", required=True,
                         help="each task's stages, GVMs and runs, kept and reused here")
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--pair-choice", choices=PAIR_CHOICES, default="first",
+                        help="the demo's pairs (the first two samples per prompt), or "
+                        "length_balanced ones from 4 samples (megatron_dvpo.sample)")
     parser.add_argument("--sft-steps", type=int, default=100)
     parser.add_argument("--gvm-steps", type=int, default=300)
     parser.add_argument("--rl-steps", type=int, default=40)
