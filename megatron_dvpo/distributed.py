@@ -152,6 +152,17 @@ def all_reduce_data_parallel(value: float) -> float:
     return t.item()
 
 
+def gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, of one shape on every rank, from each data-parallel rank, concatenated along
+    dim 0 in rank order (on every rank: keep it small)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
 def gather_lists(items: list, contributes: bool) -> list:
     """The ``items`` of every rank where ``contributes`` holds, in rank order, on every rank
     (one replica's copy each, where model-parallel ranks hold the same items)."""

@@ -103,6 +103,9 @@ class PeakRSS:
 
 # tags logged only when their value changes: a constant schedule is one point, not a flat card
 ON_CHANGE = ("/lr",)
+# a job's dashboard (the Custom Scalars tab) with smoothing off: TensorBoard opens on Time Series,
+# whose groups it sorts by name, and keeps its other settings in the browser
+DASHBOARD_PATH = "/#custom_scalars&_smoothingWeight=0"
 
 
 class MetricsLogger:
@@ -162,6 +165,12 @@ class MetricsLogger:
         """``text``: tag -> markdown, in TensorBoard's Text tab at ``step``."""
         if text:
             self._write(step, text, "add_text")
+
+    def histograms(self, step: int, values: dict) -> None:
+        """``values``: tag -> tensor, in TensorBoard's Histograms (and Time Series) at ``step``."""
+        if values:
+            self._write(step, {tag: v.detach().float().cpu() for tag, v in values.items()
+                               if v.numel()}, "add_histogram")
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
         """``metrics`` at ``step`` without a progress line (e.g. a checkpoint's time)."""

@@ -66,8 +66,27 @@ def test_dvpo_raises_the_true_reward(pipeline):
     # a few held-out responses with their true reward, as text at each periodic evaluation
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(work / "dvpo" / "tensorboard"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(work / "dvpo" / "tensorboard"),
+                              size_guidance={"tensors": 0, "histograms": 0})
     events.Reload()
+    # the global batch's distributions (both ranks' responses) beside each step's scalars
+    responses = 64  # the example's global batch, one sample per prompt
+    for tag, scalar in (("rollout/response_len", "rollout/response_len"),
+                        ("rollout/gvm_final_value", "rollout/gvm_final_value"),
+                        ("rollout/adv", "rollout/adv")):
+        histograms = events.Histograms(f"{tag}_hist")
+        assert [h.step for h in histograms] == [s for s, _ in logs[f"{scalar}_mean"]], tag
+        for h, (_, low), (_, mean), (_, high), (_, length) in zip(
+                histograms, *(logs[f"{scalar}_{kind}"] for kind in ("min", "mean", "max")),
+                logs["rollout/response_len_mean"]):
+            count = responses * length if tag == "rollout/adv" else responses  # every token
+            value = h.histogram_value
+            assert value.num == pytest.approx(count) and value.sum / value.num == pytest.approx(
+                mean, rel=1e-4, abs=1e-6), (tag, h.step)
+            assert (value.min, value.max) == pytest.approx((low, high), rel=1e-4), (tag, h.step)
+    kl = events.Histograms("rollout/kl_ref_hist")
+    assert [h.histogram_value.sum / responses for h in kl] == pytest.approx(
+        [v for _, v in logs["rollout/kl_ref"]], rel=1e-4, abs=1e-6)
     samples = events.Tensors("eval/samples/text_summary")
     steps = [e.step for e in samples]
     assert steps and set(steps) <= {s for s, _ in logs["eval/true_reward_mean"]}, steps
@@ -387,3 +406,27 @@ def test_plot_runs_draws_the_key_curves(pipeline, tmp_path):
                               str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no such run directory" in missing.stderr
+
+
+def test_the_dashboard_screenshot(pipeline, tmp_path):
+    """tools/screenshot_tensorboard.py renders the page a DVPO run links to, in a headless
+    Chromium: the run's charts are drawn (the run's orange lines and markers below the
+    header), and an existing picture is not replaced unasked."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from PIL import Image
+    from screenshot_tensorboard import find_browser
+
+    if find_browser() is None:
+        pytest.skip("no headless Chromium on this machine (Debian: apt-get install chromium)")
+    out = tmp_path / "dashboard.png"
+    tool = [sys.executable, str(REPO / "tools" / "screenshot_tensorboard.py"), "--logdir",
+            str(pipeline[0] / "dvpo" / "tensorboard"), "--out", str(out), "--size", "1280x800"]
+    proc = subprocess.run(tool, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    image = Image.open(out).convert("RGB")
+    assert image.size == (1280, 800)
+    body = image.crop((0, 60, 1280, 800)).getdata()
+    drawn = sum(1 for r, g, b in body if r > 200 and 80 < g < 170 and b < 80)
+    assert drawn > 1500, drawn
+    again = subprocess.run(tool, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr

@@ -52,6 +52,12 @@ class RLStepOutput:
     rollout: Rollout
     metrics: dict[str, float]
     updates: list[UpdateResult]
+    histograms: dict[str, torch.Tensor]
+
+
+# the response tokens' advantages each rank contributes to the step's histogram: enough for its
+# shape, a few KiB to gather at any batch size
+HISTOGRAM_TOKENS = 1024
 
 
 def rollout_seed(step_seed: int) -> int:
@@ -88,6 +94,38 @@ def extremes(named: dict[str, torch.Tensor]) -> dict[str, float]:
             for kind, sign, value in (("max", 1, values[2 * i]), ("min", -1, values[2 * i + 1]))}
 
 
+def token_kl(estimate: EstimatorInputs, mask: torch.Tensor) -> torch.Tensor:
+    """Each response token's KL to the reference (``log pi_old - log pi_ref``), 0 without one."""
+    if estimate.logp_ref is None:
+        return torch.zeros_like(estimate.logp_old)
+    return (estimate.logp_old - estimate.logp_ref) * mask
+
+
+def rollout_histograms(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
+                       advantages: torch.Tensor, final_value_tag: str) -> dict[str, torch.Tensor]:
+    """The global batch's distributions, for TensorBoard's Histograms (``<tag>_hist`` beside
+    the scalars' ``<tag>_mean``): each response's length, the scorer's prediction and KL to the
+    reference, and the estimator's advantages (before whitening) of up to ``HISTOGRAM_TOKENS``
+    response tokens per rank, evenly spaced."""
+    mask = rollout.response_mask.bool()
+    per_response = torch.stack([rollout.response_lengths.double(),
+                                scores.final_value.double(),
+                                token_kl(estimate, rollout.response_mask).double().sum(1)], 1)
+    tokens = advantages[mask].double()
+    picked = torch.full((HISTOGRAM_TOKENS,), float("nan"), dtype=torch.float64,
+                        device=tokens.device)
+    if tokens.numel():
+        keep = min(tokens.numel(), HISTOGRAM_TOKENS)
+        index = torch.linspace(0, tokens.numel() - 1, keep, device=tokens.device).long()
+        picked[:keep] = tokens[index]
+    per_response = distributed.gather_data_parallel(per_response)
+    picked = distributed.gather_data_parallel(picked)
+    return {"rollout/response_len_hist": per_response[:, 0],
+            final_value_tag.removesuffix("_mean") + "_hist": per_response[:, 1],
+            "rollout/kl_ref_hist": per_response[:, 2],
+            "rollout/adv_hist": picked[~picked.isnan()]}
+
+
 def _std(total: float, squares: float, count: float) -> float:
     return max(squares / count - (total / count) ** 2, 0.0) ** 0.5
 
@@ -100,8 +138,7 @@ def rollout_metrics(rollout: Rollout, scores: Scores, estimate: EstimatorInputs,
     estimator's, before any whitening (whitened ones have mean 0 and std 1 by construction);
     ``cut`` [B]: the responses cut at the length limit (``gaming.truncated``)."""
     mask = rollout.response_mask
-    kl = ((estimate.logp_old - estimate.logp_ref) * mask if estimate.logp_ref is not None
-          else torch.zeros_like(estimate.logp_old))
+    kl = token_kl(estimate, mask)
     # rollout numerics (bf16 sampler) against the training forward (FP8 with precision.fp8)
     drift = (estimate.logp_old - rollout.logprobs).abs() * mask
     lengths = rollout.response_lengths
@@ -225,8 +262,9 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
                  if parts.refresh is not None else None)
     phases.done("update")
 
+    final_value_tag = parts.scorer.final_value_tag
     metrics = {**rollout_metrics(rollout, scores, estimate, result.advantages, cut,
-                                 parts.scorer.final_value_tag),
+                                 final_value_tag),
                **policy.metrics, **(learned.metrics if learned else {}),
                **(refreshed.metrics if refreshed else {})}
     parts.kl.update(metrics["rollout/kl_ref"],
@@ -235,4 +273,5 @@ def rl_step(parts: RLParts, prompts: list[list[int]], step: int) -> RLStepOutput
     metrics.update(perf_metrics(rollout, rl.ppo_epochs, phases.seconds))
     updates = (policy.updates + (learned.updates if learned else [])
                + (refreshed.updates if refreshed else []))
-    return RLStepOutput(rollout, metrics, updates)
+    return RLStepOutput(rollout, metrics, updates, rollout_histograms(
+        rollout, scores, estimate, result.advantages, final_value_tag))

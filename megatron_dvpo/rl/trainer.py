@@ -179,7 +179,7 @@ class RLTrainer:
             evaluated, text = self.evaluate()
             metrics.update(evaluated)
         return StepResult(metrics, out.updates, stop=self.check_gaming(metrics, step + 1),
-                          text=text)
+                          text=text, histograms=out.histograms)
 
     def start(self, resumed: bool) -> dict[str, float]:
         return {} if resumed else self.evaluate()[0]  # the initial policy's true reward

@@ -24,7 +24,7 @@ import yaml
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import CheckpointManager
 from megatron_dvpo.config import RunConfig, config_changes, scoring_model_changes, to_dict
-from megatron_dvpo.logging import MetricsLogger, memory_metrics
+from megatron_dvpo.logging import DASHBOARD_PATH, MetricsLogger, memory_metrics
 from megatron_dvpo.model_state import model_state_metrics
 from megatron_dvpo.models.gpt import training_flops_per_token
 from megatron_dvpo.perf import dense_bf16_peak_tflops, model_flops_utilization
@@ -46,6 +46,8 @@ class StepResult:
     updates: list[UpdateResult] = field(default_factory=list)
     stop: Optional[str] = None  # why the run must stop after this step (it saves first)
     text: dict[str, str] = field(default_factory=dict)  # tag -> markdown (e.g. samples)
+    # tag -> values, logged as a histogram with the step's metrics
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def hparams(config: dict, prefix: str = "") -> dict:
@@ -126,7 +128,7 @@ class TrainingLoop:
         return str(self.last_good) if self.last_good else "none (nothing saved by this run)"
 
     # -- the loop ---------------------------------------------------------------------------
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], histograms: dict[str, torch.Tensor]) -> None:
         """Every ``logging.log_interval`` steps and the run's first (a resumed run's too), with
         the models' memory there only: it is constant after the first update."""
         first = not self._memory_logged
@@ -135,6 +137,7 @@ class TrainingLoop:
                 metrics.update(model_state_metrics(self.units, self.job.frozen_models))
                 self._memory_logged = True
             self.logger.log(self.step, metrics, self.job.summary_tags + ("perf/step_time_s",))
+            self.logger.histograms(self.step, histograms)
 
     def _log_now(self, metrics: dict[str, float]) -> None:
         if metrics:
@@ -149,6 +152,10 @@ class TrainingLoop:
                              {"config": "\n".join("    " + line for line in config.splitlines())},
                              hparams(to_dict(self.cfg)), self.job.summary_tags,
                              self.job.dashboard)
+            if self.job.dashboard:
+                distributed.print_rank0(
+                    f"TensorBoard: tensorboard --logdir {self.logger.directory}, then open "
+                    f"http://localhost:6006{DASHBOARD_PATH}")
             self._log_now(self.job.start(resumed))
             self._steps()
         except UnhealthyRun as e:
@@ -199,7 +206,7 @@ class TrainingLoop:
                                           norm / before if before else 1.0)
             if warning:
                 distributed.print_rank0(warning)
-            self._log(self._step_metrics(result, time.perf_counter() - start))
+            self._log(self._step_metrics(result, time.perf_counter() - start), result.histograms)
             self.logger.text(self.step, result.text)
             if result.stop:
                 self.save()

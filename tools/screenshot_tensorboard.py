@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""What a user sees on opening TensorBoard on a run: a PNG made with a headless Chromium.
+
+    python tools/screenshot_tensorboard.py --logdir RUN_DIR --out view.png
+        [--view dashboard|time_series] [--size 1920x1080] [--overwrite]
+
+Starts TensorBoard on ``--logdir`` on a free local port, waits until it lists the runs, and
+renders one page: ``dashboard`` (the default) is the link a run prints (the Custom Scalars
+tab with smoothing off: is it learning, is it healthy, is it fast), ``time_series`` is the page
+TensorBoard opens on. Needs ``chromium`` (or ``chromium-browser``, ``google-chrome``) on the
+PATH (Debian: ``apt-get install chromium``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megatron_dvpo.logging import DASHBOARD_PATH  # noqa: E402
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+VIEWS = {"dashboard": DASHBOARD_PATH, "time_series": "/"}
+
+
+def find_browser() -> str | None:
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_runs(url: str, server: subprocess.Popen, timeout: float = 90.0) -> list[str]:
+    """The runs TensorBoard lists, once it lists any."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"error: TensorBoard exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/data/runs", timeout=5) as response:
+                runs = json.loads(response.read())
+            if runs:
+                return runs
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise SystemExit(f"error: TensorBoard at {url} listed no run within {timeout:.0f}s")
+
+
+def screenshot(logdir: Path, out: Path, view: str, size: str, browser: str) -> list[str]:
+    """Render ``view`` of TensorBoard on ``logdir`` into ``out``; returns the runs shown."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runs = wait_for_runs(url, server)
+        width, height = size.split("x")
+        # root may not sandbox; the virtual time budget lets the charts load and draw
+        flags = ["--no-sandbox"] if os.geteuid() == 0 else []
+        done = subprocess.run([browser, "--headless", "--disable-gpu", "--hide-scrollbars",
+                               *flags, f"--window-size={width},{height}",
+                               "--virtual-time-budget=20000", f"--screenshot={out}",
+                               url + VIEWS[view]], capture_output=True, text=True, timeout=180)
+        if done.returncode or not out.is_file():
+            raise SystemExit(f"error: {browser} made no screenshot (exit {done.returncode}): "
+                             f"{done.stderr.strip().splitlines()[-1:]}")
+        return runs
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--logdir", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--view", choices=sorted(VIEWS), default="dashboard")
+    parser.add_argument("--size", default="1920x1080", help="the browser window, WIDTHxHEIGHT")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    if not args.logdir.is_dir():
+        parser.error(f"--logdir {args.logdir}: no such directory")
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    width, _, height = args.size.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        parser.error(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1920x1080")
+    browser = find_browser()
+    if browser is None:
+        parser.error(f"no headless browser: none of {', '.join(BROWSERS)} is on the PATH "
+                     "(Debian: apt-get install chromium)")
+    runs = screenshot(args.logdir, args.out, args.view, args.size, browser)
+    print(f"wrote {args.out}: TensorBoard's {args.view} view of {len(runs)} run(s): "
+          f"{', '.join(runs)}")
+
+
+if __name__ == "__main__":
+    main()
