@@ -101,8 +101,9 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-# tags logged only when their value changes: a constant schedule is one point, not a flat card
-ON_CHANGE = ("/lr",)
+# tags logged only when their value changes: a constant schedule (a learning rate, a fixed KL
+# coefficient) is one point, not a flat card
+ON_CHANGE = ("/lr", "/beta")
 # a job's dashboard (the Custom Scalars tab) with smoothing off: TensorBoard opens on Time Series,
 # whose groups it sorts by name, and keeps its other settings in the browser
 DASHBOARD_PATH = "/#custom_scalars&_smoothingWeight=0"

@@ -45,6 +45,9 @@ def test_dvpo_raises_the_true_reward(pipeline):
     # constants once, counters only once they count: no flat cards
     assert [step for step, _ in logs["memory/model_state_gib"]] == [1]
     assert [step for step, _ in logs["policy/lr"]] == [1]  # the example's constant LR
+    # readable curves: every step, and the held-out reward at the start and every 5 steps
+    assert [step for step, _ in logs["rollout/kl_ref"]] == list(range(1, 41))
+    assert [step for step, _ in logs["eval/true_reward_mean"]] == list(range(0, 41, 5))
     # each phase's time; the step's tokens per second per rank; prompt lengths
     for step, train in logs["perf/train_time_s"]:
         phases = sum(dict(logs[f"timing_s/{p}"])[step]

@@ -58,8 +58,9 @@ def test_a_swapped_scoring_model_is_named_on_resume():
 
 
 def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path, single_rank):
-    """A constant learning rate is one point, a changing one every step; the HParams tab has
-    the run's settings and its summary tags; the Custom Scalars tab the job's dashboard."""
+    """A constant learning rate (or KL coefficient) is one point, a changing one every step;
+    the HParams tab has the run's settings and its summary tags; the Custom Scalars tab the
+    job's dashboard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -72,10 +73,12 @@ def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path
     logger.open(hparams={"optimizer.lr": 1e-3, "dvpo.estimator": "gae"},
                 metrics=("eval/true_reward_mean",), dashboard=dashboard)
     for step, lr in ((1, 1e-3), (2, 1e-3), (3, 5e-4)):
-        logger.log(step, {"policy/lr": lr, "critic/lr": 0.1 * step, "policy/loss": 1.0})
+        logger.log(step, {"policy/lr": lr, "critic/lr": 0.1 * step, "policy/loss": 1.0,
+                          "rollout/beta": 0.05})  # a fixed KL coefficient
     logger.close()
     logs = scalars(tmp_path / "tb")
     assert [s for s, _ in logs["policy/lr"]] == [1, 3] and len(logs["critic/lr"]) == 3
+    assert [s for s, _ in logs["rollout/beta"]] == [1]
     assert len(logs["policy/loss"]) == 3
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
