@@ -102,6 +102,16 @@ def test_k_samples_keep_fields_and_order_and_feed_sft(work, tmp_path):
                                                       for k in range(3)]
     assert all(r["score"] == len(r["response"]) for r in rows)
     assert all("chosen" not in r for r in rows)  # the input's data keys do not leak
+    pairs = tmp_path / "pairs.jsonl"
+    proc = sample(work, pairs, "--prompts", str(prompts), "--pairs", "--samples-per-prompt",
+                  "3", "--pair-choice", "length_balanced", "--scorer",
+                  f"{tmp_path}/scores.py:n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pairs: the chosen response is the longer in" in proc.stdout
+    for row in map(json.loads, pairs.read_text().splitlines()):
+        assert len(row["chosen"]) > len(row["rejected"]) and row["id"].startswith("q"), row
+    proc = sample(work, pairs, "--prompts", str(prompts), "--pair-choice", "length_balanced")
+    assert proc.returncode == 2 and "--pair-choice needs --pairs" in proc.stderr
     # SFT reads {prompt, response} rows (without the score too)
     plain = tmp_path / "demos.jsonl"
     plain.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"] or
