@@ -48,6 +48,10 @@ def test_dvpo_raises_the_true_reward(pipeline):
     # readable curves: every step, and the held-out reward at the start and every 5 steps
     assert [step for step, _ in logs["rollout/kl_ref"]] == list(range(1, 41))
     assert [step for step, _ in logs["eval/true_reward_mean"]] == list(range(0, 41, 5))
+    # the held-out responses' length and truncation beside their reward (OpenRLHF's, NeMo-RL's)
+    for step, length in logs["eval/response_len_mean"]:
+        assert 1 <= length <= 12 and 0 <= dict(logs["eval/truncated_rate"])[step] <= 1, step
+    assert [s for s, _ in logs["eval/response_len_mean"]] == list(range(0, 41, 5))
     # each phase's time; the step's tokens per second per rank; prompt lengths
     for step, train in logs["perf/train_time_s"]:
         phases = sum(dict(logs[f"timing_s/{p}"])[step]

@@ -25,7 +25,7 @@ from megatron_dvpo.models.generation import Rollout, SamplingConfig
 from megatron_dvpo.models.guided import ValueGuide
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.estimators import check_estimator
-from megatron_dvpo.rl.gaming import gaming_warnings
+from megatron_dvpo.rl.gaming import gaming_warnings, truncated
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
 from megatron_dvpo.rl.rewards import RolloutTextScores
 from megatron_dvpo.rl.rollout_backend import MegatronSampler
@@ -150,9 +150,11 @@ class RLTrainer:
                 "the scorer's value": [re.escape(self.scorer.final_value_tag)],
                 "KL to the reference": ["rollout/kl_ref$"],
                 "entropy": ["policy/entropy"],
-                "response length": ["rollout/response_len_(mean|max|min)"]},
+                "response length": ["rollout/response_len_(mean|max|min)",
+                                    "eval/response_len_mean"]},
             "2. is it healthy": {
-                "gaming signs": ["rollout/(repeat|truncated)_rate", "rollout/gvm_.*_rate"],
+                "gaming signs": ["(rollout|eval)/truncated_rate", "rollout/repeat_rate",
+                                 "rollout/gvm_.*_rate"],
                 "policy update": ["policy/(clipfrac|approx_kl)"],
                 "gradient norm": [".*/grad_norm"]},
             "3. is it fast": {"step time": ["perf/step_time_s"], "phases": ["timing_s/.*"],
@@ -228,8 +230,8 @@ class RLTrainer:
         return message if rl.stop_on_gaming else None
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, str]]:
-        """Mean true reward of sampled responses to the held-out prompts, and a few of them as
-        TensorBoard text (``eval/samples``)."""
+        """Mean true reward, length and truncation rate of sampled responses to the held-out
+        prompts, and a few of them as TensorBoard text (``eval/samples``)."""
         if self.true_reward is None or self.eval_prompts is None:
             return {}, {}
         start = time.perf_counter()
@@ -238,7 +240,20 @@ class RLTrainer:
         mine = [p.ids for p in self.eval_prompts][dp_rank::dp_size]
         rollout = self.sample(mine, EVAL_SEED)
         rewards = self.true_reward(mine, rollout)
-        total = distributed.all_reduce_data_parallel(sum(rewards))
-        return ({"eval/true_reward_mean": total / len(self.eval_prompts),
+        return ({**held_out_metrics(rollout, rewards, len(self.eval_prompts),
+                                    self.tokenizer.eos_id, self.cfg.rollout.max_new_tokens),
                  "timing_s/eval": time.perf_counter() - start},
                 {"eval/samples": samples_markdown(self.tokenizer, rollout, rewards)})
+
+
+def held_out_metrics(rollout: Rollout, rewards: list[float], prompts: int, eos_id: int,
+                     max_new_tokens: int) -> dict[str, float]:
+    """The held-out responses' mean true reward, length and truncation rate over the
+    data-parallel ranks (``prompts`` in all: ranks may hold one prompt more or less)."""
+    cut = truncated(rollout.responses, rollout.response_lengths, eos_id, max_new_tokens)
+    totals = torch.tensor([sum(rewards), float(rollout.response_lengths.sum()),
+                           float(cut.sum())], dtype=torch.float64, device=distributed.device())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    reward, length, cut_rows = (total / prompts for total in totals.tolist())
+    return {"eval/true_reward_mean": reward, "eval/response_len_mean": length,
+            "eval/truncated_rate": cut_rows}
