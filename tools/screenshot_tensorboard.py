@@ -2,13 +2,13 @@
 """What a user sees on opening TensorBoard on a run: a PNG made with a headless Chromium.
 
     python tools/screenshot_tensorboard.py --logdir RUN_DIR --out view.png
-        [--view dashboard|time_series] [--size 1920x1080] [--overwrite]
+        [--size 1920x1080] [--overwrite]
 
 Starts TensorBoard on ``--logdir`` on a free local port, waits until it lists the runs, and
-renders one page: ``dashboard`` (the default) is the link a run prints (the Custom Scalars
-tab with smoothing off: is it learning, is it healthy, is it fast), ``time_series`` is the page
-TensorBoard opens on. Needs ``chromium`` (or ``chromium-browser``, ``google-chrome``) on the
-PATH (Debian: ``apt-get install chromium``); nothing is downloaded.
+renders the page a run links to: the Custom Scalars tab with smoothing off (is it learning, is
+it healthy, is it fast). Not the Time Series tab: headless Chromium draws its cards' axes but
+not their lines. Needs ``chromium`` (or ``chromium-browser``, ``google-chrome``) on the PATH
+(Debian: ``apt-get install chromium``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ sys.path.insert(0, str(REPO))
 from megatron_dvpo.logging import DASHBOARD_PATH  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-VIEWS = {"dashboard": DASHBOARD_PATH, "time_series": "/"}
 
 
 def find_browser() -> str | None:
@@ -60,8 +59,8 @@ def wait_for_runs(url: str, server: subprocess.Popen, timeout: float = 90.0) -> 
     raise SystemExit(f"error: TensorBoard at {url} listed no run within {timeout:.0f}s")
 
 
-def screenshot(logdir: Path, out: Path, view: str, size: str, browser: str) -> list[str]:
-    """Render ``view`` of TensorBoard on ``logdir`` into ``out``; returns the runs shown."""
+def screenshot(logdir: Path, out: Path, size: str, browser: str) -> list[str]:
+    """Render TensorBoard's dashboard of ``logdir`` into ``out``; returns the runs shown."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
@@ -75,7 +74,8 @@ def screenshot(logdir: Path, out: Path, view: str, size: str, browser: str) -> l
         done = subprocess.run([browser, "--headless", "--disable-gpu", "--hide-scrollbars",
                                *flags, f"--window-size={width},{height}",
                                "--virtual-time-budget=20000", f"--screenshot={out}",
-                               url + VIEWS[view]], capture_output=True, text=True, timeout=180)
+                               url + DASHBOARD_PATH], capture_output=True, text=True,
+                              timeout=180)
         if done.returncode or not out.is_file():
             raise SystemExit(f"error: {browser} made no screenshot (exit {done.returncode}): "
                              f"{done.stderr.strip().splitlines()[-1:]}")
@@ -89,7 +89,6 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logdir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--view", choices=sorted(VIEWS), default="dashboard")
     parser.add_argument("--size", default="1920x1080", help="the browser window, WIDTHxHEIGHT")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
@@ -104,9 +103,8 @@ def main(argv=None) -> None:
     if browser is None:
         parser.error(f"no headless browser: none of {', '.join(BROWSERS)} is on the PATH "
                      "(Debian: apt-get install chromium)")
-    runs = screenshot(args.logdir, args.out, args.view, args.size, browser)
-    print(f"wrote {args.out}: TensorBoard's {args.view} view of {len(runs)} run(s): "
-          f"{', '.join(runs)}")
+    runs = screenshot(args.logdir, args.out, args.size, browser)
+    print(f"wrote {args.out}: TensorBoard's dashboard of {len(runs)} run(s): {', '.join(runs)}")
 
 
 if __name__ == "__main__":
