@@ -279,6 +279,9 @@ class RolloutConfig:
     """Sampling from the policy (docs/algorithm.md §2, step 1)."""
 
     max_new_tokens: int = _checked(640, POSITIVE)
+    # EOS is not sampled before this many response tokens (vLLM's min_tokens): a frozen scorer
+    # never trained on an empty answer cannot be gamed by one
+    min_new_tokens: int = _checked(0, NON_NEGATIVE)
     # samples per prompt (GRPO/RLOO's groups); data.global_batch_size counts prompts
     n_samples: int = _checked(1, POSITIVE)
     # DVPO: > 0 steers sampling by the frozen GVM (GVM-guided decoding, models/guided.py): the

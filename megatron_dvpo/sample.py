@@ -142,6 +142,8 @@ def main(argv=None) -> None:
                         help="synthetic:<seed>, bigram:<seed>, module:function or "
                              "file.py:function (see megatron_dvpo/rl/rewards.py)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="EOS is not drawn before this many response tokens")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -156,6 +158,9 @@ def main(argv=None) -> None:
     n = args.n if args.n is not None else 2 if args.pairs else 1
     if n < 1 or args.batch_size < 1 or args.guide_top_k < 1:
         parser.error("--samples-per-prompt, --batch-size and --guide-top-k must be >= 1")
+    if not 0 <= args.min_new_tokens < args.max_new_tokens:
+        parser.error(f"--min-new-tokens {args.min_new_tokens} must be in [0, --max-new-tokens "
+                     f"{args.max_new_tokens})")
     if args.pairs and n < 2:
         parser.error(f"--pairs needs --samples-per-prompt >= 2, got {n}")
     if args.pair_choice != "first" and not args.pairs:
@@ -191,7 +196,8 @@ def main(argv=None) -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     samples = sample_rows(chunks, prompts[dp_rank::dp_size], tokenizer,
-                          SamplingConfig(args.max_new_tokens, args.temperature),
+                          SamplingConfig(args.max_new_tokens, args.temperature,
+                                         min_new_tokens=args.min_new_tokens),
                           cfg.model.vocab_size, n, args.batch_size, args.seed * 131 + dp_rank,
                           guide_gvm, GuideConfig(args.guide_beta, args.guide_top_k))
     writes = (parallel_state.get_tensor_model_parallel_rank() == 0

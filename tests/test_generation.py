@@ -14,7 +14,8 @@ from megatron_dvpo.models.generation import SamplingConfig, left_pad, sample_tok
 @pytest.mark.compat
 def test_rollout_tp2_pp2_equal_tp1_and_match_fresh_forward(tmp_path):
     """Also with sequence parallelism (tp2pp1sp): decoding runs it off (one token per row),
-    and the fresh forward pads each sequence to a multiple of TP."""
+    and the fresh forward pads each sequence to a multiple of TP; and with EOS barred for the
+    first tokens (rollout.min_new_tokens)."""
     out = tmp_path / "rollout.json"
     launch([str(REPO / "tests/distributed/rollout_check.py"), str(out), str(tmp_path),
             "tp2pp1", "tp1pp2", "tp2pp1sp"], nproc=2)
@@ -28,6 +29,10 @@ def test_rollout_tp2_pp2_equal_tp1_and_match_fresh_forward(tmp_path):
         assert 0 <= result[layout]["fresh_forward_max_diff"] <= 1e-4, result
         assert 0 <= result[layout]["tempered_fresh_forward_max_diff"] <= 1e-4, result
         assert result[layout]["untempered_gap"] > 0.05, result  # temperature 1 differs
+        # rollout.min_new_tokens: no response ends before it, log-probs still the policy's
+        least = result[layout]["min_new_tokens"]
+        assert min(result[layout]["min_new_tokens_lengths"]) > least, result[layout]
+        assert 0 <= result[layout]["min_new_tokens_fresh_forward_max_diff"] <= 1e-4, result
 
 
 def test_policy_head_scores_the_tempered_distribution(single_rank):

@@ -232,6 +232,10 @@ def test_prompt_plus_new_tokens_must_fit_the_context(work, tmp_path):
                                           r"rollout.max_new_tokens=60 = 76 exceeds "
                                           r"model.max_position_embeddings=64 of rl.policy="):
         DVPO.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args))
+    args = dvpo_args(work, tmp_path, "rollout.min_new_tokens=12")[2:]
+    with pytest.raises(ConfigError, match=r"rollout.min_new_tokens=12 must be below "
+                                          r"rollout.max_new_tokens=12"):
+        DVPO.check_inputs(load_config(REPO / "examples/dvpo_tiny.yaml", args))
 
 
 def test_an_estimator_never_reads_an_untrained_output(work, tmp_path):

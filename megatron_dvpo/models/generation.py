@@ -47,6 +47,7 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
+    min_new_tokens: int = 0  # EOS is not drawn before this many response tokens
 
 
 @dataclass
@@ -126,6 +127,11 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
+
+
+def without_eos(logits: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, V] logits with EOS at -inf: what ``min_new_tokens`` samples from."""
+    return logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
@@ -216,7 +222,8 @@ def last_position_logits(chunks: list[torch.nn.Module]):
 @torch.no_grad()
 def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: SamplingConfig,
              eos_id: int, pad_id: int, vocab_size: int, seed: int, guide=None) -> Rollout:
-    """Sample up to ``cfg.max_new_tokens`` per prompt; every rank returns the same Rollout.
+    """Sample ``cfg.min_new_tokens`` to ``cfg.max_new_tokens`` tokens per prompt; every rank
+    returns the same Rollout.
 
     ``seed`` must be equal on all ranks of a model-parallel group (it drives the sampling).
     ``guide`` (a ``models.guided.ValueGuide``) draws each token instead, steered by a GVM.
@@ -261,8 +268,11 @@ def generate(chunks: list[torch.nn.Module], prompts: list[list[int]], cfg: Sampl
             chosen = chosen_logprob = None  # made on the last stage
             if logits is not None:
                 last = mask_padded_vocab(logits[:, -1].float(), vocab_size)
-                chosen = (guide.choose(last, cfg.temperature, generator) if guide is not None
-                          else sample_tokens(last, cfg, generator))
+                # drawn without EOS while too short; the recorded log-prob stays the policy's
+                # own, the one its training forward recomputes
+                pick = without_eos(last, eos_id) if step < cfg.min_new_tokens else last
+                chosen = (guide.choose(pick, cfg.temperature, generator) if guide is not None
+                          else sample_tokens(pick, cfg, generator))
                 chosen_logprob = F.log_softmax(tempered(last, temperature), -1).gather(
                     -1, chosen[:, None]).squeeze(-1)
             chosen = broadcast_from_last_stage(chosen, (batch,), torch.long)

@@ -112,6 +112,10 @@ def check_gvm_accuracy(path: str, least: float) -> None:
 
 def _check_lengths(cfg: RunConfig, models: dict[str, RunConfig]) -> None:
     rollout = cfg.rollout
+    if rollout.min_new_tokens >= rollout.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens={rollout.min_new_tokens} must be below "
+                          f"rollout.max_new_tokens={rollout.max_new_tokens}: no response could "
+                          "end with EOS")
     total = rollout.max_prompt_length + rollout.max_new_tokens
     for key, model_cfg in models.items():
         limit = model_cfg.model.max_position_embeddings

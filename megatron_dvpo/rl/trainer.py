@@ -127,7 +127,8 @@ class RLTrainer:
         guide = algorithm.guide(self) if rollout.guide_beta > 0 else None
         self.backend = MegatronSampler(
             self.policy.chunks, SamplingConfig(rollout.max_new_tokens, rollout.temperature,
-                                               rollout.top_p, rollout.top_k),
+                                               rollout.top_p, rollout.top_k,
+                                               rollout.min_new_tokens),
             self.tokenizer.eos_id, self.tokenizer.pad_id, cfg.model.vocab_size, guide)
         self.parts = RLParts(
             cfg, self.policy, self.backend, self.scorer, self.reference,

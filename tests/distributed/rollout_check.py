@@ -58,9 +58,20 @@ def rollouts(chunks):
     plain = forward.response_logprobs(chunks, tempered, VOCAB, 2)
     tempered_diff = -1.0 if fresh is None else (fresh - tempered.logprobs).abs().max().item()
     untempered_gap = -1.0 if plain is None else (plain - tempered.logprobs).abs().max().item()
+    # EOS barred until the shortest greedy response's length: it must run longer, and the
+    # recorded log-probs stay the policy's own (a fresh forward's, EOS not barred)
+    least = int(greedy.response_lengths.min())
+    floored = generate(chunks, PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.0,
+                                                       min_new_tokens=least),
+                       EOS, PAD, VOCAB, seed=0)
+    fresh = forward.response_logprobs(chunks, floored, VOCAB, 2)
+    floored_diff = -1.0 if fresh is None else (fresh - floored.logprobs).abs().max().item()
     return greedy, {"fresh_forward_max_diff": all_max(diff),
                     "tempered_fresh_forward_max_diff": all_max(tempered_diff),
-                    "untempered_gap": all_max(untempered_gap)}
+                    "untempered_gap": all_max(untempered_gap),
+                    "min_new_tokens": least,
+                    "min_new_tokens_lengths": floored.response_lengths.tolist(),
+                    "min_new_tokens_fresh_forward_max_diff": all_max(floored_diff)}
 
 
 def main():
