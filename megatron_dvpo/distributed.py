@@ -24,7 +24,8 @@ class LaunchEnv:
     master_port: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port no one listens on now, on this host."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +45,7 @@ def launch_env() -> LaunchEnv:
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", 0)), env["MASTER_ADDR"],
                          int(env.get("MASTER_PORT", 29500)))
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port())
+    return LaunchEnv(0, 1, 0, "127.0.0.1", free_port())
 
 
 def init_distributed(parallel: ParallelConfig, seed: int) -> LaunchEnv:

@@ -21,6 +21,7 @@ against the candidates' mean).
 from __future__ import annotations
 
 import argparse
+import itertools
 
 from megatron.core import parallel_state
 
@@ -61,6 +62,11 @@ def sample_rows(chunks, prompts: list, tokenizer, sampling: SamplingConfig, voca
 PAIR_CHOICES = ("first", "length_balanced")
 
 
+def words_longer(pair: tuple[str, str]) -> int:
+    """How many words longer a pair's first response is than its second."""
+    return len(pair[0].split()) - len(pair[1].split())
+
+
 def pick_pair(texts: list[str], scores: list[float], choice: str, longer_wins: bool
               ) -> tuple[str, str] | None:
     """``(chosen, rejected)`` among ``texts``, or None when every non-empty one ties.
@@ -68,16 +74,18 @@ def pick_pair(texts: list[str], scores: list[float], choice: str, longer_wins: b
     ``first``: the first two samples. ``length_balanced``: the first pair (in sample order) whose
     chosen response is the longer in words when ``longer_wins``, the shorter otherwise; failing
     that a pair of equal length, failing that the first pair that ranks."""
-    ranked = [(scores[i], scores[j], texts[i], texts[j])
-              for i in range(len(texts)) for j in range(i + 1, len(texts))
-              if choice == "length_balanced" or (i, j) == (0, 1)]
-    pairs = [((a, b) if sa > sb else (b, a)) for sa, sb, a, b in ranked
-             if sa != sb and a.strip() and b.strip()]
+    if choice == "length_balanced":
+        candidates = itertools.combinations(range(len(texts)), 2)
+    else:
+        candidates = [(0, 1)] if len(texts) >= 2 else []
+    pairs = [((texts[i], texts[j]) if scores[i] > scores[j] else (texts[j], texts[i]))
+             for i, j in candidates
+             if scores[i] != scores[j] and texts[i].strip() and texts[j].strip()]
     if not pairs:
         return None
 
     def rank(pair: tuple[str, str]) -> int:
-        longer = len(pair[0].split()) - len(pair[1].split())
+        longer = words_longer(pair)
         return 0 if longer and (longer > 0) == longer_wins else 1 if longer == 0 else 2
 
     return min(pairs, key=rank)  # min keeps the first of equal ranks
@@ -86,7 +94,7 @@ def pick_pair(texts: list[str], scores: list[float], choice: str, longer_wins: b
 def length_balance(rows: list[dict]) -> str:
     """How often the longer response of a pair is the chosen one: near 100% (or 0%), length
     alone ranks the pairs."""
-    signs = [len(r["chosen"].split()) - len(r["rejected"].split()) for r in rows]
+    signs = [words_longer((r["chosen"], r["rejected"])) for r in rows]
     longer, shorter, n = sum(d > 0 for d in signs), sum(d < 0 for d in signs), max(len(rows), 1)
     return (f"pairs: the chosen response is the longer in {100 * longer / n:.0f}%, the shorter "
             f"in {100 * shorter / n:.0f}%, as long in "
@@ -117,7 +125,7 @@ def output_rows(prompts: list, samples: list[tuple[int, int, str]], score,
                          longer_wins=longer_lead <= 0)
         if pair:
             rows.append({**base, "chosen": pair[0], "rejected": pair[1]})
-            longer = len(pair[0].split()) - len(pair[1].split())
+            longer = words_longer(pair)
             longer_lead += (longer > 0) - (longer < 0)
     return rows
 
