@@ -170,7 +170,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--nproc", type=int, default=2, help="ranks for sampling and DVPO")
     args = parser.parse_args(argv)
-    from megatron_dvpo.logging import DASHBOARD_PATH
+    from megatron_dvpo.rl.dashboard import rl_dashboard
+    from megatron_dvpo.rl.scorers import GVMScorer
 
     start = time.perf_counter()
     result = run_pipeline(Path(args.workdir).resolve(), args.nproc)
@@ -179,9 +180,9 @@ def main(argv=None) -> None:
           f"DVPO, {result['true_reward_after']:+.3f} after")
     print(f"GVM held-out pairwise accuracy: {result['gvm_pair_acc_last']:.1%} (last value), "
           f"{result['gvm_pair_acc_mean']:.1%} (mean value)")
+    link = rl_dashboard(GVMScorer.final_value_tag, true_reward=True).link()
     print(f"TensorBoard: tensorboard --logdir {args.workdir} (the runs: sft/, gvm/, dvpo/), "
-          f"then open http://localhost:6006{DASHBOARD_PATH} (DVPO: is it learning, is it "
-          "healthy, is it fast)")
+          f"then open {link} (DVPO's learning curves first)")
     print(f"trained policy in HF format: {result['exported']}")
     print(f"total {time.perf_counter() - start:.0f}s")
     (Path(args.workdir) / "result.json").write_text(json.dumps(result, indent=2))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import threading
 import time
+import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,9 +107,32 @@ class PeakRSS:
 # tags logged only when their value changes: a constant schedule (a learning rate, a fixed KL
 # coefficient) is one point, not a flat card
 ON_CHANGE = ("/lr", "/beta")
-# a job's dashboard (the Custom Scalars tab) with smoothing off: TensorBoard opens on Time Series,
-# whose groups it sorts by name, and keeps its other settings in the browser
-DASHBOARD_PATH = "/#custom_scalars&_smoothingWeight=0"
+@dataclass(frozen=True)
+class Dashboard:
+    """What a user asks of a run, in order: is it learning, is it healthy, is it fast.
+
+    TensorBoard opens on Time Series and sorts its groups by name, so the run's link pins the
+    ``pinned`` tags' cards above every group (pins stay in the browser: later visits open on
+    them too). ``charts``, ``{category: {chart: [tag regex, ...]}}``, lay out the Custom
+    Scalars tab."""
+
+    pinned: tuple[str, ...] = ()
+    charts: dict = field(default_factory=dict)
+
+    MAX_PINS = 10  # TensorBoard's own limit
+
+    def __post_init__(self):
+        if len(self.pinned) > self.MAX_PINS:
+            raise ValueError(f"{len(self.pinned)} pinned cards; TensorBoard pins at most "
+                             f"{self.MAX_PINS}")
+
+    def link(self, host: str = "localhost", port: int = 6006, **options: str) -> str:
+        """Time Series with the pinned cards first and smoothing off; ``options``: more of
+        TensorBoard's query flags (e.g. ``forceSVG="true"``)."""
+        pins = [{"plugin": "scalars", "tag": tag} for tag in self.pinned]
+        query = urllib.parse.urlencode({"smoothing": "0", "pinnedCards": json.dumps(
+            pins, separators=(",", ":")), **options})
+        return f"http://{host}:{port}/?{query}#timeseries"
 
 
 class MetricsLogger:
@@ -126,13 +152,12 @@ class MetricsLogger:
 
     def open(self, resumed_at: int | None = None, text: dict[str, str] | None = None,
              hparams: dict | None = None, metrics: tuple[str, ...] = (),
-             dashboard: dict | None = None) -> None:
+             dashboard: Dashboard | None = None) -> None:
         """Start the event file. A run resumed at step S logs S+1... again: TensorBoard drops
         the earlier events from S+1 on (``purge_step``), so no step shows twice. ``text``:
         tag -> markdown, written once (the resolved config); ``hparams``: the run's settings
         for TensorBoard's HParams tab, beside the final values of the ``metrics`` tags;
-        ``dashboard``: ``{category: {chart: [tag regex, ...]}}``, the Custom Scalars tab's
-        charts in their order (TensorBoard sorts the Scalars tab's groups by name)."""
+        ``dashboard``: the Custom Scalars tab's charts in their order."""
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -142,10 +167,10 @@ class MetricsLogger:
         purge = resumed_at + 1 if resumed_at is not None else None
         self.writer = SummaryWriter(log_dir=str(self.directory), purge_step=purge)
         self.text(resumed_at or 0, text or {})
-        if dashboard:
+        if dashboard and dashboard.charts:
             self.writer.add_custom_scalars({
                 category: {title: ["Multiline", tags] for title, tags in charts.items()}
-                for category, charts in dashboard.items()})
+                for category, charts in dashboard.charts.items()})
         if hparams:  # in this run's own file, not the subdirectory add_hparams would make
             for summary in hparams_summaries(hparams, dict.fromkeys(metrics, 0.0)):
                 self.writer.file_writer.add_summary(summary)

@@ -417,23 +417,30 @@ def test_plot_runs_draws_the_key_curves(pipeline, tmp_path):
 
 def test_the_dashboard_screenshot(pipeline, tmp_path):
     """tools/screenshot_tensorboard.py renders the page a DVPO run links to, in a headless
-    Chromium: the run's charts are drawn (the run's orange lines and markers below the
-    header), and an existing picture is not replaced unasked."""
+    Chromium: Time Series with the six learning cards pinned first, each drawing the run's
+    line above the fold at 1920 x 1080 (a card without its line shows only the run's dot,
+    ~75 pixels of its colour), and an existing picture is not replaced unasked."""
     sys.path.insert(0, str(REPO / "tools"))
     from PIL import Image
-    from screenshot_tensorboard import find_browser
+    from screenshot_tensorboard import DVPO_PINS, find_browser
 
     if find_browser() is None:
         pytest.skip("no headless Chromium on this machine (Debian: apt-get install chromium)")
     out = tmp_path / "dashboard.png"
     tool = [sys.executable, str(REPO / "tools" / "screenshot_tensorboard.py"), "--logdir",
-            str(pipeline[0] / "dvpo" / "tensorboard"), "--out", str(out), "--size", "1280x800"]
+            str(pipeline[0] / "dvpo" / "tensorboard"), "--out", str(out)]
     proc = subprocess.run(tool, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"pinned: {', '.join(DVPO_PINS)}" in proc.stdout and len(DVPO_PINS) == 6
     image = Image.open(out).convert("RGB")
-    assert image.size == (1280, 800)
-    body = image.crop((0, 60, 1280, 800)).getdata()
-    drawn = sum(1 for r, g, b in body if r > 200 and 80 < g < 170 and b < 80)
-    assert drawn > 1500, drawn
+    assert image.size == (1920, 1080)
+
+    def line(pixel):  # the first run's colour, #425066, and its anti-aliased edges
+        r, g, b = pixel
+        return abs(r - 66) < 30 and abs(g - 80) < 30 and abs(b - 102) < 30 and b - r > 20
+
+    drawn = [sum(map(line, image.crop((x, y, x + 420, y + 430)).getdata()))
+             for y in (170, 600) for x in (400, 820, 1240)]  # the pinned cards, 3 x 2
+    assert min(drawn) > 300, drawn
     again = subprocess.run(tool, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr

@@ -1,6 +1,10 @@
 """What a run writes to TensorBoard: a resumed run shows each step once, and the resolved
 config is there as text."""
 
+import json
+import urllib.parse
+
+import pytest
 from conftest import ScaledLossJob, resumed_from
 
 
@@ -60,16 +64,26 @@ def test_a_swapped_scoring_model_is_named_on_resume():
 def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path, single_rank):
     """A constant learning rate (or KL coefficient) is one point, a changing one every step;
     the HParams tab has the run's settings and its summary tags; the Custom Scalars tab the
-    job's dashboard."""
+    job's dashboard, whose link opens Time Series with its cards pinned and smoothing off."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     from megatron_dvpo.demo import scalars
-    from megatron_dvpo.logging import MetricsLogger
+    from megatron_dvpo.logging import Dashboard, MetricsLogger
 
     logger = MetricsLogger(tmp_path / "tb", total_steps=3)
-    dashboard = {"1. is it learning": {"reward": ["eval/true_reward_mean"], "kl": ["x/kl"]},
-                 "2. is it fast": {"step time": ["perf/step_time_s"]}}
+    dashboard = Dashboard(
+        pinned=("eval/true_reward_mean", "x/kl"),
+        charts={"1. is it learning": {"reward": ["eval/true_reward_mean"], "kl": ["x/kl"]},
+                "2. is it fast": {"step time": ["perf/step_time_s"]}})
+    link = urllib.parse.urlsplit(dashboard.link(port=6007, forceSVG="true"))
+    assert (link.netloc, link.path, link.fragment) == ("localhost:6007", "/", "timeseries")
+    query = dict(urllib.parse.parse_qsl(link.query))
+    assert json.loads(query.pop("pinnedCards")) == [
+        {"plugin": "scalars", "tag": "eval/true_reward_mean"}, {"plugin": "scalars", "tag": "x/kl"}]
+    assert query == {"smoothing": "0", "forceSVG": "true"}
+    with pytest.raises(ValueError, match="11 pinned cards; TensorBoard pins at most 10"):
+        Dashboard(pinned=tuple(f"t/{i}" for i in range(11)))
     logger.open(hparams={"optimizer.lr": 1e-3, "dvpo.estimator": "gae"},
                 metrics=("eval/true_reward_mean",), dashboard=dashboard)
     for step, lr in ((1, 1e-3), (2, 1e-3), (3, 5e-4)):

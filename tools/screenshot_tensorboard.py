@@ -2,13 +2,15 @@
 """What a user sees on opening TensorBoard on a run: a PNG made with a headless Chromium.
 
     python tools/screenshot_tensorboard.py --logdir RUN_DIR --out view.png
-        [--size 1920x1080] [--overwrite]
+        [--size 1920x1080] [--pin TAG ...] [--overwrite]
 
 Starts TensorBoard on ``--logdir`` on a free local port, waits until it lists the runs, and
-renders the page a run links to: the Custom Scalars tab with smoothing off (is it learning, is
-it healthy, is it fast). Not the Time Series tab: headless Chromium draws its cards' axes but
-not their lines. Needs ``chromium`` (or ``chromium-browser``, ``google-chrome``) on the PATH
-(Debian: ``apt-get install chromium``); nothing is downloaded.
+renders the page an RL run links to: Time Series, the tab TensorBoard opens on, with the
+learning curves' cards pinned first and smoothing off. ``--pin`` names the cards (default: a
+DVPO run's, ``megatron_dvpo.rl.dashboard``); those the runs did not log are left out. Charts
+are drawn as SVG (TensorBoard's ``forceSVG``): headless Chromium draws no WebGL lines. Needs
+``chromium`` (or ``chromium-browser``, ``google-chrome``) on the PATH (Debian: ``apt-get
+install chromium``); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -27,13 +29,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatron_dvpo.distributed import free_port  # noqa: E402
-from megatron_dvpo.logging import DASHBOARD_PATH  # noqa: E402
+from megatron_dvpo.logging import Dashboard  # noqa: E402
+from megatron_dvpo.rl.dashboard import rl_dashboard  # noqa: E402
+from megatron_dvpo.rl.scorers import GVMScorer  # noqa: E402
+
+DVPO_PINS = rl_dashboard(GVMScorer.final_value_tag, true_reward=True).pinned
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 def find_browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
 
 
 def wait_for_runs(url: str, server: subprocess.Popen, timeout: float = 90.0) -> list[str]:
@@ -43,8 +54,7 @@ def wait_for_runs(url: str, server: subprocess.Popen, timeout: float = 90.0) -> 
         if server.poll() is not None:
             raise SystemExit(f"error: TensorBoard exited with {server.returncode}")
         try:
-            with urllib.request.urlopen(f"{url}/data/runs", timeout=5) as response:
-                runs = json.loads(response.read())
+            runs = get_json(f"{url}/data/runs")
             if runs:
                 return runs
         except OSError:
@@ -53,8 +63,10 @@ def wait_for_runs(url: str, server: subprocess.Popen, timeout: float = 90.0) -> 
     raise SystemExit(f"error: TensorBoard at {url} listed no run within {timeout:.0f}s")
 
 
-def screenshot(logdir: Path, out: Path, size: str, browser: str) -> list[str]:
-    """Render TensorBoard's dashboard of ``logdir`` into ``out``; returns the runs shown."""
+def screenshot(logdir: Path, out: Path, size: str, browser: str,
+               pins: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Render TensorBoard's Time Series of ``logdir``, the logged ``pins`` first, into
+    ``out``; returns the runs and the cards pinned."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
@@ -62,18 +74,22 @@ def screenshot(logdir: Path, out: Path, size: str, browser: str) -> list[str]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         runs = wait_for_runs(url, server)
+        logged = {tag for tags in get_json(f"{url}/data/plugin/scalars/tags").values()
+                  for tag in tags}
+        pinned = [tag for tag in pins if tag in logged]
+        link = Dashboard(tuple(pinned)).link("127.0.0.1", port, forceSVG="true")
         width, height = size.split("x")
         # root may not sandbox; the virtual time budget lets the charts load and draw
         flags = ["--no-sandbox"] if os.geteuid() == 0 else []
         done = subprocess.run([browser, "--headless", "--disable-gpu", "--hide-scrollbars",
                                *flags, f"--window-size={width},{height}",
                                "--virtual-time-budget=20000", f"--screenshot={out}",
-                               url + DASHBOARD_PATH], capture_output=True, text=True,
+                               link], capture_output=True, text=True,
                               timeout=180)
         if done.returncode or not out.is_file():
             raise SystemExit(f"error: {browser} made no screenshot (exit {done.returncode}): "
                              f"{done.stderr.strip().splitlines()[-1:]}")
-        return runs
+        return runs, pinned
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -84,6 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--logdir", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--size", default="1920x1080", help="the browser window, WIDTHxHEIGHT")
+    parser.add_argument("--pin", nargs="+", default=DVPO_PINS, metavar="TAG",
+                        help="the cards pinned first (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     if not args.logdir.is_dir():
@@ -97,8 +115,9 @@ def main(argv=None) -> None:
     if browser is None:
         parser.error(f"no headless browser: none of {', '.join(BROWSERS)} is on the PATH "
                      "(Debian: apt-get install chromium)")
-    runs = screenshot(args.logdir, args.out, args.size, browser)
-    print(f"wrote {args.out}: TensorBoard's dashboard of {len(runs)} run(s): {', '.join(runs)}")
+    runs, pinned = screenshot(args.logdir, args.out, args.size, browser, tuple(args.pin))
+    print(f"wrote {args.out}: TensorBoard's Time Series of {len(runs)} run(s) "
+          f"({', '.join(runs)}), pinned: {', '.join(pinned) or 'none'}")
 
 
 if __name__ == "__main__":

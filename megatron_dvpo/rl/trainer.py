@@ -6,7 +6,6 @@ whether a reference is needed); ``RLTrainer`` is built from those parts and runs
 
 from __future__ import annotations
 
-import re
 import time
 
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ from megatron_dvpo.data.tokenizer import load_tokenizer
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig
 from megatron_dvpo.models.guided import ValueGuide
+from megatron_dvpo.logging import Dashboard
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
+from megatron_dvpo.rl.dashboard import rl_dashboard
 from megatron_dvpo.rl.estimators import check_estimator
 from megatron_dvpo.rl.gaming import gaming_warnings, truncated
 from megatron_dvpo.rl.inputs import RLInputs, check_rl_inputs
@@ -142,24 +143,8 @@ class RLTrainer:
             f"reference {'loaded' if self.reference else 'not loaded'}")
 
     @property
-    def dashboard(self) -> dict:
-        """What a user asks of a run, in order: is it learning, is it healthy, is it fast."""
-        return {
-            "1. is it learning": {
-                "true reward (held out, rollout)": ["eval/true_reward_mean",
-                                                    "rollout/true_reward_mean"],
-                "the scorer's value": [re.escape(self.scorer.final_value_tag)],
-                "KL to the reference": ["rollout/kl_ref$"],
-                "entropy": ["policy/entropy"],
-                "response length": ["rollout/response_len_(mean|max|min)",
-                                    "eval/response_len_mean"]},
-            "2. is it healthy": {
-                "gaming signs": ["(rollout|eval)/truncated_rate", "rollout/repeat_rate",
-                                 "rollout/gvm_.*_rate"],
-                "policy update": ["policy/(clipfrac|approx_kl)"],
-                "gradient norm": [".*/grad_norm"]},
-            "3. is it fast": {"step time": ["perf/step_time_s"], "phases": ["timing_s/.*"],
-                              "throughput": ["perf/throughput"]}}
+    def dashboard(self) -> Dashboard:
+        return rl_dashboard(self.scorer.final_value_tag, self.cfg.rl.true_reward is not None)
 
     # -- the loop's job ---------------------------------------------------------------------
     def initialize(self) -> None:

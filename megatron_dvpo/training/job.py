@@ -3,11 +3,12 @@ has nothing to add to the optional parts."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 
 from megatron_dvpo.config import RunConfig
+from megatron_dvpo.logging import Dashboard
 
 
 class Job(Protocol):
@@ -36,8 +37,7 @@ class Job(Protocol):
     @property
     def sequence_length(self) -> int: ...  # of the trained sequences, for MFU
 
-    # {category: {chart: [tag regex]}}: TensorBoard's Custom Scalars tab, in order
-    dashboard: dict
+    dashboard: Optional[Dashboard]  # the run's TensorBoard link and Custom Scalars layout
 
 
 class JobDefaults:
@@ -46,7 +46,7 @@ class JobDefaults:
     job built from its config alone (its input checks resolve what they find into the
     config)."""
 
-    dashboard: dict = {}
+    dashboard: Optional[Dashboard] = None
 
     @staticmethod
     def updates_per_step(cfg: RunConfig) -> int:

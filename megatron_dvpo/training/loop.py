@@ -24,7 +24,7 @@ import yaml
 from megatron_dvpo import distributed
 from megatron_dvpo.checkpointing import CheckpointManager
 from megatron_dvpo.config import RunConfig, config_changes, scoring_model_changes, to_dict
-from megatron_dvpo.logging import DASHBOARD_PATH, MetricsLogger, memory_metrics
+from megatron_dvpo.logging import MetricsLogger, memory_metrics
 from megatron_dvpo.model_state import model_state_metrics
 from megatron_dvpo.models.gpt import training_flops_per_token
 from megatron_dvpo.perf import dense_bf16_peak_tflops, model_flops_utilization
@@ -155,7 +155,7 @@ class TrainingLoop:
             if self.job.dashboard:
                 distributed.print_rank0(
                     f"TensorBoard: tensorboard --logdir {self.logger.directory}, then open "
-                    f"http://localhost:6006{DASHBOARD_PATH}")
+                    f"{self.job.dashboard.link()}")
             self._log_now(self.job.start(resumed))
             self._steps()
         except UnhealthyRun as e:
