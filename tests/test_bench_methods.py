@@ -54,17 +54,25 @@ def test_bench_methods_quick(reward_model, tmp_path):
 
 
 def test_bench_defaults_quick(task, tmp_path):
-    """One seed's GVM, reward model and DVPO runs (4 and 2 steps) on the shared demo stages,
-    and a variant with its own GVM (2 heads): the table's numbers are what the runs logged."""
+    """One seed's GVM, reward model, oracle and DVPO runs (4, 2 and 2 steps) on the shared demo
+    stages, and a variant with its own GVM (2 heads): the table's numbers are what the runs
+    logged."""
     report = quick_bench(tmp_path, "bench_defaults.py", "--task-dir", str(task.root.parent),
                          "--nproc", str(NPROC), "--variant", "heads", "model.value_heads=2",
                          "gvm.value_head_init_std=0.02", "dvpo.head_pessimism=1")
     synthetic = report["tasks"]["synthetic"]
-    assert 0.75 < synthetic["best_reachable"] < 1.0  # 1.0 or 0.75 per prompt
+    assert 0.75 < synthetic["rule_best"] < 1.0  # 1.0 or 0.75 per prompt
     row = synthetic["seeds"]["5"]
+    oracle = row["oracle"]  # GRPO scored by the rule, from the same policy and prompts
+    assert oracle["before"] == row["default"]["before"] and len(oracle["curve"]) == 2
     for name in ("default", "heads"):
         found = row[name]
-        assert found["closed"] == pytest.approx((found["after"] - found["before"])
-                                                / (synthetic["best_reachable"] - found["before"]))
+        gain = found["after"] - found["before"]
+        assert found["closed"] == pytest.approx(gain / (synthetic["rule_best"] - found["before"]))
+        if oracle["after"] > found["before"]:
+            assert found["closed_vs_oracle"] == pytest.approx(
+                gain / (oracle["after"] - found["before"]))
+        else:
+            assert found["closed_vs_oracle"] is None
         assert found["before"] == row["default"]["before"]  # the same policy, seed and prompts
     assert 0 <= row["heads"]["gvm_accuracy"] <= 1 and "gvm_accuracy" not in row["default"]

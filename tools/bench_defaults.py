@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Do the example DVPO settings hold on tasks nobody tuned them on? Per task and seed: the GVM
 against the Bradley-Terry reward model on the same pairs, and how much of the gap to the best
-reachable true reward DVPO closes.
+true reward DVPO closes.
 
     python tools/bench_defaults.py --out bench_defaults.json [--tasks synthetic,bigram,echo]
         [--seeds 7,99,2024] [--variant NAME key=value ...] [--task-dir DIR] [--nproc 2]
@@ -12,10 +12,13 @@ SFT policy (the bigram task's 4 x 128 one, as ``tools/bench_methods.py``'s) and 
 pairs sampled from it. For each seed, a GVM (``examples/gvm_tiny.yaml``) and a reward model are
 trained on those pairs for ``--gvm-steps`` and DVPO (``examples/dvpo_tiny.yaml``) runs
 ``--rl-steps`` steps from the SFT policy with the GVM; ``seed`` sets all three's initialisation,
-data order and sampling. The true reward is the task's hidden rule on the held-out prompts;
-the best reachable one is the rule's ``best`` over the same prompts, so
+data order and sampling. The true reward is the task's hidden rule on the held-out prompts.
+Two tops measure the gap: ``rule_best``, the rule's best score over the same prompts, and the
+``oracle``, what GRPO reaches in as many steps from the same policy with the rule itself as its
+scorer (the best reachable at this budget: no scorer can be better than the rule), so
 
-    closed = (after - before) / (best - before)
+    closed = (after - before) / (rule_best - before)
+    closed_vs_oracle = (after - before) / (oracle_after - before)   (None if the oracle fell)
 
 A setting that refuses the GVM (``dvpo.min_gvm_accuracy``: one near chance) leaves the policy
 where it was (``after = before``, ``refused`` says why); the run is made anyway with the
@@ -38,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_methods import TASK_SHAPES  # noqa: E402
+from bench_methods import GROUP, TASK_SHAPES  # noqa: E402
 from megatron_dvpo.data.synthetic import RULES  # noqa: E402
 from megatron_dvpo.demo import (REWARD_MODEL_STAGE, _run, policy_and_gvm, scalars,  # noqa: E402
                                 train_value_model)
@@ -51,12 +54,18 @@ VALUE_MODEL_KEYS = {"bigram": ("optimizer.lr=1e-3",)}
 GVM_KEYS = ("gvm.", "model.value_heads")  # overrides that change the GVM itself
 
 
-def best_reachable(rule: str, eval_rows: Path) -> float:
+def rule_best(rule: str, eval_rows: Path) -> float:
     """The mean of the rule's best score over the held-out prompts."""
     scorer = RULES[rule](seed=0)
     prompts = [json.loads(line)["prompt"] for line in eval_rows.read_text().splitlines()
                if line.strip()]
     return statistics.fmean(scorer.best(p) for p in prompts)
+
+
+def closed(found: dict, top: float) -> float | None:
+    """The share of the gap from ``found``'s start to ``top`` that its run closed."""
+    gap = top - found["before"]
+    return (found["after"] - found["before"]) / gap if gap > 0 else None
 
 
 def refuses(gvm: Path, overrides: list[str]) -> str | None:
@@ -77,13 +86,15 @@ def accuracy(run: Path) -> float:
     return scalars(run / "tensorboard")["gvm/pair_acc_last"][-1][1]
 
 
-def dvpo(task: Path, data: Path, policy: Path, gvm: Path, rule: str, run: Path, seed: int,
-         steps: int, nproc: int, overrides: list[str]) -> dict:
+def rl_run(module: str, data: Path, policy: Path, rule: str, run: Path, seed: int, steps: int,
+           nproc: int, overrides: list[str]) -> dict:
+    """One RL run of ``module`` from the SFT policy with the example config, scored by the
+    task's rule: its held-out true reward before and after."""
     if not (run / "tensorboard").is_dir():
-        _run(f"{run.name}: DVPO", [
-            "-m", "megatron_dvpo.rl.dvpo", "--config", "examples/dvpo_tiny.yaml",
+        _run(f"{run.name}: {module.rsplit('.', 1)[-1]}", [
+            "-m", module, "--config", "examples/dvpo_tiny.yaml",
             f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
-            f"rl.policy={policy}", f"dvpo.gvm={gvm}", f"rl.true_reward={rule}:0",
+            f"rl.policy={policy}", f"rl.true_reward={rule}:0",
             f"logging.run_dir={run}", "checkpoint.save_dir=null", f"train_steps={steps}",
             f"seed={seed}", "rl.eval_interval=10", *overrides], nproc)
     logs = scalars(run / "tensorboard")
@@ -93,6 +104,17 @@ def dvpo(task: Path, data: Path, policy: Path, gvm: Path, rule: str, run: Path, 
             "response_len": logs["rollout/response_len_mean"][-1][1]}
 
 
+def oracle(data: Path, policy: Path, rule: str, run: Path, seed: int, steps: int,
+           nproc: int) -> dict:
+    """GRPO with the task's rule itself as its scorer: what the same policy and optimiser
+    reach in as many steps when the scorer is exact, the best reachable at this budget. The
+    rule charges length itself (no ``rl.length_penalty``); 4 samples of 16 prompts a step, as
+    many responses as DVPO's 64."""
+    return rl_run("megatron_dvpo.rl.grpo", data, policy, rule, run, seed, steps, nproc, [
+        f"grpo.scorer={rule}:0", "rl.length_penalty=0", f"rollout.n_samples={GROUP}",
+        f"data.global_batch_size={64 // GROUP}", "dvpo.gvm=null"])
+
+
 def task_seeds(rule: str, args) -> dict:
     task = Path(args.task_dir) / rule
     pair_args = (() if args.pair_choice == "first" else
@@ -100,7 +122,7 @@ def task_seeds(rule: str, args) -> dict:
     data, policy, _ = policy_and_gvm(task, args.nproc, args.sft_steps, 300, rule,
                                      TASK_SHAPES[rule], reuse=True,
                                      pair_args=pair_args)  # the demo's stages
-    best = best_reachable(rule, data / "eval.jsonl")
+    best = rule_best(rule, data / "eval.jsonl")
     rows, keys = {}, VALUE_MODEL_KEYS.get(rule, ())
     for seed in args.seeds:
         gvm = train_value_model(task, f"gvm_seed{seed}", f"GVM, seed {seed}", args.gvm_steps,
@@ -110,20 +132,23 @@ def task_seeds(rule: str, args) -> dict:
                                          "gvm.objective=bradley_terry", f"seed={seed}", *keys,
                                          reuse=True)
         row = {"gvm_accuracy": accuracy(gvm.parent.parent),
-               "reward_model_accuracy": accuracy(reward_model.parent.parent)}
+               "reward_model_accuracy": accuracy(reward_model.parent.parent),
+               "oracle": oracle(data, policy, rule, task / f"oracle_seed{seed}", seed,
+                                args.rl_steps, args.nproc)}
         for name, overrides in args.variants.items():
             own = [o for o in overrides if o.startswith(GVM_KEYS)]
             variant_gvm = gvm if not own else train_value_model(
                 task, f"gvm_{name}_seed{seed}", f"GVM ({name}), seed {seed}", args.gvm_steps,
                 f"seed={seed}", *keys, *own, reuse=True)
             refused = refuses(variant_gvm, overrides)
-            found = dvpo(task, data, policy, variant_gvm, rule, task / f"dvpo_{name}_seed{seed}",
-                         seed, args.rl_steps, args.nproc,
-                         [o for o in overrides if o not in own]
-                         + (["dvpo.min_gvm_accuracy=0"] if refused else []))
+            found = rl_run("megatron_dvpo.rl.dvpo", data, policy, rule,
+                           task / f"dvpo_{name}_seed{seed}", seed, args.rl_steps, args.nproc,
+                           [f"dvpo.gvm={variant_gvm}", *(o for o in overrides if o not in own)]
+                           + (["dvpo.min_gvm_accuracy=0"] if refused else []))
             if refused:  # the setting leaves the policy as it was; what forcing it would do
                 found.update(refused=refused, forced_after=found["after"], after=found["before"])
-            found["closed"] = (found["after"] - found["before"]) / (best - found["before"])
+            found["closed"] = closed(found, best)
+            found["closed_vs_oracle"] = closed(found, row["oracle"]["after"])
             if own:
                 found["gvm_accuracy"] = accuracy(variant_gvm.parent.parent)
             row[name] = found
@@ -132,10 +157,12 @@ def task_seeds(rule: str, args) -> dict:
              "reward_model_accuracy": statistics.fmean(
                  r["reward_model_accuracy"] for r in rows.values())}
     for name in args.variants:
-        for key in ("before", "after", "closed"):
-            means[f"{name}_{key}"] = statistics.fmean(r[name][key] for r in rows.values())
+        for key in ("before", "after", "closed", "closed_vs_oracle"):
+            found = [r[name][key] for r in rows.values() if r[name][key] is not None]
+            means[f"{name}_{key}"] = statistics.fmean(found) if found else None
         means[f"{name}_worst_closed"] = min(r[name]["closed"] for r in rows.values())
-    return {"best_reachable": best, "seeds": rows, "means": means}
+    means["oracle_after"] = statistics.fmean(r["oracle"]["after"] for r in rows.values())
+    return {"rule_best": best, "seeds": rows, "means": means}
 
 
 def parse_variants(items: list[list[str]]) -> dict[str, list[str]]:
