@@ -99,10 +99,16 @@ def test_dvpo_raises_the_true_reward(pipeline):
     assert steps and set(steps) <= {s for s, _ in logs["eval/true_reward_mean"]}, steps
     table = samples[-1].tensor_proto.string_val[0].decode().splitlines()
     assert table[0] == "| prompt | response | true reward |" and len(table) == 2 + 4, table
-    # the Custom Scalars tab: learning, health, speed, every chart matching a logged tag
+    # the run's link pins cards the run logged; the Custom Scalars tab: learning, health,
+    # speed, every chart matching a logged tag
     import re
 
     from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from megatron_dvpo.rl.dashboard import rl_dashboard
+    from megatron_dvpo.rl.scorers import GVMScorer
+
+    assert set(rl_dashboard(GVMScorer.final_value_tag, true_reward=True).pinned) <= set(logs)
 
     layout = layout_pb2.Layout()
     layout.ParseFromString(events.Tensors("custom_scalars__config__")[0]
