@@ -54,6 +54,7 @@ TASK_SHAPES = {**TASK_SHAPES, "echo": ()}
 # alone, so only a parameters' norm growth counts as divergence, as in examples/dvpo_tiny.yaml.
 VALUE_MODEL_KEYS = {"bigram": ("optimizer.lr=1e-3", "divergence_grad_spikes=false")}
 GVM_KEYS = ("gvm.", "model.value_heads")  # overrides that change the GVM itself
+EXAMPLE = REPO / "examples" / "dvpo_tiny.yaml"  # the settings measured
 
 
 def rule_best(rule: str, eval_rows: Path) -> float:
@@ -75,7 +76,7 @@ def refuses(gvm: Path, overrides: list[str]) -> str | None:
     from megatron_dvpo.config import ConfigError, load_config
     from megatron_dvpo.rl.inputs import check_gvm_accuracy
 
-    cfg = load_config(REPO / "examples/dvpo_tiny.yaml",
+    cfg = load_config(EXAMPLE,
                       [o for o in overrides if o.startswith("dvpo.min_gvm_accuracy")])
     try:
         check_gvm_accuracy(str(gvm), cfg.dvpo.min_gvm_accuracy)
@@ -94,7 +95,7 @@ def rl_run(module: str, data: Path, policy: Path, rule: str, run: Path, seed: in
     task's rule: its held-out true reward before and after."""
     if not (run / "tensorboard").is_dir():
         _run(f"{run.name}: {module.rsplit('.', 1)[-1]}", [
-            "-m", module, "--config", "examples/dvpo_tiny.yaml",
+            "-m", module, "--config", str(EXAMPLE.relative_to(REPO)),
             f"data.train_path={data}/train.jsonl", f"data.eval_path={data}/eval.jsonl",
             f"rl.policy={policy}", f"rl.true_reward={rule}:0",
             f"logging.run_dir={run}", "checkpoint.save_dir=null", f"train_steps={steps}",
@@ -112,9 +113,12 @@ def oracle(data: Path, policy: Path, rule: str, run: Path, seed: int, steps: int
     reach in as many steps when the scorer is exact, the best reachable at this budget. The
     rule charges length itself (no ``rl.length_penalty``); 4 samples of 16 prompts a step, as
     many responses as DVPO's 64."""
+    from megatron_dvpo.config import load_config
+
+    responses = load_config(EXAMPLE, []).data.global_batch_size  # DVPO's, one per prompt
     return rl_run("megatron_dvpo.rl.grpo", data, policy, rule, run, seed, steps, nproc, [
         f"grpo.scorer={rule}:0", "rl.length_penalty=0", f"rollout.n_samples={GROUP}",
-        f"data.global_batch_size={64 // GROUP}", "dvpo.gvm=null"])
+        f"data.global_batch_size={responses // GROUP}", "dvpo.gvm=null"])
 
 
 def task_seeds(rule: str, args) -> dict:

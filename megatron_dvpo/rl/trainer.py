@@ -19,10 +19,10 @@ from megatron_dvpo.config import ConfigError, RunConfig
 from megatron_dvpo.data.prompts import load_prompts
 from megatron_dvpo.data.sampler import BatchSource
 from megatron_dvpo.data.tokenizer import load_tokenizer
+from megatron_dvpo.logging import Dashboard
 from megatron_dvpo.models import build_chunks, forward
 from megatron_dvpo.models.generation import Rollout, SamplingConfig
 from megatron_dvpo.models.guided import ValueGuide
-from megatron_dvpo.logging import Dashboard
 from megatron_dvpo.rl.advantages import AdaptiveKLController, FixedKLController
 from megatron_dvpo.rl.dashboard import rl_dashboard
 from megatron_dvpo.rl.estimators import check_estimator
