@@ -131,7 +131,9 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 def without_eos(logits: torch.Tensor, eos_id: int) -> torch.Tensor:
     """[B, V] logits with EOS at -inf: what ``min_new_tokens`` samples from."""
-    return logits.index_fill(-1, torch.tensor([eos_id], device=logits.device), float("-inf"))
+    barred = logits.clone()  # no index tensor to copy to the device at each decoding step
+    barred[:, eos_id] = float("-inf")
+    return barred
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
