@@ -112,9 +112,9 @@ class Dashboard:
     """What a user asks of a run, in order: is it learning, is it healthy, is it fast.
 
     TensorBoard opens on Time Series and sorts its groups by name, so the run's link pins the
-    ``pinned`` tags' cards above every group (pins stay in the browser: later visits open on
-    them too). ``charts``, ``{category: {chart: [tag regex, ...]}}``, lay out the Custom
-    Scalars tab."""
+    ``pinned`` tags' cards above every group and unticks "Ignore outliers" (both stay in the
+    browser: later visits open on them too). ``charts``, ``{category: {chart: [tag regex,
+    ...]}}``, lay out the Custom Scalars tab."""
 
     pinned: tuple[str, ...] = ()
     charts: dict = field(default_factory=dict)
@@ -127,12 +127,15 @@ class Dashboard:
                              f"{self.MAX_PINS}")
 
     def link(self, host: str = "localhost", port: int = 6006, **options: str) -> str:
-        """Time Series with the pinned cards first and smoothing off; ``options``: more of
+        """Time Series with the pinned cards first, smoothing off and each chart's full range,
+        through this package's TensorBoard page (``tensorboard_view``); ``options``: more of
         TensorBoard's query flags (e.g. ``forceSVG="true"``)."""
+        from megatron_dvpo.tensorboard_view import VIEW_PATH
+
         pins = [{"plugin": "scalars", "tag": tag} for tag in self.pinned]
         query = urllib.parse.urlencode({"smoothing": "0", "pinnedCards": json.dumps(
             pins, separators=(",", ":")), **options})
-        return f"http://{host}:{port}/?{query}#timeseries"
+        return f"http://{host}:{port}{VIEW_PATH}?{query}"
 
 
 class MetricsLogger:

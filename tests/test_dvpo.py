@@ -1,5 +1,6 @@
 """DVPO end to end on the synthetic task, the frozen GVM, resume, and input errors."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -424,8 +425,9 @@ def test_plot_runs_draws_the_key_curves(pipeline, tmp_path):
 def test_the_dashboard_screenshot(pipeline, tmp_path):
     """tools/screenshot_tensorboard.py renders the page a DVPO run links to, in a headless
     Chromium: Time Series with the six learning cards pinned first, each drawing the run's
-    line above the fold at 1920 x 1080 (a card without its line shows only the run's dot,
-    ~75 pixels of its colour), and an existing picture is not replaced unasked."""
+    whole line (no point scaled away as an outlier) above the fold at 1920 x 1080 (a card
+    without its line shows only the run's dot, ~75 pixels of its colour), and an existing
+    picture is not replaced unasked."""
     sys.path.insert(0, str(REPO / "tools"))
     from PIL import Image
     from screenshot_tensorboard import DVPO_PINS, find_browser
@@ -438,6 +440,9 @@ def test_the_dashboard_screenshot(pipeline, tmp_path):
     proc = subprocess.run(tool, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"pinned: {', '.join(DVPO_PINS)}" in proc.stdout and len(DVPO_PINS) == 6
+    # each card's full range: TensorBoard's default scaling leaves the eval reward's start out
+    drawn = re.search(r"(\d+) cards drawn, (\d+) with a line leaving its chart", proc.stdout)
+    assert int(drawn[1]) >= 6 and drawn[2] == "0", proc.stdout
     image = Image.open(out).convert("RGB")
     assert image.size == (1920, 1080)
 

@@ -1,11 +1,13 @@
 """What a run writes to TensorBoard: a resumed run shows each step once, and the resolved
 config is there as text."""
 
+import base64
+import hashlib
 import json
 import urllib.parse
 
 import pytest
-from conftest import ScaledLossJob, resumed_from
+from conftest import REPO, ScaledLossJob, resumed_from
 
 
 def test_a_resumed_run_logs_each_step_once_and_its_config_as_text(tmp_path, single_rank,
@@ -77,7 +79,7 @@ def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path
         charts={"1. is it learning": {"reward": ["eval/true_reward_mean"], "kl": ["x/kl"]},
                 "2. is it fast": {"step time": ["perf/step_time_s"]}})
     link = urllib.parse.urlsplit(dashboard.link(port=6007, forceSVG="true"))
-    assert (link.netloc, link.path, link.fragment) == ("localhost:6007", "/", "timeseries")
+    assert (link.netloc, link.path) == ("localhost:6007", "/data/plugin/dvpo/view")
     query = dict(urllib.parse.parse_qsl(link.query))
     assert json.loads(query.pop("pinnedCards")) == [
         {"plugin": "scalars", "tag": "eval/true_reward_mean"}, {"plugin": "scalars", "tag": "x/kl"}]
@@ -110,3 +112,36 @@ def test_constant_settings_are_logged_once_and_the_config_is_in_hparams(tmp_path
     assert [(c.title, [chart.title for chart in c.chart]) for c in layout.category] == [
         ("1. is it learning", ["reward", "kl"]), ("2. is it fast", ["step time"])]
     assert list(layout.category[0].chart[0].multiline.tag) == ["eval/true_reward_mean"]
+
+
+def test_tensorboard_serves_the_page_a_run_links_to(tmp_path):
+    """TensorBoard run from this environment serves the run's link (this package's plugin,
+    without a tab): a page allowed to run its one script, which unticks "Ignore outliers" in
+    TensorBoard's stored settings (keeping the others) and goes on to Time Series with the
+    link's query. Without it, a chart leaves out its lowest and highest points."""
+    import sys
+    import urllib.request
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_dvpo.logging import Dashboard
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from screenshot_tensorboard import get_json, serve
+
+    with SummaryWriter(str(tmp_path / "run")) as writer:
+        writer.add_scalar("eval/true_reward_mean", -0.2, 0)
+    with serve(tmp_path) as (url, port, runs):
+        link = urllib.parse.urlsplit(Dashboard(("eval/true_reward_mean",)).link(
+            "127.0.0.1", port))
+        with urllib.request.urlopen(f"{url}{link.path}?{link.query}", timeout=10) as response:
+            page, headers = response.read().decode(), response.headers
+        listed = get_json(f"{url}/data/plugins_listing")
+    assert runs == ["run"] and "dvpo" not in listed and "scalars" in listed
+    script = page.split("<script>")[1].split("</script>")[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in headers["Content-Security-Policy"]
+    assert 'const key = "_tb_global_settings";' in script  # TensorBoard's own key
+    assert "settings.ignoreOutliers = false;" in script
+    assert "localStorage.setItem(key, JSON.stringify(settings));" in script
+    assert 'location.replace("../../../" + window.location.search + "#timeseries")' in script
