@@ -222,11 +222,22 @@ class DataConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
-    tensorboard_dir: Optional[str] = None  # None: <run_dir>/tensorboard
+    # the run's event files; None: <run_dir>/tensorboard/<run_dir's name> (events_dir)
+    tensorboard_dir: Optional[str] = None
     log_interval: int = _checked(1, POSITIVE)
     # dense bf16 peak TFLOP/s of one device, for perf/mfu; None: from the GPU's name (on a CPU,
     # or a GPU not in megatron_dvpo/perf.py's table, perf/mfu is then not logged)
     peak_tflops: Optional[float] = _checked(None, POSITIVE)
+
+    @property
+    def events_dir(self) -> Path:
+        """TensorBoard names a run after its events' directory below ``--logdir`` (events
+        right in ``--logdir`` make a run named "."), so the run's are one level below the
+        ``--logdir`` it prints, in a directory named after the run."""
+        if self.tensorboard_dir:
+            return Path(self.tensorboard_dir)
+        run_dir = Path(self.run_dir)
+        return run_dir / "tensorboard" / run_dir.resolve().name
 
 
 @dataclass

@@ -59,10 +59,24 @@ def _run(title: str, args: list[str], nproc: int = 1, stamp: Path | None = None)
     return proc.stdout
 
 
+def run_events(directory: Path) -> Path:
+    """The directory of one run's event files: ``directory`` itself, or the one run below it
+    (a run's ``<run_dir>/tensorboard`` holds its events one level down, ``events_dir``)."""
+    directory = Path(directory)
+    if any(directory.glob("events.out.tfevents.*")):
+        return directory
+    runs = sorted({path.parent for path in directory.rglob("events.out.tfevents.*")})
+    if len(runs) != 1:
+        raise ValueError(f"{directory}: {len(runs)} runs' event files below it "
+                         f"({', '.join(str(run) for run in runs) or 'none'}); name one")
+    return runs[0]
+
+
 def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag's (step, value) points of the run in ``directory`` (``run_events``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(directory))
+    events = EventAccumulator(str(run_events(directory)))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
             for tag in events.Tags()["scalars"]}
@@ -181,8 +195,8 @@ def main(argv=None) -> None:
     print(f"GVM held-out pairwise accuracy: {result['gvm_pair_acc_last']:.1%} (last value), "
           f"{result['gvm_pair_acc_mean']:.1%} (mean value)")
     link = rl_dashboard(GVMScorer.final_value_tag, true_reward=True).link()
-    print(f"TensorBoard: tensorboard --logdir {args.workdir} (the runs: sft/, gvm/, dvpo/), "
-          f"then open {link} (DVPO's learning curves first)")
+    print(f"TensorBoard: tensorboard --logdir {result['tensorboard']} (the DVPO run; "
+          f"--logdir {args.workdir}: the SFT and GVM runs beside it), then open {link}")
     print(f"trained policy in HF format: {result['exported']}")
     print(f"total {time.perf_counter() - start:.0f}s")
     (Path(args.workdir) / "result.json").write_text(json.dumps(result, indent=2))

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import NPROC, REPO, launch, resumed_from
 from megatron_dvpo.config import ConfigError, load_config
-from megatron_dvpo.demo import run_pipeline, scalars
+from megatron_dvpo.demo import run_events, run_pipeline, scalars
 from megatron_dvpo.rl.inputs import check_rl_inputs
 
 SPEC_TAGS = {"policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio_mean",
@@ -74,7 +74,7 @@ def test_dvpo_raises_the_true_reward(pipeline):
     # a few held-out responses with their true reward, as text at each periodic evaluation
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(work / "dvpo" / "tensorboard"),
+    events = EventAccumulator(str(run_events(work / "dvpo" / "tensorboard")),
                               size_guidance={"tensors": 0, "histograms": 0})
     events.Reload()
     # the global batch's distributions (both ranks' responses) beside each step's scalars

@@ -186,7 +186,10 @@ def test_resuming_with_another_lr_is_refused_unless_overridden(work, tmp_path):
                                                    "train_steps=6", "optimizer.lr=1e-3",
                                                    "checkpoint.override_scheduler=true"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lr = dict(scalars(run / "tensorboard")["gvm/lr"])
+    # the copy logs under its own name (<run_dir>/tensorboard/<run_dir's name>), beside the
+    # copied run's events
+    lr = {**dict(scalars(run / "tensorboard" / "gvm_run")["gvm/lr"]),
+          **dict(scalars(run / "tensorboard" / "run")["gvm/lr"])}
     # still in the 10-step warmup: step k's LR is k/10 of the peak, now 1e-3, not 3e-3
     assert lr[4] == pytest.approx(3e-3 * 4 / 10) and lr[6] == pytest.approx(1e-3 * 6 / 10), lr
     saved = yaml.safe_load((run / "checkpoints/iter_0000006/config.yaml").read_text())

@@ -17,7 +17,7 @@ def test_a_resumed_run_logs_each_step_once_and_its_config_as_text(tmp_path, sing
     resumed run names each config key it changed."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from megatron_dvpo.demo import scalars
+    from megatron_dvpo.demo import run_events, scalars
     from megatron_dvpo.training.loop import TrainingLoop
 
     keys = {"checkpoint.save_interval": 4, "logging.log_interval": 1, "train_steps": 6}
@@ -28,13 +28,17 @@ def test_a_resumed_run_logs_each_step_once_and_its_config_as_text(tmp_path, sing
                                                      "max_bad_steps": 7})
     capsys.readouterr()
     TrainingLoop(second.cfg, second, second.units).run()
-    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if line.startswith("resume:")]
     assert [line.split(": ", 2)[2].split(":")[0] for line in said] == [
         "checkpoint.save_dir", "max_bad_steps"], said
     assert said[1].endswith("-> 7"), said
+    # one level below the --logdir the run prints: TensorBoard names the run after the run
+    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'tensorboard'}" in out
+    assert run_events(tmp_path / "tensorboard") == tmp_path / "tensorboard" / tmp_path.name
     logs = scalars(tmp_path / "tensorboard")
     assert [step for step, _ in logs["x/loss"]] == [1, 2, 3, 4, 5, 6]
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events = EventAccumulator(str(run_events(tmp_path / "tensorboard")))
     events.Reload()
     text = events.Tensors("config/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "    train_steps: 6" in text and "    model:" in text
@@ -145,3 +149,18 @@ def test_tensorboard_serves_the_page_a_run_links_to(tmp_path):
     assert "settings.ignoreOutliers = false;" in script
     assert "localStorage.setItem(key, JSON.stringify(settings));" in script
     assert 'location.replace("../../../" + window.location.search + "#timeseries")' in script
+
+
+def test_reading_a_directory_of_several_runs_asks_for_one(tmp_path):
+    """``scalars`` reads the one run in or below a directory; with two below it, it names
+    them instead of picking one."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_dvpo.demo import scalars
+
+    for name in ("a", "b"):
+        with SummaryWriter(str(tmp_path / "tensorboard" / name)) as writer:
+            writer.add_scalar("x/loss", 1.0, 1)
+    assert scalars(tmp_path / "tensorboard" / "a") == {"x/loss": [(1, 1.0)]}
+    with pytest.raises(ValueError, match=r"2 runs' event files below it \(.*/a, .*/b\)"):
+        scalars(tmp_path / "tensorboard")

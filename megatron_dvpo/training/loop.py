@@ -73,8 +73,8 @@ class TrainingLoop:
         self.cfg, self.job, self.units = cfg, job, units
         self.checkpoints = CheckpointManager(cfg.checkpoint, units,
                                              lambda: yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        tensorboard = cfg.logging.tensorboard_dir or str(Path(cfg.logging.run_dir) / "tensorboard")
-        self.logger = MetricsLogger(tensorboard, cfg.train_steps, enabled=distributed.is_rank0())
+        self.logger = MetricsLogger(cfg.logging.events_dir, cfg.train_steps,
+                                    enabled=distributed.is_rank0())
         self.step = 0
         self.health = RunHealth(cfg.max_bad_steps, cfg.divergence_factor, cfg.divergence_window,
                                 cfg.divergence_grad_spikes)
@@ -152,10 +152,9 @@ class TrainingLoop:
                              {"config": "\n".join("    " + line for line in config.splitlines())},
                              hparams(to_dict(self.cfg)), self.job.summary_tags,
                              self.job.dashboard)
-            if self.job.dashboard:
-                distributed.print_rank0(
-                    f"TensorBoard: tensorboard --logdir {self.logger.directory}, then open "
-                    f"{self.job.dashboard.link()}")
+            distributed.print_rank0(
+                f"TensorBoard: tensorboard --logdir {self.logger.directory.parent}"
+                + (f", then open {self.job.dashboard.link()}" if self.job.dashboard else ""))
             self._log_now(self.job.start(resumed))
             self._steps()
         except UnhealthyRun as e:
