@@ -107,6 +107,8 @@ class PeakRSS:
 # tags logged only when their value changes: a constant schedule (a learning rate, a fixed KL
 # coefficient) is one point, not a flat card
 ON_CHANGE = ("/lr", "/beta")
+
+
 @dataclass(frozen=True)
 class Dashboard:
     """What a user asks of a run, in order: is it learning, is it healthy, is it fast.

@@ -21,7 +21,8 @@ from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
 PLUGIN_NAME = "dvpo"
-VIEW_PATH = f"/data/plugin/{PLUGIN_NAME}/view"  # under TensorBoard's root (and --path_prefix)
+_ROUTE = "/view"
+VIEW_PATH = f"/data/plugin/{PLUGIN_NAME}{_ROUTE}"  # under TensorBoard's root (and --path_prefix)
 
 # the key and field TensorBoard 2.x's frontend keeps its settings under; up to the root is
 # relative, so a --path_prefix is kept
@@ -41,7 +42,7 @@ class RunViewPlugin(base_plugin.TBPlugin, experimental_plugin.ExperimentalPlugin
     plugin_name = PLUGIN_NAME
 
     def get_plugin_apps(self):
-        return {"/view": self._serve_view}
+        return {_ROUTE: self._serve_view}
 
     def is_active(self) -> bool:
         return False

@@ -102,8 +102,6 @@ def test_dvpo_raises_the_true_reward(pipeline):
     assert table[0] == "| prompt | response | true reward |" and len(table) == 2 + 4, table
     # the run's link pins cards the run logged; the Custom Scalars tab: learning, health,
     # speed, every chart matching a logged tag
-    import re
-
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     from megatron_dvpo.rl.dashboard import rl_dashboard
